@@ -1,0 +1,214 @@
+"""The public Python API: `owlvid.load()` and `Model.chat / stream / generate / next_token_logits`.
+
+Messages are OpenAI/Hugging Face style: `{"role": ..., "content": str | [parts]}` with parts
+`{"type": "text", "text": ...}`, `{"type": "image", "image": path|URL|PIL|array}`,
+`{"type": "video", "video": path|URL|[frames], "max_frames"?, "fps"?, "sampling"?}` (and the OpenAI
+`image_url` / `video_url` forms). A string content may also carry the model's own placeholders
+(`<|image|>`, `<|video|>`) with `images=` / `videos=` lists, exactly like the official processor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
+from .engine import Generation, SamplingParams, TokenEvent, run_generation
+from .errors import CheckpointError, InputError
+from .tokenizer import QwenTokenizer
+
+DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
+
+
+def _runtime_class(model_type: str):
+    if model_type == "mplugowl3":
+        from .models.owl3 import Owl3Runtime
+
+        return Owl3Runtime
+    if model_type == "llava_qwen_slow_fast":
+        from .models.slowfast import SlowFastRuntime
+
+        return SlowFastRuntime
+    raise CheckpointError(f"unsupported checkpoint: config.json model_type {model_type!r} (owlvid supports "
+                          "mplugowl3 and llava_qwen_slow_fast)")
+
+
+def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
+         tokenizer: str | os.PathLike | None = None, revision: str | None = None) -> Model:
+    """Load a checkpoint from a local folder (no network) or a hub id (downloaded once into the HF cache).
+
+    The architecture and variant come from config.json and the checkpoint keys, never from the name.
+    `tokenizer` points to a folder with tokenizer files when the checkpoint folder has none.
+    """
+    folder = resolve_checkpoint(model, revision=revision)
+    raw = read_config(folder)
+    runtime_cls = _runtime_class(raw.get("model_type", ""))
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
+    runtime = runtime_cls.load(folder, raw, tok, dev, dt)
+    return Model(runtime, name=str(model))
+
+
+class Model:
+    """A loaded model. Thread-compatible (not thread-safe): serve concurrent callers through one queue."""
+
+    def __init__(self, runtime: Any, name: str) -> None:
+        self.runtime = runtime
+        self.name = name
+
+    # -- properties --------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> QwenTokenizer:
+        return self.runtime.tokenizer
+
+    @property
+    def processor(self):
+        """The official-style processor: `processor(messages, images=[...], videos=[[...]], cut_enable=...)`."""
+        return self.runtime.processor
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runtime.dtype
+
+    @property
+    def architecture(self) -> str:
+        return self.runtime.architecture
+
+    def describe(self) -> dict:
+        info = {"name": self.name, "folder": str(self.runtime.folder), "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", "")}
+        info.update(self.runtime.describe())
+        info["parameters"] = sum(p.numel() for p in self.runtime.model.parameters())
+        return info
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict], *, images: list | None = None, videos: list | None = None,
+                cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
+                sampling: str | None = None) -> tuple[Any, list[int]]:
+        """Render and tokenize a conversation with its media; returns (model inputs, prompt ids)."""
+        video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
+                      if v is not None}
+        msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts)
+        return self.runtime.prepare(msgs, imgs, vids, cut_enable)
+
+    def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
+        """TokenEvents as tokens are generated, then the final Generation (used by the server)."""
+        prep, sampling = _split_kwargs(kwargs)
+        request, prompt_ids = self.prepare(messages, **prep)
+        yield from run_generation(self.runtime, request, prompt_ids, sampling)
+
+    def generate(self, messages: list[dict], **kwargs: Any) -> Generation:
+        """Answer the conversation: `Generation(text, token_ids, finish_reason, prompt_tokens, ...)`."""
+        result = None
+        for event in self.iter_generate(messages, **kwargs):
+            result = event
+        assert isinstance(result, Generation)
+        return result
+
+    def chat(self, messages: list[dict], **kwargs: Any) -> str:
+        return self.generate(messages, **kwargs).text
+
+    def stream(self, messages: list[dict], **kwargs: Any) -> Iterator[str]:
+        """Text deltas as they are generated (never splitting a UTF-8 character)."""
+        for event in self.iter_generate(messages, **kwargs):
+            if isinstance(event, TokenEvent) and event.text:
+                yield event.text
+
+    def next_token_logits(self, messages: list[dict], **kwargs: Any) -> torch.Tensor:
+        """float32 logits [vocab] of the token after the prompt (scoring, multiple-choice evaluation)."""
+        prep, _ = _split_kwargs(kwargs)
+        request, _ = self.prepare(messages, **prep)
+        logits, _ = self.runtime.prefill(request)
+        return logits.float().cpu()
+
+
+_PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling"}
+
+
+def _split_kwargs(kwargs: dict) -> tuple[dict, SamplingParams]:
+    prep = {k: kwargs.pop(k) for k in list(kwargs) if k in _PREPARE_KEYS}
+    if kwargs.get("stop") is None:
+        kwargs.pop("stop", None)
+    try:
+        sampling = SamplingParams(**kwargs)
+    except TypeError as e:
+        raise InputError(f"unknown option: {e}") from None
+    return prep, sampling
+
+
+def _part_source(part: dict, kind: str) -> Any:
+    value = part.get(kind)
+    if value is None and f"{kind}_url" in part:  # OpenAI style {"type": "image_url", "image_url": {"url": ...}}
+        value = part[f"{kind}_url"]
+        value = value.get("url") if isinstance(value, dict) else value
+    if value is None:
+        raise InputError(f"content part of type {part.get('type')!r} has no {kind!r} field")
+    return value
+
+
+def load_video_frames(source: Any, runtime: Any, options: dict) -> list:
+    """A list of frames is used as is; anything else is decoded with the model's sampling preset."""
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    from .media import load_video
+
+    opts = dict(options)
+    opts.setdefault("sampling", runtime.default_video_sampling)
+    return load_video(source, **opts).frames
+
+
+def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,
+                       video_options: dict) -> tuple[list[dict], list, list]:
+    """Structured content parts -> string content with the model's placeholders + media lists in
+    text order. A media part followed by text renders as `<placeholder>\\n{text}` like the official
+    README prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    out_images = list(images or [])
+    out_videos = [load_video_frames(v, runtime, video_options) for v in (videos or [])]
+    structured = any(isinstance(m.get("content"), list) for m in messages if isinstance(m, dict))
+    if structured and (images or videos):
+        raise InputError("pass media either as content parts or as images=/videos=, not both")
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise InputError(f"message {i} must be a dict with 'role' and 'content'")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            out.append({"role": m["role"], "content": content or ""})
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"message {i} content must be a string or a list of parts")
+        text = ""
+        prev_media = False
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text += ("\n" if prev_media else "") + str(part.get("text", ""))
+                prev_media = False
+            elif kind in ("image", "image_url"):
+                out_images.append(_part_source(part, "image"))
+                text += runtime.image_placeholder
+                prev_media = True
+            elif kind in ("video", "video_url"):
+                opts = dict(video_options)
+                opts.update({k: part[k] for k in ("max_frames", "fps", "sampling", "num_frames", "start", "end")
+                             if k in part})
+                out_videos.append(load_video_frames(_part_source(part, "video"), runtime, opts))
+                text += runtime.video_placeholder
+                prev_media = True
+            else:
+                raise InputError(f"message {i} has a content part of unknown type {kind!r}")
+        out.append({"role": m["role"], "content": text})
+    return out, out_images, out_videos

@@ -1,0 +1,182 @@
+"""Finding checkpoints (local folder or Hugging Face hub), choosing device/dtype, loading weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, UnsupportedError
+
+CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "*.json", "*.txt",
+                    "*.tiktoken"]
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       progress: bool = True) -> Path:
+    """A local directory is used as is (no network); anything else is a hub id fetched into the
+    Hugging Face cache (once; later calls find it there, offline included)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} is not a checkpoint folder: it has no config.json")
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"checkpoint {name!r} not found: give a local folder or a hub id like "
+                              "'mPLUG/mPLUG-Owl3-7B-241101'")
+    return download_checkpoint(name, revision=revision, progress=progress)
+
+
+def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: bool = True) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if not progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES)
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"cannot download {repo_id!r}: the hub is unreachable and it is not in the "
+                              f"local cache ({type(e).__name__})") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"cannot download {repo_id!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot download {repo_id!r}: {e}") from None
+    return Path(folder)
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {e}") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError("device 'cuda' requested but no CUDA GPU is available")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    elif dtype in _DTYPES:
+        chosen = _DTYPES[dtype]
+    else:
+        raise UnsupportedError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if chosen not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedError(f"dtype {chosen} is not supported: use float32, bfloat16 or float16")
+    if device.type == "cpu" and chosen == torch.float16:
+        raise UnsupportedError("float16 is not supported on the CPU: use bfloat16 or float32")
+    if device.type == "cuda" and chosen == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UnsupportedError("this GPU does not support bfloat16: use float16")
+    return chosen
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
+    return files
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in the checkpoint, read from the headers only."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def iter_checkpoint(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, loader) for every tensor; the loader reads the memory-mapped tensor when called."""
+    from safetensors import safe_open
+
+    for file in _weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, (lambda f=f, key=key: f.get_tensor(key))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read weights {file}: {e}") from None
+
+
+def load_weights(module: nn.Module, folder: Path, key_map: Callable[[str], str | None],
+                 dtype: torch.dtype, device: torch.device, keep_dtype: Callable[[str], bool] | None = None,
+                 ) -> None:
+    """Fill `module` (built on the meta device) from the checkpoint, one tensor at a time.
+
+    `key_map` maps a checkpoint key to a parameter name of `module`, or None to skip it. Every tensor
+    is cast once to `dtype` on `device`, so peak memory stays close to the final weights.
+    """
+    expected = dict(module.named_parameters())
+    expected.update(dict(module.named_buffers()))
+    loaded: set[str] = set()
+    for key, read in iter_checkpoint(folder):
+        name = key_map(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"checkpoint tensor {key!r} does not belong to this model (wrong checkpoint?)")
+        target = expected[name]
+        tensor = read()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(target.shape)} (config.json does not match the weights)")
+        want = target.dtype if keep_dtype and keep_dtype(name) else dtype
+        _assign(module, name, tensor.to(device=device, dtype=want))
+        loaded.add(name)
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is missing tensor for {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor

@@ -1,0 +1,261 @@
+"""Shared transformer pieces: RMSNorm, rotary embeddings, SDPA attention, Qwen2 blocks, KV cache.
+
+Numerics follow the official Qwen2 code (the reference both model families were trained with):
+RMSNorm in float32 then cast back before the weight multiply, RoPE tables in float32 cast to the
+activation dtype, logits in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryTable:
+    """cos/sin tables of the NeoX ("rotate half") RoPE, kept in float32 and cut per call."""
+
+    def __init__(self, head_dim: int, base: float, max_positions: int, device: torch.device | str = "cpu"):
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        t = torch.arange(max_positions, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1).to(device)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self.max_positions = max_positions
+
+    def to(self, device: torch.device | str) -> RotaryTable:
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for `positions` ([..., T]) in `dtype`, shaped [..., T, head_dim]."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin broadcastable to it ([B, 1, T, D] or [T, D])."""
+    return x * cos + rotate_half(x) * sin
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads: q [B, H, T, D], k/v [B, Hkv, S, D].
+
+    `mask` is boolean (True = attend), broadcastable to [B, H, T, S].
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+
+
+@dataclass
+class LayerKV:
+    """The text keys/values of one layer for a batch: [B, Hkv, capacity, D], first `length` valid."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class KVCache:
+    """Pre-allocated per-layer key/value storage for one batch of sequences (all the same length)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
+                               torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        self.length = 0
+        self.capacity = capacity
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] after the current length; return all valid keys/values."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(max(end, 2 * self.capacity))
+        entry = self.layers[layer]
+        entry.k[:, :, start:end] = k
+        entry.v[:, :, start:end] = v
+        return entry.k[:, :, :end], entry.v[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def _grow(self, capacity: int) -> None:
+        for entry in self.layers:
+            for name in ("k", "v"):
+                old = getattr(entry, name)
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(entry, name, new)
+        self.capacity = capacity
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward call needs besides its hidden states."""
+
+    positions: torch.Tensor  # [B, T] RoPE positions of the new tokens
+    cos: torch.Tensor  # [B, 1, T, D] in activation dtype
+    sin: torch.Tensor
+    cache: KVCache
+    causal_mask: torch.Tensor | None  # [B, 1, T, S] bool over cached+new text keys, None = plain causal
+    visual: object | None = None  # model-specific per-request visual memory (see the model files)
+
+
+class Qwen2Attention(nn.Module):
+    """Qwen2 self-attention. `context()` returns the per-head output before `o_proj` so that
+    cross-attention variants can mix visual context in before the output projection."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, layer_index: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = hidden // heads
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def project(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, ...]:
+        """RoPE'd q [B, H, T, D] and all text k/v so far [B, Hkv, S, D] (the new ones cached)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, inputs.cos, inputs.sin)
+        k = apply_rope(k, inputs.cos, inputs.sin)
+        k_all, v_all = inputs.cache.append(self.layer_index, k, v)
+        return q, k_all, v_all
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       inputs: AttentionInputs) -> torch.Tensor:
+        mask = inputs.causal_mask
+        if mask is None and q.shape[2] == k.shape[2]:
+            return sdpa(q, k, v, is_causal=True)
+        if mask is None:  # new tokens at the end of the cache see every cached key and the causal part
+            mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        return sdpa(q, k, v, mask)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        q, k, v = self.project(x, inputs)
+        ctx = self.self_attention(q, k, v, inputs)
+        return self.o_proj(merge_heads(ctx))
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D]."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Bool [q_len, kv_len]: the new queries are the last q_len of kv_len positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, attention: nn.Module, hidden: int, intermediate: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = Qwen2MLP(hidden, intermediate)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), inputs)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Qwen2Config:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: d[k] for k in fields if k in d})
+
+
+class Qwen2Decoder(nn.Module):
+    """Token embeddings, decoder layers and the final norm; layers are built by the model file."""
+
+    def __init__(self, cfg: Qwen2Config, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, inputs)
+        return self.norm(h)
+
+
+def new_attention_inputs(rope: RotaryTable, positions: torch.Tensor, cache: KVCache, dtype: torch.dtype,
+                         causal_mask: torch.Tensor | None = None, visual: object | None = None
+                         ) -> AttentionInputs:
+    cos, sin = rope.lookup(positions, dtype)
+    return AttentionInputs(positions=positions, cos=cos[:, None], sin=sin[:, None], cache=cache,
+                           causal_mask=causal_mask, visual=visual)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "RMSNorm", "RotaryTable", "apply_rope", "rotate_half", "sdpa", "KVCache", "Qwen2MLP", "Qwen2Attention",
+    "Qwen2DecoderLayer", "Qwen2Decoder", "Qwen2Config", "AttentionInputs", "new_attention_inputs",
+    "merge_heads", "causal_mask", "gelu_tanh", "param_count",
+]
