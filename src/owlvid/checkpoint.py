@@ -113,31 +113,54 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    """The safetensors JSON header of `file` and the byte offset where tensor data starts."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError("bad header size")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights {file}: not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor in the checkpoint, read from the headers only."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    return {k: tuple(v["shape"]) for file in _weight_files(folder) for k, v in _read_header(file)[0].items()}
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, loader) for every tensor; the loader reads the memory-mapped tensor when called."""
-    from safetensors import safe_open
-
+    """(key, reader) for every tensor. A reader reads that tensor with plain file reads straight into a
+    fresh tensor: no memory map, so already-loaded tensors never stay resident twice (peak memory is the
+    final weights plus one tensor)."""
     for file in _weight_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, (lambda f=f, key=key: f.get_tensor(key))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"cannot read weights {file}: {e}") from None
+        header, data_start = _read_header(file)
+        with open(file, "rb") as f:
+            for key, info in header.items():
+                yield key, (lambda f=f, info=info, key=key, file=file: _read_tensor(f, info, data_start, key, file))
+
+
+def _read_tensor(f, info: dict, data_start: int, key: str, file: Path) -> torch.Tensor:
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {info.get('dtype')!r}")
+    begin, end = info["data_offsets"]
+    tensor = torch.empty(info["shape"], dtype=dtype)
+    raw = tensor.reshape(-1).view(torch.uint8)
+    if raw.numel() != end - begin:
+        raise CheckpointError(f"tensor {key!r} in {file}: {end - begin} bytes for shape {info['shape']}")
+    f.seek(data_start + begin)
+    if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
+        raise CheckpointError(f"weights file {file} is truncated (tensor {key!r})")
+    return tensor
 
 
 def load_weights(module: nn.Module, folder: Path, key_map: Callable[[str], str | None],

@@ -74,7 +74,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.params
-        logits = logits.float().cpu()
+        logits = logits.float().cpu().clone()  # a normal tensor: edited in place below
         if p.repetition_penalty != 1.0 and history:
             ids = torch.tensor(sorted(set(history)), dtype=torch.long)
             ids = ids[ids < logits.shape[-1]]

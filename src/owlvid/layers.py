@@ -28,23 +28,31 @@ class RMSNorm(nn.Module):
 
 
 class RotaryTable:
-    """cos/sin tables of the NeoX ("rotate half") RoPE, kept in float32 and cut per call."""
+    """cos/sin of the NeoX ("rotate half") RoPE in float32, grown on demand up to `max_positions`
+    (a full 32768-position table would cost memory most requests never touch)."""
 
     def __init__(self, head_dim: int, base: float, max_positions: int, device: torch.device | str = "cpu"):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        t = torch.arange(max_positions, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1).to(device)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.inv_freq = (1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).to(device)
         self.max_positions = max_positions
+        self._cos = self._sin = torch.empty(0, head_dim, device=device)
 
-    def to(self, device: torch.device | str) -> RotaryTable:
-        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
-        return self
+    def _ensure(self, needed: int) -> None:
+        if needed <= self._cos.shape[0]:
+            return
+        size = min(max(needed, 2 * self._cos.shape[0], 4096), max(needed, self.max_positions))
+        t = torch.arange(size, dtype=torch.int64, device=self.inv_freq.device).float()
+        emb = torch.outer(t, self.inv_freq).repeat(1, 2)
+        self._cos, self._sin = emb.cos(), emb.sin()
+
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin rows for integer `positions` (any shape) -> [..., head_dim]."""
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        return self._cos[positions], self._sin[positions]
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for `positions` ([..., T]) in `dtype`, shaped [..., T, head_dim]."""
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        cos, sin = self.table(positions)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

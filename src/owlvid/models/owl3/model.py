@@ -223,7 +223,8 @@ class HyperAttention(Qwen2Attention):
         kv = self.v_kv_proj(normed_embeds).view(n * p, self.kv_heads, 2, self.head_dim)
         k, v = kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [Hkv, N*P, D]
         pos = positions.repeat_interleave(p)
-        k = apply_rope(k.float(), rope.cos[pos], rope.sin[pos]).to(v.dtype)
+        cos, sin = rope.table(pos)
+        k = apply_rope(k.float(), cos, sin).to(v.dtype)
         return k[None].contiguous(), v[None].contiguous()
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:

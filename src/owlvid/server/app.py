@@ -1,0 +1,627 @@
+"""The OpenAI-compatible HTTP server: `create_app(model, ServerConfig(...))` returns a FastAPI app.
+
+Routes: `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`.
+Every error is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}` with the status:
+400 bad input, 401 bad API key, 404 unknown model or route, 413 body or media over the limits,
+422 schema violation, 503 queue full, 504 request timeout, 500 only for bugs.
+
+Media (`image_url` / `video_url`) may be `data:` URLs, http(s) URLs, or local files (`file://` URLs or
+plain paths) under `--allowed-local-media-path` only. They are fetched and decoded outside the engine
+worker, before the request joins the queue, under the configured byte, pixel, frame and time limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import mimetypes
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, unquote_to_bytes, urlparse
+from urllib.request import url2pathname
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Generation, TokenEvent
+from ..errors import InputError, MediaError, OwlvidError
+from . import schemas
+from .scheduler import Job, JobCancelled, JobTimeout, QueueFullError, Scheduler
+
+log = logging.getLogger("owlvid.server")
+
+MiB = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs besides the model; the CLI flags map one to one."""
+
+    served_model_name: str = "owlvid"
+    api_key: str | None = None
+    allowed_local_media_path: str | None = None
+    max_request_bytes: int = 100 * MiB
+    max_media_bytes: int = 64 * MiB
+    download_timeout: float = 30.0
+    max_frames: int = 128
+    max_image_pixels: int = 40_000_000
+    max_media_per_request: int = 32
+    max_queued_requests: int = 64
+    request_timeout: float = 600.0
+    # defaults of a request that does not say
+    default_max_tokens: int = 512
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    default_seed: int | None = None
+    video_options: dict[str, Any] = field(default_factory=dict)  # max_frames / fps / sampling
+    cut_enable: bool | None = None
+
+
+class APIError(Exception):
+    """An error answered to the client as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+class MediaTooLarge(MediaError):
+    """A media item over --max-media-bytes or --max-image-pixels (HTTP 413)."""
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """Map an exception from request preparation or generation to the HTTP answer."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, MediaTooLarge):
+        return APIError(413, str(e), code="media_too_large")
+    if isinstance(e, QueueFullError):
+        return APIError(503, str(e), "server_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, JobTimeout):
+        return APIError(504, str(e), "timeout_error", code="timeout")
+    if isinstance(e, MediaError):
+        return APIError(400, str(e), code="invalid_media")
+    if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
+        return APIError(400, str(e), code="invalid_request")
+    log.error("internal error", exc_info=(type(e), e, e.__traceback__))
+    return APIError(500, f"internal server error: {type(e).__name__}: {e}", "server_error", code="internal_error")
+
+
+# -- request guard: API key and body size -------------------------------------------------------------
+
+
+class GuardMiddleware:
+    """Pure ASGI: checks the bearer key on /v1 routes, then reads the body under the size limit."""
+
+    def __init__(self, app: Any, config: ServerConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cfg = self.config
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if cfg.api_key and scope.get("path", "").startswith("/v1"):
+            auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode("utf-8", "replace"), cfg.api_key.encode()):
+                message = ("Incorrect API key provided." if token else
+                           "Missing API key: send it as 'Authorization: Bearer KEY'.")
+                await _send_json(send, 401, schemas.error_body(message, "invalid_request_error",
+                                                               code="invalid_api_key"),
+                                 extra=[(b"www-authenticate", b"Bearer")])
+                return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = schemas.error_body(f"the request body is over the limit of {cfg.max_request_bytes} bytes "
+                                       "(--max-request-bytes)", code="request_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > cfg.max_request_bytes:
+            await _send_json(send, 413, too_large, extra=[(b"connection", b"close")])
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > cfg.max_request_bytes:
+                await _send_json(send, 413, too_large, extra=[(b"connection", b"close")])
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_json(send: Any, status: int, body: dict, extra: list | None = None) -> None:
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+# -- media --------------------------------------------------------------------------------------------
+
+
+_VIDEO_KEYS = {"num_frames", "fps", "max_frames", "sampling", "start", "end"}
+_PROCESSOR_KEYS = _VIDEO_KEYS | {"cut_enable"}
+
+
+class MediaFetcher:
+    """Turns an `image_url` / `video_url` into a local file under the server's limits."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        root = config.allowed_local_media_path
+        self.root = Path(root).expanduser().resolve() if root else None
+
+    @contextlib.contextmanager
+    def local_file(self, url: str, kind: str, param: str):
+        """Yield a local path holding the media; temporary copies are deleted afterwards."""
+        url = url.strip()
+        scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+        if scheme == "data":
+            data, suffix = self._decode_data_url(url, kind, param)
+            with _temp_file(data, suffix) as path:
+                yield path
+        elif scheme in ("http", "https"):
+            data, suffix = self._download(url, kind)
+            with _temp_file(data, suffix) as path:
+                yield path
+        elif scheme in ("file", ""):
+            yield self._local_path(url, scheme, param)
+        else:
+            raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local path",
+                           param=param, code="invalid_media")
+
+    def _too_large(self, kind: str, size: int | str) -> MediaTooLarge:
+        return MediaTooLarge(f"the {kind} is {size} bytes, over the limit of {self.config.max_media_bytes} bytes "
+                             "(--max-media-bytes)")
+
+    def _decode_data_url(self, url: str, kind: str, param: str) -> tuple[bytes, str]:
+        header, sep, payload = url[5:].partition(",")
+        if not sep:
+            raise APIError(400, f"malformed data URL for the {kind}: no ',' separator", param=param,
+                           code="invalid_media")
+        mime, *params = header.split(";")
+        is_b64 = "base64" in (p.strip().lower() for p in params)
+        limit = self.config.max_media_bytes
+        if is_b64:
+            if len(payload) * 3 // 4 > limit + 3:
+                raise self._too_large(kind, f"about {len(payload) * 3 // 4}")
+            try:
+                data = base64.b64decode(payload.strip(), validate=False)
+            except (binascii.Error, ValueError) as e:
+                raise APIError(400, f"the {kind} data URL is not valid base64: {e}", param=param,
+                               code="invalid_media") from None
+        else:
+            data = unquote_to_bytes(payload)
+        if len(data) > limit:
+            raise self._too_large(kind, len(data))
+        if not data:
+            raise APIError(400, f"the {kind} data URL is empty", param=param, code="invalid_media")
+        return data, _suffix_for(mime.strip().lower(), "")
+
+    def _download(self, url: str, kind: str) -> tuple[bytes, str]:
+        import httpx
+
+        cfg = self.config
+        deadline = time.monotonic() + cfg.download_timeout
+        try:
+            with httpx.Client(timeout=cfg.download_timeout, follow_redirects=True) as client:
+                with client.stream("GET", url) as resp:
+                    if resp.status_code >= 400:
+                        raise MediaError(f"cannot fetch the {kind} {url}: HTTP {resp.status_code}")
+                    declared = resp.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > cfg.max_media_bytes:
+                        raise self._too_large(kind, declared)
+                    buf = bytearray()
+                    for part in resp.iter_bytes():
+                        buf += part
+                        if len(buf) > cfg.max_media_bytes:
+                            raise self._too_large(kind, f"over {len(buf)}")
+                        if time.monotonic() > deadline:
+                            raise MediaError(f"downloading the {kind} {url} took longer than "
+                                             f"{cfg.download_timeout:g} s (--download-timeout)")
+                    mime = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        except httpx.TimeoutException:
+            raise MediaError(f"downloading the {kind} {url} took longer than {cfg.download_timeout:g} s "
+                             "(--download-timeout)") from None
+        except httpx.HTTPError as e:
+            raise MediaError(f"cannot fetch the {kind} {url}: {e}") from None
+        return bytes(buf), _suffix_for(mime, Path(urlparse(url).path).suffix)
+
+    def _local_path(self, url: str, scheme: str, param: str) -> str:
+        if self.root is None:
+            raise APIError(400, "local media paths are disabled on this server: send a data: or http(s) URL, or "
+                           "start the server with --allowed-local-media-path", param=param,
+                           code="local_media_disabled")
+        if scheme == "file":
+            parsed = urlparse(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise APIError(400, f"file URL with a remote host {parsed.netloc!r} is not supported", param=param,
+                               code="invalid_media")
+            raw = url2pathname(unquote(parsed.path))
+        else:
+            raw = url
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = self.root / path
+        real = path.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise APIError(400, f"{raw} is outside the allowed local media path {self.root} "
+                           "(--allowed-local-media-path)", param=param, code="local_media_forbidden")
+        if not real.is_file():
+            raise APIError(400, f"media file not found: {raw}", param=param, code="invalid_media")
+        size = real.stat().st_size
+        if size > self.config.max_media_bytes:
+            raise self._too_large("file", size)
+        return str(real)
+
+
+def _suffix_for(mime: str, fallback: str) -> str:
+    special = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
+               "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}
+    if mime in special:
+        return special[mime]
+    return (mimetypes.guess_extension(mime) if mime else None) or fallback or ".bin"
+
+
+@contextlib.contextmanager
+def _temp_file(data: bytes, suffix: str):
+    fd, name = tempfile.mkstemp(prefix="owlvid-media-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+# -- request conversion --------------------------------------------------------------------------------
+
+
+def _check_keys(options: dict, allowed: set[str], param: str) -> dict:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise APIError(400, f"unsupported option(s) {', '.join(unknown)} in {param}; supported: "
+                       f"{', '.join(sorted(allowed))}", param=param, code="unsupported_option")
+    return dict(options)
+
+
+def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
+    if body.n not in (None, 1):
+        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name,
+                           code="unsupported_option")
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_option")
+    for name in ("tools", "functions", "logit_bias"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported", param=name, code="unsupported_option")
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none", "auto"):
+            raise APIError(400, f"{name} is not supported", param=name, code="unsupported_option")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                       code="unsupported_option")
+
+
+class RequestBuilder:
+    """Validated request -> (owlvid messages with decoded media, generation options)."""
+
+    def __init__(self, model: Any, config: ServerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.fetcher = MediaFetcher(config)
+
+    def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict, dict]:
+        """(generation kwargs, video options, processor kwargs) of a request; cheap, runs first."""
+        cfg = self.config
+        _refuse_unsupported(body)
+        gen: dict[str, Any] = {
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
+            "temperature": cfg.default_temperature if body.temperature is None else body.temperature,
+            "top_p": cfg.default_top_p if body.top_p is None else body.top_p,
+            "top_k": max(body.top_k or 0, 0),
+            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            "seed": cfg.default_seed if body.seed is None else body.seed,
+        }
+        if body.stop:
+            gen["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        io_kwargs = body.media_io_kwargs or {}
+        _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
+        _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
+        video = dict(cfg.video_options)
+        video.update(_check_keys(io_kwargs.get("video") or {}, _VIDEO_KEYS, "media_io_kwargs.video"))
+        proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
+        cut = proc.pop("cut_enable", cfg.cut_enable)
+        video.update(proc)
+        for key in ("num_frames", "max_frames"):
+            value = video.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise APIError(400, f"{key} must be a positive integer", param=key, code="invalid_value")
+            if value > cfg.max_frames:
+                raise APIError(400, f"{key}={value} is over this server's limit of {cfg.max_frames} frames per "
+                               "video (--max-frames)", param=key, code="too_many_frames")
+        fps = video.get("fps")
+        if fps is not None and (not isinstance(fps, int | float) or isinstance(fps, bool) or fps <= 0):
+            raise APIError(400, "fps must be a positive number", param="fps", code="invalid_value")
+        if cut is not None:
+            if not isinstance(cut, bool):
+                raise APIError(400, "cut_enable must be true or false", param="cut_enable", code="invalid_value")
+            gen["cut_enable"] = cut
+        return gen, video, proc
+
+    def messages(self, body: schemas.ChatCompletionRequest, video_options: dict) -> list[dict]:
+        """Convert messages and fetch/decode their media (blocking: run in a thread)."""
+        count = sum(1 for m in body.messages if isinstance(m.content, list)
+                    for p in m.content if p.type != "text")
+        if count > self.config.max_media_per_request:
+            raise APIError(400, f"the request has {count} images/videos; this server accepts at most "
+                           f"{self.config.max_media_per_request} (--max-media-per-request)", param="messages",
+                           code="too_many_media")
+        out = []
+        for i, m in enumerate(body.messages):
+            role = "system" if m.role == "developer" else m.role
+            if not isinstance(m.content, list):
+                out.append({"role": role, "content": m.content or ""})
+                continue
+            parts = []
+            for j, p in enumerate(m.content):
+                param = f"messages.{i}.content.{j}"
+                if p.type == "text":
+                    parts.append({"type": "text", "text": p.text})
+                elif p.type == "image_url":
+                    parts.append({"type": "image", "image": self._image(p.image_url.url, param)})
+                else:
+                    parts.append({"type": "video", "video": self._video(p.video_url.url, video_options, param)})
+            out.append({"role": role, "content": parts})
+        return out
+
+    def _image(self, url: str, param: str):
+        from PIL import Image
+
+        from ..media import load_image
+
+        limit = self.config.max_image_pixels
+        with self.fetcher.local_file(url, "image", param) as path:
+            try:
+                with Image.open(path) as probe:
+                    width, height = probe.size
+            except Image.DecompressionBombError:
+                raise MediaTooLarge(f"the image has too many pixels (limit {limit}, --max-image-pixels)") from None
+            except (OSError, ValueError, SyntaxError) as e:
+                raise MediaError(f"cannot read the image: {e}") from None
+            if width * height > limit:
+                raise MediaTooLarge(f"the image is {width}x{height} = {width * height} pixels, over the limit of "
+                                    f"{limit} (--max-image-pixels)")
+            return load_image(path, max_pixels=limit, max_bytes=self.config.max_media_bytes,
+                              timeout=self.config.download_timeout)
+
+    def _video(self, url: str, options: dict, param: str) -> list:
+        from ..api import load_video_frames
+
+        cap = self.config.max_frames
+        opts = dict(options)
+        opts.setdefault("max_frames", cap)
+        opts.update(max_bytes=self.config.max_media_bytes, timeout=self.config.download_timeout)
+        with self.fetcher.local_file(url, "video", param) as path:
+            frames = load_video_frames(path, self.model.runtime, opts)
+        if len(frames) > cap:  # a sampling preset may ask for more: keep `cap` evenly spread frames
+            frames = [frames[int(i * len(frames) / cap)] for i in range(cap)]
+        return frames
+
+
+# -- the app ---------------------------------------------------------------------------------------------
+
+
+def create_app(model: Any, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
+    cfg = config or ServerConfig(served_model_name=getattr(model, "name", "owlvid"))
+    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests)
+    builder = RequestBuilder(model, cfg)
+    started = schemas.now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sched.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(sched.stop)
+
+    app = FastAPI(title="owlvid", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler = sched
+    app.state.config = cfg
+    app.add_middleware(GuardMiddleware, config=cfg)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+        return APIError(422, f"{param or 'body'}: {msg}{more}", param=param,
+                        code=first.get("type", "invalid_value")).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code=exc.status_code,
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = sched._thread is not None and sched._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "unavailable", **sched.stats()},
+                            status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        max_len = getattr(getattr(model, "runtime", None), "max_positions", None)
+        return {"object": "list", "data": [schemas.model_card(cfg.served_model_name, getattr(model, "name", ""),
+                                                               max_len, started)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
+        if body.model and body.model != cfg.served_model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist: this server serves "
+                           f"`{cfg.served_model_name}`", param="model", code="model_not_found")
+        gen, video, _ = builder.options(body)
+        deadline = time.monotonic() + cfg.request_timeout
+        try:
+            sched.reserve()
+        except QueueFullError as e:
+            raise to_api_error(e) from None
+        submitted = False
+        try:
+            try:
+                messages = await run_in_threadpool(builder.messages, body, video)
+            except Exception as e:
+                raise to_api_error(e) from None
+            job = Job(messages, gen, timeout=max(deadline - time.monotonic(), 0.001))
+            sched.submit(job, reserved=True)
+            submitted = True
+        finally:
+            if not submitted:
+                sched.release()
+        try:
+            first = await _next_event(job, request, deadline)
+        except BaseException:
+            job.cancel()
+            raise
+        if first is None:  # the client went away while the request waited
+            job.cancel()
+            return Response(status_code=499)
+        if isinstance(first, BaseException):
+            raise to_api_error(first)
+        cid, created = schemas.new_completion_id(), schemas.now()
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(job, first, cid, created, cfg.served_model_name, usage, request, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            event = first
+            while not isinstance(event, Generation):
+                event = await _next_event(job, request, deadline)
+                if event is None:
+                    job.cancel()
+                    return Response(status_code=499)
+                if isinstance(event, BaseException):
+                    raise to_api_error(event)
+        finally:
+            if not job.done:
+                job.cancel()
+        return JSONResponse(schemas.completion(cid, created, cfg.served_model_name, event.text, event.finish_reason,
+                                               event.prompt_tokens, event.completion_tokens))
+
+    return app
+
+
+async def _next_event(job: Job, request: Request, deadline: float) -> Any:
+    """The job's next event; None when the client disconnected; JobTimeout past the deadline."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            job.cancel()
+            return JobTimeout("the request timed out (--request-timeout)")
+        try:
+            return await job.next_event(timeout=min(remaining, 0.5))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include_usage: bool, request: Request,
+               deadline: float) -> AsyncIterator[str]:
+    def data(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        yield data(schemas.chunk(cid, created, model, {"role": "assistant", "content": ""},
+                                 with_usage_field=include_usage))
+        event = first
+        while True:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield data(schemas.chunk(cid, created, model, {"content": event.text},
+                                             with_usage_field=include_usage))
+            elif isinstance(event, Generation):
+                yield data(schemas.chunk(cid, created, model, {}, event.finish_reason, with_usage_field=include_usage))
+                if include_usage:
+                    yield data(schemas.usage_chunk(cid, created, model, event.prompt_tokens, event.completion_tokens))
+                break
+            elif event is None:  # client gone
+                return
+            else:
+                err = to_api_error(event)
+                yield data(schemas.error_body(err.message, err.type, err.param, err.code))
+                break
+            event = await _next_event(job, request, deadline)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not job.done:
+            job.cancel()
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "0"
