@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
-from .engine import Generation, SamplingParams, TokenEvent, run_generation
+from .cache import FrameList, VisualCache, content_key, file_identity
+from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
 from .errors import CheckpointError, InputError
 from .tokenizer import QwenTokenizer
 
@@ -38,11 +39,14 @@ def _runtime_class(model_type: str):
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-         tokenizer: str | os.PathLike | None = None, revision: str | None = None) -> Model:
+         tokenizer: str | os.PathLike | None = None, revision: str | None = None,
+         cache_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint from a local folder (no network) or a hub id (downloaded once into the HF cache).
 
     The architecture and variant come from config.json and the checkpoint keys, never from the name.
     `tokenizer` points to a folder with tokenizer files when the checkpoint folder has none.
+    Image/video features are cached in memory (`cache_bytes`, 0 disables) and, with `cache_dir`, on disk,
+    so a second question about the same media skips decoding and vision encoding.
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
@@ -51,6 +55,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     dt = resolve_dtype(dtype, dev)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
     runtime = runtime_cls.load(folder, raw, tok, dev, dt)
+    if cache_bytes > 0 and hasattr(runtime, "visual_cache"):
+        runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))
 
 
@@ -125,6 +131,17 @@ class Model:
             if isinstance(event, TokenEvent) and event.text:
                 yield event.text
 
+    def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, **kwargs: Any
+                       ) -> list[Generation]:
+        """Answer several conversations together (decoded as one batch); results in input order.
+        Each result is token for token what `generate` gives for that conversation alone."""
+        prep, sampling = _split_kwargs(kwargs)
+        items = []
+        for messages in conversations:
+            request, prompt_ids = self.prepare(messages, **prep)
+            items.append((request, prompt_ids, SamplingParams(**vars(sampling))))
+        return run_batch(self.runtime, items, max_batch=max_batch)
+
     def next_token_logits(self, messages: list[dict], **kwargs: Any) -> torch.Tensor:
         """float32 logits [vocab] of the token after the prompt (scoring, multiple-choice evaluation)."""
         prep, _ = _split_kwargs(kwargs)
@@ -157,15 +174,29 @@ def _part_source(part: dict, kind: str) -> Any:
     return value
 
 
-def load_video_frames(source: Any, runtime: Any, options: dict) -> list:
-    """A list of frames is used as is; anything else is decoded with the model's sampling preset."""
+def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
+    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
+    file already encoded with the same settings is not decoded again (the runtime's visual cache)."""
     if isinstance(source, (list, tuple)):
         return list(source)
     from .media import load_video
 
     opts = dict(options)
     opts.setdefault("sampling", runtime.default_video_sampling)
-    return load_video(source, **opts).frames
+    if hasattr(runtime, "default_video_options"):
+        for k, v in runtime.default_video_options().items():
+            opts.setdefault(k, v)
+    key = None
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
+        try:
+            key = content_key("video-file", file_identity(source), sorted(opts.items()))
+        except OSError:
+            key = None  # missing file: load_video reports it
+        if key is not None and hasattr(runtime, "cached_video"):
+            cached = runtime.cached_video(key)
+            if cached is not None:
+                return cached
+    return FrameList(load_video(source, **opts).frames, key)
 
 
 def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,

@@ -101,55 +101,158 @@ class TokenEvent:
     text: str  # the new text this token completes (may be empty mid-character)
 
 
+class RequestStream:
+    """One request's decoding bookkeeping: sampling, stop tokens and strings, text deltas, result."""
+
+    def __init__(self, runtime: Runtime, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if len(prompt_ids) >= runtime.max_positions:
+            raise InputError(f"the prompt has {len(prompt_ids)} tokens; this model has "
+                             f"{runtime.max_positions} positions")
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.budget = min(params.max_new_tokens, runtime.max_positions - len(prompt_ids))
+        self.sampler = Sampler(params)
+        self.decoder = IncrementalDecoder(runtime.tokenizer)
+        self.stops = set(runtime.stop_token_ids)
+        self.history = list(prompt_ids)
+        self.generated: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.timings: dict[str, float] = {}
+        self.state: Any = None
+        self.started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample the next token from `logits`; returns the text it completes. Sets `done` when finished.
+        When not done, the caller feeds `self.generated[-1]` to the model for the next logits."""
+        token = self.sampler(logits, self.history)
+        if token in self.stops:
+            self.finish_reason = "stop"
+            return self._flush()
+        self.generated.append(token)
+        self.history.append(token)
+        delta = self.decoder.push(token)
+        if self.params.stop and delta:
+            candidate = self.text + delta
+            hits = [candidate.find(s) for s in self.params.stop if s and s in candidate]
+            if hits:
+                cut = min(hits)
+                delta = candidate[len(self.text):cut] if cut > len(self.text) else ""
+                self.text = candidate[:cut]
+                self.finish_reason = "stop"
+                return [TokenEvent(token, delta)]
+        self.text += delta
+        events = [TokenEvent(token, delta)]
+        if len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+            events += self._flush()
+        return events
+
+    def _flush(self) -> list[TokenEvent]:
+        tail = self.decoder.flush()
+        if not tail:
+            return []
+        self.text += tail
+        return [TokenEvent(self.generated[-1] if self.generated else -1, tail)]
+
+    def result(self) -> Generation:
+        return Generation(text=self.text, token_ids=list(self.generated), finish_reason=self.finish_reason or "length",
+                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
+                          timings=self.timings)
+
+
 def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params: SamplingParams
                    ) -> Iterator[TokenEvent | Generation]:
     """Yield a TokenEvent per generated token, then the final Generation."""
-    params.validate()
-    if len(prompt_ids) >= runtime.max_positions:
-        raise InputError(f"the prompt has {len(prompt_ids)} tokens; this model has {runtime.max_positions} "
-                         "positions")
-    budget = min(params.max_new_tokens, runtime.max_positions - len(prompt_ids))
-    sampler = Sampler(params)
-    decoder = IncrementalDecoder(runtime.tokenizer)
-    stops = set(runtime.stop_token_ids)
+    stream = RequestStream(runtime, prompt_ids, params)
     t0 = time.perf_counter()
     logits, state = runtime.prefill(request)
     t1 = time.perf_counter()
-    history = list(prompt_ids)
-    generated: list[int] = []
-    finish = "length"
-    text = ""
-    cut_by_stop_string = False
     while True:
-        token = sampler(logits, history)
-        if token in stops:
-            finish = "stop"
+        yield from stream.accept(logits)
+        if stream.done:
             break
-        generated.append(token)
-        history.append(token)
-        delta = decoder.push(token)
-        if params.stop and delta:
-            candidate = text + delta
-            hit = min((candidate.find(s) for s in params.stop if s and s in candidate), default=-1)
-            if hit >= 0:
-                delta = candidate[len(text):hit] if hit > len(text) else ""
-                if delta:
-                    yield TokenEvent(token, delta)
-                text = candidate[:hit]
-                finish, cut_by_stop_string = "stop", True
-                break
-        text += delta
-        yield TokenEvent(token, delta)
-        if len(generated) >= budget:
-            break
-        logits = runtime.decode(state, token)
-    if not cut_by_stop_string:
-        tail = decoder.flush()
-        if tail:
-            text += tail
-            yield TokenEvent(generated[-1] if generated else -1, tail)
+        logits = runtime.decode(state, stream.generated[-1])
     t2 = time.perf_counter()
-    yield Generation(text=text, token_ids=generated, finish_reason=finish, prompt_tokens=len(prompt_ids),
-                     completion_tokens=len(generated),
-                     timings={"prefill_s": t1 - t0, "decode_s": t2 - t1,
-                              "decode_tokens_per_s": max(len(generated) - 1, 0) / max(t2 - t1, 1e-9)})
+    if hasattr(runtime, "finish"):
+        runtime.finish(state)
+    n = len(stream.generated)
+    stream.timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
+                      "decode_tokens_per_s": max(n - 1, 0) / max(t2 - t1, 1e-9)}
+    yield stream.result()
+
+
+class BatchEngine:
+    """Continuous batching: requests are prefilled one by one as they arrive and join the running batch
+    between decoding steps; each step decodes one token for every active request at once.
+
+    Padding never changes a request's result: every row attends only to its own keys and media.
+    """
+
+    def __init__(self, runtime: Any, max_batch: int = 8) -> None:
+        if not hasattr(runtime, "decode_batch"):
+            raise InputError(f"{type(runtime).__name__} does not support batched decoding")
+        self.runtime = runtime
+        self.max_batch = max_batch
+        self.batch: Any = None
+        self.streams: list[RequestStream] = []
+
+    @property
+    def active(self) -> int:
+        return len(self.streams)
+
+    def add(self, request: Any, prompt_ids: list[int], params: SamplingParams
+            ) -> tuple[RequestStream, list[TokenEvent]]:
+        """Prefill a request now; it decodes with the batch from the next `step()` unless already done."""
+        stream = RequestStream(self.runtime, prompt_ids, params)
+        t0 = time.perf_counter()
+        logits, state = self.runtime.prefill(request)
+        stream.timings["prefill_s"] = time.perf_counter() - t0
+        events = stream.accept(logits)
+        if not stream.done:
+            newcomer = self.runtime.start_batch([state])
+            if self.batch is None:
+                self.batch = newcomer
+            else:
+                self.runtime.join_batch(self.batch, newcomer)
+            self.streams.append(stream)
+        return stream, events
+
+    def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
+        """Decode one token for every active request; finished requests leave the batch."""
+        if not self.streams:
+            return []
+        logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
+        out = [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
+        keep = [i for i, s in enumerate(self.streams) if not s.done]
+        if len(keep) != len(self.streams):
+            self.streams = [self.streams[i] for i in keep]
+            if keep:
+                self.runtime.keep_rows(self.batch, keep)
+            else:
+                self.batch = None
+        return out
+
+
+def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8
+              ) -> list[Generation]:
+    """Generate for several requests together; results in input order."""
+    engine = BatchEngine(runtime, max_batch)
+    streams: list[RequestStream] = []
+    pending = list(items)
+    t0 = time.perf_counter()
+    while pending or engine.active:
+        while pending and engine.active < max_batch:
+            request, prompt_ids, params = pending.pop(0)
+            stream, _ = engine.add(request, prompt_ids, params)
+            streams.append(stream)
+        engine.step()
+    total = time.perf_counter() - t0
+    for s in streams:
+        s.timings["batch_wall_s"] = total
+    return [s.result() for s in streams]

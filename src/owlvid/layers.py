@@ -69,13 +69,27 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
          is_causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads: q [B, H, T, D], k/v [B, Hkv, S, D].
 
-    `mask` is boolean (True = attend), broadcastable to [B, H, T, S].
+    `mask` is boolean (True = attend), broadcastable to [B, 1 or H, T, S]. The query heads that share
+    a key/value head are folded into the query length instead of copying K/V per head, which matters
+    when the keys are tens of thousands of visual tokens.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    if is_causal and mask is None and t > 1:
+        mask = causal_mask(t, k.shape[2], q.device)
+    qg = q.reshape(b, k.shape[1], groups * t, d)
+    if mask is not None:
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        if mask.shape[1] != 1:
+            raise ValueError("per-head masks are not supported with grouped-query attention")
+        if mask.shape[2] != 1:  # one row per query: repeat it for every head of the group
+            mask = mask.unsqueeze(2).expand(mask.shape[0], 1, groups, t, mask.shape[-1])
+            mask = mask.reshape(mask.shape[0], 1, groups * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    return out.reshape(b, h, t, d)
 
 
 @dataclass
@@ -118,6 +132,81 @@ class KVCache:
                 new[:, :, : self.length] = old[:, :, : self.length]
                 setattr(entry, name, new)
         self.capacity = capacity
+
+
+class RaggedKVCache:
+    """Key/value storage for a decoding batch whose sequences have different lengths.
+
+    Row b holds `lengths[b]` valid entries; `append` writes one new token per row at its own length,
+    and `valid_mask()` hides the padding from attention. Rows can join and leave between steps.
+    """
+
+    def __init__(self, layers: list[LayerKV], lengths: torch.Tensor) -> None:
+        self.layers = layers
+        self.lengths = lengths  # [B] long
+
+    @classmethod
+    def from_caches(cls, caches: list[KVCache], extra: int = 64) -> RaggedKVCache:
+        lengths = torch.tensor([c.length for c in caches], dtype=torch.long)
+        capacity = int(lengths.max()) + extra
+        layers = []
+        for i in range(len(caches[0].layers)):
+            ref = caches[0].layers[i].k
+            shape = (len(caches), ref.shape[1], capacity, ref.shape[3])
+            k, v = ref.new_zeros(shape), ref.new_zeros(shape)
+            for b, c in enumerate(caches):
+                k[b, :, : c.length] = c.layers[i].k[0, :, : c.length]
+                v[b, :, : c.length] = c.layers[i].v[0, :, : c.length]
+            layers.append(LayerKV(k, v))
+        return cls(layers, lengths.to(ref.device))
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].k.shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(self.lengths.max()) + 1 > self.capacity:
+            self._grow(2 * self.capacity)
+        entry = self.layers[layer]
+        rows = torch.arange(k.shape[0], device=k.device)
+        entry.k[rows, :, self.lengths] = k[:, :, 0]
+        entry.v[rows, :, self.lengths] = v[:, :, 0]
+        end = int(self.lengths.max()) + 1
+        return entry.k[:, :, :end], entry.v[:, :, :end]
+
+    def valid_mask(self) -> torch.Tensor:
+        """Bool [B, 1, 1, S] over the keys after this step's append."""
+        end = int(self.lengths.max()) + 1
+        return (torch.arange(end, device=self.lengths.device)[None, :] <= self.lengths[:, None])[:, None, None]
+
+    def advance(self, n: int = 1) -> None:
+        self.lengths = self.lengths + n
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for entry in self.layers:
+            entry.k, entry.v = entry.k[index], entry.v[index]
+        self.lengths = self.lengths[index]
+
+    def extend(self, other: RaggedKVCache) -> None:
+        """Append the rows of `other` (requests joining the batch)."""
+        capacity = max(self.capacity, other.capacity)
+        for mine, theirs in zip(self.layers, other.layers):
+            for name in ("k", "v"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                out = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
+                out[: a.shape[0], :, : a.shape[2]] = a
+                out[a.shape[0]:, :, : b.shape[2]] = b
+                setattr(mine, name, out)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+
+    def _grow(self, capacity: int) -> None:
+        for entry in self.layers:
+            for name in ("k", "v"):
+                old = getattr(entry, name)
+                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                setattr(entry, name, new)
 
 
 class Qwen2MLP(nn.Module):

@@ -37,9 +37,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Generation, TokenEvent
-from ..errors import InputError, MediaError, OwlvidError
+from ..errors import MediaError, OwlvidError
 from . import schemas
-from .scheduler import Job, JobCancelled, JobTimeout, QueueFullError, Scheduler
+from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
 
 log = logging.getLogger("owlvid.server")
 
@@ -73,8 +73,9 @@ class ServerConfig:
 class APIError(Exception):
     """An error answered to the client as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
@@ -103,7 +104,8 @@ def to_api_error(e: BaseException) -> APIError:
     if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
         return APIError(400, str(e), code="invalid_request")
     log.error("internal error", exc_info=(type(e), e, e.__traceback__))
-    return APIError(500, f"internal server error: {type(e).__name__}: {e}", "server_error", code="internal_error")
+    return APIError(500, f"internal server error: {type(e).__name__}: {e}", "server_error",
+                    code="internal_error")
 
 
 # -- request guard: API key and body size -------------------------------------------------------------
@@ -172,8 +174,8 @@ class GuardMiddleware:
 async def _send_json(send: Any, status: int, body: dict, extra: list | None = None) -> None:
     raw = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            *(extra or [])]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(raw)).encode()), *(extra or [])]})
     await send({"type": "http.response.body", "body": raw})
 
 
@@ -208,12 +210,12 @@ class MediaFetcher:
         elif scheme in ("file", ""):
             yield self._local_path(url, scheme, param)
         else:
-            raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local path",
-                           param=param, code="invalid_media")
+            raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local "
+                           "path", param=param, code="invalid_media")
 
     def _too_large(self, kind: str, size: int | str) -> MediaTooLarge:
-        return MediaTooLarge(f"the {kind} is {size} bytes, over the limit of {self.config.max_media_bytes} bytes "
-                             "(--max-media-bytes)")
+        return MediaTooLarge(f"the {kind} is {size} bytes, over the limit of {self.config.max_media_bytes} "
+                             "bytes (--max-media-bytes)")
 
     def _decode_data_url(self, url: str, kind: str, param: str) -> tuple[bytes, str]:
         header, sep, payload = url[5:].partition(",")
@@ -270,14 +272,14 @@ class MediaFetcher:
 
     def _local_path(self, url: str, scheme: str, param: str) -> str:
         if self.root is None:
-            raise APIError(400, "local media paths are disabled on this server: send a data: or http(s) URL, or "
-                           "start the server with --allowed-local-media-path", param=param,
+            raise APIError(400, "local media paths are disabled on this server: send a data: or http(s) "
+                           "URL, or start the server with --allowed-local-media-path", param=param,
                            code="local_media_disabled")
         if scheme == "file":
             parsed = urlparse(url)
             if parsed.netloc not in ("", "localhost"):
-                raise APIError(400, f"file URL with a remote host {parsed.netloc!r} is not supported", param=param,
-                               code="invalid_media")
+                raise APIError(400, f"file URL with a remote host {parsed.netloc!r} is not supported",
+                               param=param, code="invalid_media")
             raw = url2pathname(unquote(parsed.path))
         else:
             raw = url
@@ -297,8 +299,9 @@ class MediaFetcher:
 
 
 def _suffix_for(mime: str, fallback: str) -> str:
-    special = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
-               "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}
+    special = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
+               "video/x-matroska": ".mkv", "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
+               "image/gif": ".gif"}
     if mime in special:
         return special[mime]
     return (mimetypes.guess_extension(mime) if mime else None) or fallback or ".bin"
@@ -384,14 +387,15 @@ class RequestBuilder:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise APIError(400, f"{key} must be a positive integer", param=key, code="invalid_value")
             if value > cfg.max_frames:
-                raise APIError(400, f"{key}={value} is over this server's limit of {cfg.max_frames} frames per "
-                               "video (--max-frames)", param=key, code="too_many_frames")
+                raise APIError(400, f"{key}={value} is over this server's limit of {cfg.max_frames} frames "
+                               "per video (--max-frames)", param=key, code="too_many_frames")
         fps = video.get("fps")
         if fps is not None and (not isinstance(fps, int | float) or isinstance(fps, bool) or fps <= 0):
             raise APIError(400, "fps must be a positive number", param="fps", code="invalid_value")
         if cut is not None:
             if not isinstance(cut, bool):
-                raise APIError(400, "cut_enable must be true or false", param="cut_enable", code="invalid_value")
+                raise APIError(400, "cut_enable must be true or false", param="cut_enable",
+                               code="invalid_value")
             gen["cut_enable"] = cut
         return gen, video, proc
 
@@ -417,14 +421,13 @@ class RequestBuilder:
                 elif p.type == "image_url":
                     parts.append({"type": "image", "image": self._image(p.image_url.url, param)})
                 else:
-                    parts.append({"type": "video", "video": self._video(p.video_url.url, video_options, param)})
+                    frames = self._video(p.video_url.url, video_options, param)
+                    parts.append({"type": "video", "video": frames})
             out.append({"role": role, "content": parts})
         return out
 
     def _image(self, url: str, param: str):
         from PIL import Image
-
-        from ..media import load_image
 
         limit = self.config.max_image_pixels
         with self.fetcher.local_file(url, "image", param) as path:
@@ -432,12 +435,15 @@ class RequestBuilder:
                 with Image.open(path) as probe:
                     width, height = probe.size
             except Image.DecompressionBombError:
-                raise MediaTooLarge(f"the image has too many pixels (limit {limit}, --max-image-pixels)") from None
+                raise MediaTooLarge(f"the image has too many pixels (limit {limit}, --max-image-pixels)"
+                                    ) from None
             except (OSError, ValueError, SyntaxError) as e:
                 raise MediaError(f"cannot read the image: {e}") from None
             if width * height > limit:
-                raise MediaTooLarge(f"the image is {width}x{height} = {width * height} pixels, over the limit of "
-                                    f"{limit} (--max-image-pixels)")
+                raise MediaTooLarge(f"the image is {width}x{height} = {width * height} pixels, over the "
+                                    f"limit of {limit} (--max-image-pixels)")
+            from ..media import load_image
+
             return load_image(path, max_pixels=limit, max_bytes=self.config.max_media_bytes,
                               timeout=self.config.download_timeout)
 
@@ -512,8 +518,8 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
     @app.get("/v1/models")
     async def models() -> dict:
         max_len = getattr(getattr(model, "runtime", None), "max_positions", None)
-        return {"object": "list", "data": [schemas.model_card(cfg.served_model_name, getattr(model, "name", ""),
-                                                               max_len, started)]}
+        card = schemas.model_card(cfg.served_model_name, getattr(model, "name", ""), max_len, started)
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
@@ -551,8 +557,8 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
         cid, created = schemas.new_completion_id(), schemas.now()
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, first, cid, created, cfg.served_model_name, usage, request, deadline),
-                                     media_type="text/event-stream",
+            events = _sse(job, first, cid, created, cfg.served_model_name, usage, request, deadline)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             event = first
@@ -566,8 +572,9 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
         finally:
             if not job.done:
                 job.cancel()
-        return JSONResponse(schemas.completion(cid, created, cfg.served_model_name, event.text, event.finish_reason,
-                                               event.prompt_tokens, event.completion_tokens))
+        answer = schemas.completion(cid, created, cfg.served_model_name, event.text, event.finish_reason,
+                                    event.prompt_tokens, event.completion_tokens)
+        return JSONResponse(answer)
 
     return app
 
@@ -586,8 +593,8 @@ async def _next_event(job: Job, request: Request, deadline: float) -> Any:
                 return None
 
 
-async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include_usage: bool, request: Request,
-               deadline: float) -> AsyncIterator[str]:
+async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include_usage: bool,
+               request: Request, deadline: float) -> AsyncIterator[str]:
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -601,9 +608,11 @@ async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include
                     yield data(schemas.chunk(cid, created, model, {"content": event.text},
                                              with_usage_field=include_usage))
             elif isinstance(event, Generation):
-                yield data(schemas.chunk(cid, created, model, {}, event.finish_reason, with_usage_field=include_usage))
+                yield data(schemas.chunk(cid, created, model, {}, event.finish_reason,
+                                         with_usage_field=include_usage))
                 if include_usage:
-                    yield data(schemas.usage_chunk(cid, created, model, event.prompt_tokens, event.completion_tokens))
+                    yield data(schemas.usage_chunk(cid, created, model, event.prompt_tokens,
+                                                   event.completion_tokens))
                 break
             elif event is None:  # client gone
                 return

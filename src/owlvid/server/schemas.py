@@ -119,7 +119,8 @@ def chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish_reas
     return out
 
 
-def usage_chunk(cid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(cid: str, created: int, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
-from ...layers import KVCache, RotaryTable, new_attention_inputs
+from ...cache import CachedVideo, VisualCache, content_key
+from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
-from .model import Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
+from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
 from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor
 
 __all__ = ["Owl3Runtime", "Owl3", "Owl3Config", "Owl3Processor", "Owl3Inputs", "IMAGE", "VIDEO"]
@@ -22,6 +24,18 @@ class DecodeState:
     cache: KVCache
     visual: VisualMemory | None
     position: int  # sequence index of the next token
+    fed_ids: list[int] = field(default_factory=list)  # every token whose K/V is in `cache`
+    media_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchState:
+    """Requests decoding together: ragged text caches and padded visual memories."""
+
+    cache: RaggedKVCache
+    visual: BatchedVisualMemory | None
+    positions: torch.Tensor  # [B]
+    rows: list[DecodeState]
 
 
 class Owl3Runtime:
@@ -31,7 +45,8 @@ class Owl3Runtime:
     default_video_sampling = "owl3"
 
     def __init__(self, model: Owl3, cfg: Owl3Config, tokenizer: QwenTokenizer, folder: Path,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, visual_cache: VisualCache | None = None,
+                 prefix_slots: int = 1) -> None:
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.folder, self.device, self.dtype = folder, device, dtype
         self.processor = Owl3Processor(tokenizer, image_size=cfg.vision.image_size, cut_style=cfg.cut_prompt,
@@ -39,17 +54,22 @@ class Owl3Runtime:
                                        video_spans=cfg.cut_prompt == "v3")
         self.stop_token_ids = [tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")]
         self.max_positions = cfg.llm.max_position_embeddings
+        self.visual_cache = visual_cache
+        self.model_key = content_key("owl3", str(folder.resolve()), str(dtype), sorted(cfg.raw.items()))
+        self.prefix_slots = prefix_slots
+        self._prefixes: OrderedDict[int, DecodeState] = OrderedDict()
+        self.stats = {"encoded_crops": 0, "cached_crops": 0, "prefix_reused_tokens": 0}
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype) -> Owl3Runtime:
+             dtype: torch.dtype, visual_cache: VisualCache | None = None) -> Owl3Runtime:
         cfg = owl3_config(raw_config, checkpoint_shapes(folder))
         with torch.device("meta"):
             model = Owl3(cfg)
         load_weights(model, folder, checkpoint_key_map(cfg), dtype, device)
         model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
         model.eval()
-        return cls(model, cfg, tokenizer, folder, device, dtype)
+        return cls(model, cfg, tokenizer, folder, device, dtype, visual_cache)
 
     def describe(self) -> dict:
         c = self.cfg
@@ -70,26 +90,134 @@ class Owl3Runtime:
             raise InputError(f"the prompt has {len(ids)} tokens; mPLUG-Owl3 has {self.max_positions} positions")
         return inputs, ids
 
+    def cached_video(self, key: str) -> CachedVideo | None:
+        """A video already encoded under `key` (file identity + sampling): skip decoding and encoding."""
+        if self.visual_cache is None:
+            return None
+        embeds = self.visual_cache.get(content_key(self.model_key, key))
+        return CachedVideo(key, embeds.shape[0]) if embeds is not None else None
+
+    @torch.inference_mode()
+    def image_embeds(self, inputs: Owl3Inputs) -> torch.Tensor | None:
+        """Projector outputs of every crop, from the visual cache where possible."""
+        items = inputs.get("media_items")
+        if items is None:  # an official-style dict built elsewhere: just encode its pixels
+            pv = inputs.get("pixel_values")
+            return None if pv is None else self.model.encode_images(pv)
+        parts = []
+        for item in items:
+            key = content_key(self.model_key, item["key"])
+            embeds = self.visual_cache.get(key) if self.visual_cache is not None else None
+            if embeds is None:
+                if item["pixels"] is None:
+                    raise InputError("a cached video was evicted from the visual cache; send it again")
+                embeds = self.model.encode_images(item["pixels"])
+                self.stats["encoded_crops"] += embeds.shape[0]
+                if self.visual_cache is not None:
+                    self.visual_cache.put(key, embeds)
+            else:
+                self.stats["cached_crops"] += embeds.shape[0]
+            parts.append(embeds.to(self.device))
+        return torch.cat(parts) if parts else None
+
     @torch.inference_mode()
     def prefill(self, inputs: Owl3Inputs) -> tuple[torch.Tensor, DecodeState]:
-        model, cfg = self.model, self.cfg.llm
-        ids = inputs["input_ids"].to(self.device)
-        length = ids.shape[1]
-        visual = None
-        if inputs.get("pixel_values") is not None:
-            embeds = model.encode_images(inputs["pixel_values"])
-            visual = model.visual_memory(embeds, inputs["media_starts"])
-        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length + 256,
-                        self.dtype, self.device)
-        logits = self._forward(ids, 0, cache, visual)
-        return logits[0, -1], DecodeState(cache, visual, length)
+        cfg = self.cfg.llm
+        ids = inputs["input_ids"][0].tolist()
+        keys = tuple(item["key"] for item in inputs.get("media_items") or [])
+        starts = inputs["media_starts"]
+        state, reuse = self._take_prefix(ids, keys, starts)
+        if state is None:
+            embeds = self.image_embeds(inputs)
+            visual = self.model.visual_memory(embeds, starts) if embeds is not None else None
+            cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
+                            self.dtype, self.device)
+            state = DecodeState(cache, visual, 0, [], keys)
+        elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
+            embeds = self.image_embeds(inputs)
+            state.visual = self.model.visual_memory(embeds, starts)
+            state.media_keys = keys
+        state.cache.length = reuse
+        state.fed_ids = ids[:reuse]
+        self.stats["prefix_reused_tokens"] += reuse
+        new = torch.tensor([ids[reuse:]], device=self.device)
+        logits = self._forward(new, reuse, state.cache, state.visual)
+        state.fed_ids.extend(ids[reuse:])
+        state.position = len(ids)
+        return logits[0, -1], state
 
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
         logits = self._forward(ids, state.position, state.cache, state.visual)
         state.position += 1
+        state.fed_ids.append(token_id)
         return logits[0, -1]
+
+    def finish(self, state: DecodeState) -> None:
+        """Keep a finished conversation's caches so that its next turn only prefills the new tokens."""
+        if self.prefix_slots <= 0:
+            return
+        self._prefixes[id(state)] = state
+        while len(self._prefixes) > self.prefix_slots:
+            self._prefixes.popitem(last=False)
+
+    def _take_prefix(self, ids: list[int], keys: tuple[str, ...], starts: list[int]
+                     ) -> tuple[DecodeState | None, int]:
+        """The stored state sharing the longest token prefix with `ids` (and the same earlier media)."""
+        best, best_len = None, 0
+        for slot, state in self._prefixes.items():
+            if keys[: len(state.media_keys)] != state.media_keys:
+                continue
+            n = 0
+            for a, b in zip(ids, state.fed_ids):
+                if a != b:
+                    break
+                n += 1
+            # Tokens at or after a new media marker must see it: they cannot come from the old cache.
+            for s in starts[len(state.visual.starts) if state.visual is not None else 0:]:
+                n = min(n, s + 1 if self.cfg.strict_visibility else s)
+            n = min(n, len(ids) - 1)  # at least one token to compute logits from
+            if n > best_len:
+                best, best_len = slot, n
+        if best is None or best_len < 16:  # not worth it
+            return None, 0
+        return self._prefixes.pop(best), best_len
+
+    # -- batched decoding --------------------------------------------------------------------------
+
+    def start_batch(self, states: list[DecodeState]) -> BatchState:
+        layers = [h.layer_index for h in self.model.hyper_attentions()]
+        return BatchState(cache=RaggedKVCache.from_caches([s.cache for s in states]),
+                          visual=BatchedVisualMemory.from_memories([s.visual for s in states], layers),
+                          positions=torch.tensor([s.position for s in states], device=self.device),
+                          rows=list(states))
+
+    def join_batch(self, batch: BatchState, newcomers: BatchState) -> None:
+        """Requests prefilled since the last step join the running batch (continuous batching)."""
+        batch.visual = BatchedVisualMemory.concat(batch.visual, len(batch.rows), newcomers.visual,
+                                                  len(newcomers.rows))
+        batch.cache.extend(newcomers.cache)
+        batch.positions = torch.cat([batch.positions, newcomers.positions])
+        batch.rows.extend(newcomers.rows)
+
+    def keep_rows(self, batch: BatchState, rows: list[int]) -> None:
+        batch.cache.keep(rows)
+        batch.visual = batch.visual.keep(rows) if batch.visual is not None else None
+        batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        batch.rows = [batch.rows[i] for i in rows]
+
+    @torch.inference_mode()
+    def decode_batch(self, batch: BatchState, token_ids: list[int]) -> torch.Tensor:
+        """One decoding step for every row: logits [B, vocab]."""
+        model = self.model
+        ids = torch.tensor(token_ids, device=self.device)[:, None]
+        inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
+                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
+        h = model.llm(model.llm.embed_tokens(ids), inputs)
+        batch.cache.advance(1)
+        batch.positions = batch.positions + 1
+        return model.logits(h[:, -1])
 
     def _forward(self, ids: torch.Tensor, start: int, cache: KVCache, visual: VisualMemory | None,
                  last_only: bool = True) -> torch.Tensor:

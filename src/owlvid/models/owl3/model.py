@@ -199,6 +199,66 @@ class VisualMemory:
         return pos > self.starts[None, :] if strict else pos >= self.starts[None, :]
 
 
+@dataclass
+class BatchedVisualMemory:
+    """Visual memories of a decoding batch, padded to the longest: K/V [B, Hkv, Nmax, D] per hyper layer,
+    `key_mask` [B, Nmax] (False on padding) and `has_media` [B]. Decode steps see all media of their row."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    key_mask: torch.Tensor
+    has_media: torch.Tensor
+
+    @classmethod
+    def from_memories(cls, memories: list[VisualMemory | None], layers: list[int]) -> BatchedVisualMemory | None:
+        present = [m for m in memories if m is not None]
+        if not present:
+            return None
+        ref_k, _ = present[0].kv[layers[0]]
+        sizes = [m.kv[layers[0]][0].shape[2] if m is not None else 0 for m in memories]
+        n_max = max(sizes)
+        kv = {}
+        for layer in layers:
+            shape = (len(memories), ref_k.shape[1], n_max, ref_k.shape[3])
+            k, v = ref_k.new_zeros(shape), ref_k.new_zeros(shape)
+            for b, m in enumerate(memories):
+                if m is not None:
+                    k[b, :, : sizes[b]], v[b, :, : sizes[b]] = m.kv[layer][0][0], m.kv[layer][1][0]
+            kv[layer] = (k, v)
+        sizes_t = torch.tensor(sizes, device=ref_k.device)
+        key_mask = torch.arange(n_max, device=ref_k.device)[None, :] < sizes_t[:, None]
+        return cls(kv=kv, key_mask=key_mask, has_media=sizes_t > 0)
+
+    @staticmethod
+    def concat(a: BatchedVisualMemory | None, rows_a: int, b: BatchedVisualMemory | None, rows_b: int
+               ) -> BatchedVisualMemory | None:
+        """Rows of `a` then rows of `b`; either may be None (rows without media)."""
+        if a is None and b is None:
+            return None
+        ref = a if a is not None else b
+        n_max = max(m.key_mask.shape[1] for m in (a, b) if m is not None)
+        kv = {}
+        for layer, (k_ref, _) in ref.kv.items():
+            shape = (rows_a + rows_b, k_ref.shape[1], n_max, k_ref.shape[3])
+            k, v = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
+            for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
+                if m is not None:
+                    n = m.key_mask.shape[1]
+                    k[lo:hi, :, :n], v[lo:hi, :, :n] = m.kv[layer]
+            kv[layer] = (k, v)
+        mask = torch.zeros(rows_a + rows_b, n_max, dtype=torch.bool, device=ref.key_mask.device)
+        for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
+            if m is not None:
+                mask[lo:hi, : m.key_mask.shape[1]] = m.key_mask
+        return BatchedVisualMemory(kv=kv, key_mask=mask, has_media=mask.any(dim=1))
+
+    def keep(self, rows: list[int]) -> BatchedVisualMemory | None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.key_mask.device)
+        if not bool(self.has_media[index].any()):
+            return None
+        return BatchedVisualMemory({layer: (k[index], v[index]) for layer, (k, v) in self.kv.items()},
+                                   self.key_mask[index], self.has_media[index])
+
+
 class HyperAttention(Qwen2Attention):
     """Qwen2 attention plus the hyper-attention path to the visual memory (variant from config)."""
 
@@ -228,9 +288,11 @@ class HyperAttention(Qwen2Attention):
         return k[None].contiguous(), v[None].contiguous()
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        memory: VisualMemory | None = inputs.visual
+        memory = inputs.visual
         if memory is None or self.layer_index not in memory.kv:
             return super().forward(x, inputs)
+        if isinstance(memory, BatchedVisualMemory):
+            return self._batched_decode(x, inputs, memory)
         q, k, v = self.project(x, inputs)
         vis_k, vis_v = memory.kv[self.layer_index]
         visible = memory.visible(inputs.positions[0], self.strict)  # batch 1: [T, N]
@@ -248,11 +310,31 @@ class HyperAttention(Qwen2Attention):
             first = int(rows.nonzero()[0])  # visibility is monotone in the position
             v_ctx = sdpa(q[:, :, first:], vis_k, vis_v, key_mask[first:])
             tail = ctx[:, :, first:]
-            if self.variant == "dynamic_gate":
-                g = self.gate_proj(tail)
-            else:
-                g = torch.sigmoid(self.gate).view(1, self.heads, 1, self.head_dim)
+            g = self._gate(tail)
             ctx = torch.cat([ctx[:, :, :first], tail * (1 - g) + v_ctx * g], dim=2)
+        return self.o_proj(merge_heads(ctx))
+
+
+    def _gate(self, ctx: torch.Tensor) -> torch.Tensor:
+        if self.variant == "dynamic_gate":
+            return self.gate_proj(ctx)
+        return torch.sigmoid(self.gate).view(1, self.heads, 1, self.head_dim)
+
+    def _batched_decode(self, x: torch.Tensor, inputs: AttentionInputs, memory: BatchedVisualMemory
+                        ) -> torch.Tensor:
+        """One new token per row; every row sees all of its own media (none of the padding)."""
+        q, k, v = self.project(x, inputs)
+        vis_k, vis_v = memory.kv[self.layer_index]
+        vis_mask = memory.key_mask[:, None, None, :]
+        if self.variant == "fused":
+            mask = torch.cat([vis_mask, inputs.causal_mask], dim=-1)
+            ctx = sdpa(q, torch.cat([vis_k, k], dim=2), torch.cat([vis_v, v], dim=2), mask)
+            return self.o_proj(merge_heads(ctx))
+        ctx = self.self_attention(q, k, v, inputs)
+        with_media = memory.has_media[:, None, None, None]
+        v_ctx = sdpa(q, vis_k, vis_v, vis_mask | ~with_media)  # rows without media: ignored below
+        g = self._gate(ctx)
+        ctx = torch.where(with_media, ctx * (1 - g) + v_ctx * g, ctx)
         return self.o_proj(merge_heads(ctx))
 
 

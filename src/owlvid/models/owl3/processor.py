@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...cache import CachedVideo, FrameList, content_key
 from ...errors import InputError
 from ...tokenizer import QwenTokenizer
 
@@ -85,7 +86,8 @@ def cut_prompt(rows: int, cols: int, style: str) -> str:
 
 class Owl3Inputs(dict):
     """`input_ids`, `media_offset`, `pixel_values` like the official processor's output (a dict), plus
-    `media_starts` (the index of each `<|image|>`) and `messages` (after placeholder expansion)."""
+    `media_starts` (the index of each `<|image|>`), `media_items` (per image/video: cache key, number of
+    crops, pixels or None when cached) and `messages` (after placeholder expansion)."""
 
     @property
     def num_tokens(self) -> int:
@@ -102,10 +104,12 @@ class Owl3Processor:
 
     def __call__(self, messages: list[dict], images: Sequence | None = None,
                  videos: Sequence[Sequence] | None = None, cut_enable: bool = True) -> Owl3Inputs:
-        images, videos = list(images or []), [list(v) for v in (videos or [])]
+        images = list(images or [])
+        videos = [v if isinstance(v, (FrameList, CachedVideo)) else list(v) for v in (videos or [])]
         messages = [dict(m) for m in messages]
-        expanded, pixels = self._expand_media(messages, images, videos, cut_enable)
+        expanded, items = self._expand_media(messages, images, videos, cut_enable)
         input_ids, starts = self._tokenize(expanded)
+        pixels = [p for item in items if item["pixels"] is not None for p in item["pixels"]]
         out = Owl3Inputs(input_ids=torch.tensor([input_ids], dtype=torch.long))
         if self.media_offset_format == "starts":
             out["media_offset"] = [torch.tensor(starts, dtype=torch.long)]
@@ -113,13 +117,14 @@ class Owl3Processor:
             out["media_offset"] = media_offset_rows(len(input_ids), starts)
         out["pixel_values"] = torch.stack(pixels) if pixels else None
         out["media_starts"] = starts
+        out["media_items"] = items
         out["messages"] = expanded
         return out
 
     # -- media -------------------------------------------------------------------------------------
 
     def _expand_media(self, messages: list[dict], images: list, videos: list[list], cut_enable: bool):
-        """Replace each placeholder by its expansion; crops come in text order."""
+        """Replace each placeholder by its expansion; media items (and their crops) come in text order."""
         n_img = sum(str(m.get("content", "")).count(IMAGE) for m in messages)
         n_vid = sum(str(m.get("content", "")).count(VIDEO) for m in messages)
         if n_img != len(images):
@@ -129,30 +134,39 @@ class Owl3Processor:
         if videos and self.cut_style == "v2":
             cut_enable = False  # the 240728 processor never cuts when a video is present
         image_iter, video_iter = iter(images), iter(videos)
-        pixels: list[torch.Tensor] = []
+        items: list[dict] = []
         size = self.image_size
+
+        def add(pixels: torch.Tensor | None, key: str | None, count: int) -> None:
+            items.append({"key": key or content_key("pixels", pixels), "crops": count, "pixels": pixels})
 
         def expand(match: re.Match) -> str:
             if match.group(0) == VIDEO:
                 frames = next(video_iter)
-                if not frames:
-                    raise InputError("a video has no frames")
-                pixels.extend(to_tensor(as_rgb(f).resize((size, size), Image.BICUBIC)) for f in frames)
-                body = IMAGE * len(frames)
+                if isinstance(frames, CachedVideo):
+                    add(None, frames.cache_key, frames.num_frames)
+                    count = frames.num_frames
+                else:
+                    if not frames:
+                        raise InputError("a video has no frames")
+                    pixels = torch.stack([to_tensor(as_rgb(f).resize((size, size), Image.BICUBIC)) for f in frames])
+                    add(pixels, getattr(frames, "cache_key", None), len(frames))
+                    count = len(frames)
+                body = IMAGE * count
                 return f"<|start_video_frame|>{body}<|end_video_frame|>" if self.video_spans else body
             image = as_rgb(next(image_iter))
             if not cut_enable:
-                pixels.append(to_tensor(image.resize((size, size), Image.BICUBIC)))
+                add(to_tensor(image.resize((size, size), Image.BICUBIC))[None], None, 1)
                 return IMAGE
             crops, (rows, cols) = cut_image(image, size)
-            pixels.extend(crops)
+            add(torch.stack(crops), None, len(crops))
             return cut_prompt(rows, cols, self.cut_style)
 
         pattern = re.compile(re.escape(IMAGE) + "|" + re.escape(VIDEO))
         for m in messages:
             if isinstance(m.get("content"), str) and m.get("role") != "system":
                 m["content"] = pattern.sub(expand, m["content"])
-        return messages, pixels
+        return messages, items
 
     # -- text --------------------------------------------------------------------------------------
 

@@ -83,7 +83,8 @@ class SlowFastRuntime:
             model = SlowFast(cfg)
         load_weights(model, folder, checkpoint_key_map(cfg), dtype, device)
         model.truncate_vocab(len(tokenizer))
-        model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
+        llm = cfg.llm
+        model.rope = RotaryTable(llm.head_dim, llm.rope_theta, llm.max_position_embeddings, device)
         model.eval()
         return cls(model, cfg, tokenizer, folder, device, dtype, _stop_ids(folder, raw_config, tokenizer))
 

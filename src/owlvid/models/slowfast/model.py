@@ -85,7 +85,8 @@ def slowfast_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> SlowFastCo
 
     tower = raw.get("mm_vision_tower")
     if tower not in SUPPORTED_TOWERS:
-        raise CheckpointError(f"unsupported vision tower {tower!r} (owlvid supports {sorted(SUPPORTED_TOWERS)})")
+        raise CheckpointError(f"unsupported vision tower {tower!r} (owlvid supports "
+                              f"{sorted(SUPPORTED_TOWERS)})")
     vision = ConvNextConfig(image_size=SUPPORTED_TOWERS[tower])
     override = raw.get("convnext_config")
     if override:  # owlvid extension for tiny test checkpoints; real checkpoints hard-code ConvNeXt-XXL
@@ -97,7 +98,8 @@ def slowfast_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> SlowFastCo
         raise CheckpointError("convnext_config needs four stage depths and four widths")
     mm_hidden = raw.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision.hidden_size:
-        raise CheckpointError(f"mm_hidden_size {mm_hidden} does not match the ConvNeXt width {vision.hidden_size}")
+        raise CheckpointError(f"mm_hidden_size {mm_hidden} does not match the ConvNeXt width "
+                              f"{vision.hidden_size}")
 
     projector = raw.get("mm_projector_type", "linear")
     if projector != "linear" and not re.fullmatch(r"mlp(\d+)x_gelu", projector):
@@ -109,7 +111,8 @@ def slowfast_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> SlowFastCo
                               "'text-only-vanilla[-flashattn]', the released models' choice)")
     gating = raw.get("cross_attn_gating_type")
     if gating != SUPPORTED_GATING:
-        raise CheckpointError(f"unsupported cross_attn_gating_type {gating!r} (owlvid implements {SUPPORTED_GATING!r})")
+        raise CheckpointError(f"unsupported cross_attn_gating_type {gating!r} (owlvid implements "
+                              f"{SUPPORTED_GATING!r})")
     every = raw.get("cross_attn_every_n_layers")
     if not every:
         raise CheckpointError("config.json has no cross_attn_every_n_layers: not a Slow-Fast checkpoint")
@@ -304,7 +307,8 @@ class SlowFast(nn.Module):
         `resize_token_embeddings(len(tokenizer))`: logits have `n` entries."""
         rows = self.llm.embed_tokens.weight.shape[0]
         if n > rows:
-            raise CheckpointError(f"the tokenizer has {n} tokens but the checkpoint only {rows} embedding rows")
+            raise CheckpointError(f"the tokenizer has {n} tokens but the checkpoint only {rows} "
+                                  "embedding rows")
         emb = self.llm.embed_tokens
         emb.weight = nn.Parameter(emb.weight.detach()[:n], requires_grad=False)
         emb.num_embeddings = n

@@ -45,7 +45,8 @@ def as_rgb(image) -> Image.Image:
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise InputError(f"an image array must be HxWx3 uint8 RGB (got shape {image.shape}, {image.dtype})")
+            raise InputError("an image array must be HxWx3 uint8 RGB "
+                             f"(got shape {image.shape}, {image.dtype})")
         return Image.fromarray(image)
     from ...media import load_image
 
@@ -163,11 +164,11 @@ class SlowFastProcessor:
         n_placeholders = prompt.count(IMAGE)
         n_visuals = len(images) + len(videos)
         if n_visuals > 1:
-            raise InputError(f"Slow-Fast takes one video or one image per request (got {len(videos)} video(s) "
-                             f"and {len(images)} image(s))")
+            raise InputError("Slow-Fast takes one video or one image per request "
+                             f"(got {len(videos)} video(s) and {len(images)} image(s))")
         if n_placeholders != n_visuals:
-            raise InputError(f"the prompt has {n_placeholders} {IMAGE} placeholder(s) but {n_visuals} image/video "
-                             f"input(s) were given; put exactly one {IMAGE} where the visual goes")
+            raise InputError(f"the prompt has {n_placeholders} {IMAGE} placeholder(s) but {n_visuals} "
+                             f"image/video input(s) were given; put one {IMAGE} where the visual goes")
         frames = videos[0] if videos else images
         modality = "video" if videos else ("image" if images else None)
         ids = tokenize_with_image(self.tokenizer, prompt)
@@ -178,9 +179,9 @@ class SlowFastProcessor:
         do_truncate = self.truncation if truncation is None else truncation
         truncated = bool(do_truncate and limit is not None and seq_len > limit)
         if truncated:
-            warnings.warn(f"Slow-Fast prompt of {seq_len} positions cut to tokenizer_model_max_length={limit} as "
-                          "the official model does (the end of the prompt is lost); pass truncation=False "
-                          "or set runtime.truncation = False to keep it", stacklevel=2)
+            warnings.warn(f"Slow-Fast prompt of {seq_len} positions cut to tokenizer_model_max_length="
+                          f"{limit} as the official model does (the end of the prompt is lost); pass "
+                          "truncation=False or set runtime.truncation = False to keep it", stacklevel=2)
             seq_len = limit
         return SlowFastInputs(
             input_ids=torch.tensor([ids], dtype=torch.long),

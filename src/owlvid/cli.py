@@ -1,0 +1,532 @@
+"""The `owlvid` command line: ask, chat, serve, info, download.
+
+    owlvid ask photo.jpg clip.mp4 "What happens after the photo was taken?"
+    owlvid chat --model mPLUG/mPLUG-Owl3-7B-241101 clip.mp4
+    owlvid serve --port 8000 --api-key SECRET --allowed-local-media-path /data
+    owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
+    owlvid download mPLUG/mPLUG-Owl3-7B-241101
+
+Errors are one line `owlvid: error: ...` on stderr; the exit code is 2 for usage and input errors
+(bad arguments, missing or unreadable media, invalid request) and 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import InputError, OwlvidError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".jfif", ".heic", ".avif"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpg", ".mpeg", ".3gp",
+                    ".ts", ".mts", ".ogv", ".gifv"}
+VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")  # matroska/webm, mpeg-ps
+
+
+class UsageError(Exception):
+    """A command-line mistake (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"owlvid: error: {message} (see '{self.prog} --help')\n")
+
+
+# -- media arguments --------------------------------------------------------------------------------
+
+
+def _is_url(source: str) -> bool:
+    return source.split(":", 1)[0].lower() in ("http", "https", "data", "file") and ":" in source
+
+
+def media_kind(source: str) -> str:
+    """'image' or 'video' for a path or URL: by extension, then by the file's first bytes."""
+    if source.startswith("data:"):
+        return "video" if source[5:].lower().startswith("video/") else "image"
+    name = source.split("?", 1)[0].split("#", 1)[0] if _is_url(source) else source
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    try:
+        from . import media
+
+        sniff = getattr(media, "media_kind", None) or getattr(media, "guess_kind", None)
+        if sniff is not None:
+            kind = sniff(source)
+            if kind in ("image", "video"):
+                return kind
+    except ImportError:
+        pass
+    if not _is_url(source):
+        try:
+            with open(source, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            head = b""
+        if (head[4:8] == b"ftyp" or head[:4] in VIDEO_MAGIC or head[:3] == b"FLV"
+                or (head[:4] == b"RIFF" and head[8:11] == b"AVI")):
+            return "video"
+    return "image"
+
+
+def check_media(source: str) -> None:
+    if _is_url(source) and not source.startswith("file:"):
+        return
+    path = Path(source[7:] if source.startswith("file://") else source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(2, "media file not found", str(source))
+    if path.is_dir():
+        raise InputError(f"{source} is a directory, not an image or video file")
+
+
+def media_part(source: str, kind: str | None = None) -> dict:
+    check_media(source)
+    kind = kind or media_kind(source)
+    return {"type": kind, kind: source}
+
+
+# -- options ------------------------------------------------------------------------------------------
+
+
+def _model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, help="checkpoint folder or hub id (default: "
+                   "owlvid.DEFAULT_MODEL)")
+    g.add_argument("--tokenizer", default=None,
+                   help="folder with tokenizer files, if the checkpoint has none")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    return p
+
+
+def _generation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-frames", type=_positive_int, default=None, help="frames sampled per video at most")
+    g.add_argument("--fps", type=_positive_float, default=None, help="frames per second sampled from videos")
+    g.add_argument("--sampling", default=None, help="video frame-sampling preset (default: the model's)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=512,
+                   help="answer length limit (default: 512)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 disables it (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
+    g.add_argument("--no-cut", action="store_true", help="do not cut large images into crops")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                          "top_p": args.top_p, "top_k": args.top_k,
+                          "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    for key in ("max_frames", "fps", "sampling"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    if args.no_cut:
+        kw["cut_enable"] = False
+    return kw
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    from .api import DEFAULT_MODEL
+
+    return getattr(args, "model_arg", None) or args.model or DEFAULT_MODEL
+
+
+def _load_model(args: argparse.Namespace):
+    from .api import load
+
+    name = _model_name(args)
+    tty = sys.stderr.isatty()
+    if not tty:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if tty:
+        print(f"owlvid: loading {name} ...", file=sys.stderr, end="\r", flush=True)
+    model = load(name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, revision=args.revision)
+    if tty:
+        print(" " * (len(name) + 24), file=sys.stderr, end="\r", flush=True)
+    return model
+
+
+def _result_json(model_name: str, g: Any) -> dict:
+    return {"model": model_name, "text": g.text, "finish_reason": g.finish_reason,
+            "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "timings": g.timings}
+
+
+def _stream_answer(model: Any, messages: list[dict], kwargs: dict, out: Any) -> Any:
+    """Write the answer to `out` as it is generated; return the final Generation."""
+    from .engine import Generation, TokenEvent
+
+    result = None
+    for event in model.iter_generate(messages, **kwargs):
+        if isinstance(event, TokenEvent):
+            if event.text:
+                out.write(event.text)
+                out.flush()
+        elif isinstance(event, Generation):
+            result = event
+    out.write("\n")
+    out.flush()
+    return result
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    *sources, question = args.inputs
+    if not sources and (Path(question).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+                        and (Path(question).exists() or _is_url(question))):
+        raise UsageError(f"{question!r} looks like a media file: put the question after it, "
+                         "e.g. owlvid ask clip.mp4 \"What happens?\"")
+    parts = [media_part(s) for s in sources]
+    parts.append({"type": "text", "text": question})
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": parts})
+    model = _load_model(args)
+    kwargs = _generation_kwargs(args)
+    if args.json:
+        g = model.generate(messages, **kwargs)
+        print(json.dumps(_result_json(_model_name(args), g), ensure_ascii=False))
+    else:
+        _stream_answer(model, messages, kwargs, sys.stdout)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /image PATH   attach an image to your next message
+  /video PATH   attach a video to your next message
+  /reset        forget the conversation
+  /save FILE    write the conversation as JSON
+  /quit         leave (also Ctrl-D)"""
+
+
+class ChatSession:
+    """The state of `owlvid chat`: history (as saved: media as paths) and decoded media."""
+
+    def __init__(self, model: Any, kwargs: dict, system: str | None = None) -> None:
+        self.model = model
+        self.kwargs = kwargs
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.saved: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.live: list[dict] = list(self.saved)
+        self.pending: list[tuple[dict, dict]] = []  # (saved part, live part)
+
+    def attach(self, source: str, kind: str) -> None:
+        part = media_part(source, kind)
+        live = dict(part)
+        if kind == "video":  # decode once, reuse the frames on every later turn
+            from .api import load_video_frames
+
+            opts = {k: self.kwargs[k] for k in ("max_frames", "fps", "sampling") if k in self.kwargs}
+            live = {"type": "video", "video": load_video_frames(source, self.model.runtime, opts)}
+        self.pending.append((part, live))
+
+    def ask(self, text: str, out: Any, as_json: bool = False) -> Any:
+        text_part = {"type": "text", "text": text}
+        saved_msg = {"role": "user", "content": [p for p, _ in self.pending] + [text_part]}
+        live_msg = {"role": "user", "content": [p for _, p in self.pending] + [text_part]}
+        if as_json:
+            g = self.model.generate(self.live + [live_msg], **self.kwargs)
+            out.write(json.dumps(_result_json(self.model.name, g), ensure_ascii=False) + "\n")
+            out.flush()
+        else:
+            g = _stream_answer(self.model, self.live + [live_msg], self.kwargs, out)
+        answer = {"role": "assistant", "content": g.text}
+        self.saved += [saved_msg, answer]
+        self.live += [live_msg, answer]
+        self.pending = []
+        return g
+
+    def save(self, file: str) -> None:
+        data = {"model": self.model.name, "messages": self.saved}
+        text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+        Path(file).expanduser().write_text(text, encoding="utf-8")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    for source in args.media:
+        check_media(source)
+    model = _load_model(args)
+    session = ChatSession(model, _generation_kwargs(args), args.system)
+    for source in args.media:
+        session.attach(source, media_kind(source))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"owlvid chat with {model.name} — /help for commands, /quit to leave", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        if not interactive and line == "":
+            break  # end of scripted input
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            rest = rest.strip()
+            try:
+                if command in ("/quit", "/exit", "/q"):
+                    break
+                elif command == "/help":
+                    print(CHAT_HELP, file=sys.stderr)
+                elif command in ("/image", "/video"):
+                    if not rest:
+                        raise UsageError(f"{command} needs a path or URL")
+                    session.attach(rest, command[1:])
+                    print(f"owlvid: {command[1:]} {rest} attached to your next message", file=sys.stderr)
+                elif command == "/reset":
+                    session.reset()
+                    print("owlvid: conversation cleared", file=sys.stderr)
+                elif command == "/save":
+                    if not rest:
+                        raise UsageError("/save needs a file name")
+                    session.save(rest)
+                    print(f"owlvid: conversation saved to {rest}", file=sys.stderr)
+                else:
+                    raise UsageError(f"unknown command {command} (/help lists them)")
+            except (OwlvidError, UsageError, OSError) as e:
+                print(f"owlvid: error: {_one_line(e)}", file=sys.stderr, flush=True)
+            continue
+        try:
+            session.ask(line, sys.stdout, as_json=args.json)
+        except (OwlvidError, OSError) as e:
+            print(f"owlvid: error: {_one_line(e)}", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise OwlvidError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
+                          "pip install 'owlvid[server]'") from None
+    from .server import serve
+    from .server.app import ServerConfig
+
+    if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
+        raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
+    video_options = {k: getattr(args, k) for k in ("max_frames", "fps", "sampling")
+                     if getattr(args, k) is not None}
+    config = ServerConfig(
+        served_model_name=args.served_model_name or _model_name(args),
+        api_key=args.api_key or os.environ.get("OWLVID_API_KEY") or None,
+        allowed_local_media_path=args.allowed_local_media_path,
+        max_request_bytes=args.max_request_bytes, max_media_bytes=args.max_media_bytes,
+        download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
+        max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
+        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
+        default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
+        cut_enable=False if args.no_cut else None)
+    model = _load_model(args)
+    serve(model, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_shapes
+
+    model = _load_model(args)
+    info = model.describe()
+    folder = Path(model.runtime.folder)
+    shapes = checkpoint_shapes(folder)
+    prefixes: dict[str, int] = {}
+    for key in shapes:
+        top = key.split(".")[0]
+        prefixes[top] = prefixes.get(top, 0) + 1
+    info["checkpoint"] = {"files": sorted(p.name for p in folder.iterdir() if p.is_file()),
+                          "size_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+                          "tensors": len(shapes), "tensors_by_module": prefixes}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "parameters" and isinstance(value, int):
+            value = f"{value:,} ({_human(value)})"
+        elif key == "checkpoint":
+            value = (f"{value['tensors']} tensors, {_human(value['size_bytes'], 'B', 1024)} in "
+                     f"{', '.join(value['files'])}; " + ", ".join(f"{k}: {n}" for k, n in
+                                                                    value["tensors_by_module"].items()))
+        elif isinstance(value, list | tuple):
+            value = ", ".join(str(v) for v in value)
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _human(n: float, unit: str = "", base: int = 1000) -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < base or prefix == "T":
+            return f"{n:.1f} {prefix}{unit}".replace(".0 ", " ") if prefix else f"{int(n)} {unit}".strip()
+        n /= base
+    return str(n)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .checkpoint import download_checkpoint, resolve_checkpoint
+
+    name = _model_name(args)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        folder = resolve_checkpoint(path)
+    else:
+        folder = download_checkpoint(name, revision=args.revision, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"model": name, "path": str(folder)}))
+    else:
+        print(folder)
+    return 0
+
+
+# -- parser and entry point ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    model_opts, gen_opts = _model_options(), _generation_options()
+    parser = _Parser(prog="owlvid", description="Inference for cross-attention video / multi-image LLMs "
+                     "(mPLUG-Owl3, Slow-Fast).")
+    parser.add_argument("--version", action="version", version=f"owlvid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("ask", parents=[model_opts, gen_opts], help="answer one question about images/videos",
+                       description="Answer a question about images and videos (paths or URLs, in order); the "
+                       "answer is streamed to stdout.")
+    p.add_argument("inputs", nargs="+", metavar="MEDIA... QUESTION",
+                   help="media paths/URLs, then the question")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the answer, usage and timings")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", parents=[model_opts, gen_opts], help="interactive multi-turn chat",
+                       description="Multi-turn chat with streaming answers. " + CHAT_HELP.replace("\n", " "),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("media", nargs="*", metavar="MEDIA", help="images/videos attached to the first message")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--json", action="store_true", help="print each answer as one JSON line")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", parents=[model_opts, gen_opts], help="OpenAI-compatible HTTP server",
+                       description="Serve the model with an OpenAI-compatible API "
+                       "(POST /v1/chat/completions, GET /v1/models, GET /health). Generation options set the "
+                       "defaults of requests; "
+                       "--max-frames is also the most frames a request may ask for.")
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set OWLVID_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow file:// URLs and plain paths under DIR (default: no local files)")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=100 * 2**20,
+                   help="largest request body (default: 100 MiB)")
+    p.add_argument("--max-media-bytes", type=_positive_int, default=64 * 2**20,
+                   help="largest image or video file (default: 64 MiB)")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000,
+                   help="largest image in pixels (default: 40,000,000)")
+    p.add_argument("--max-media-per-request", type=_positive_int, default=32,
+                   help="images + videos per request (default: 32)")
+    p.add_argument("--download-timeout", type=_positive_float, default=30.0,
+                   help="seconds to fetch one http(s) media URL (default: 30)")
+    p.add_argument("--max-queued-requests", type=_positive_int, default=64,
+                   help="requests waiting for the engine before answering 503 (default: 64)")
+    p.add_argument("--request-timeout", type=_positive_float, default=600.0,
+                   help="seconds a request may take in all, queue included (default: 600)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("info", parents=[model_opts], help="describe a checkpoint",
+                       description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "
+                       "contents.")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="checkpoint folder or hub id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("download", help="fetch a checkpoint into the Hugging Face cache",
+                       description="Download a checkpoint's weights and tokenizer into the Hugging Face "
+                       "cache and print its folder; a local folder just prints its path.")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="hub id (default: owlvid.DEFAULT_MODEL)")
+    p.add_argument("--model", "-m", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError) and e.filename:
+        text = f"{e.strerror or 'file not found'}: {e.filename}"
+    elif isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `owlvid ask ... | head`: not an error; silence the flush at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (UsageError, InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"owlvid: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (OwlvidError, OSError) as e:
+        print(f"owlvid: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Media ingestion: images and videos from paths, URLs, bytes, arrays and frame lists.
+
+See ``docs/media.md`` for sources, sampling presets, options and errors.
+"""
+
+from __future__ import annotations
+
+from .image import DEFAULT_MAX_PIXELS, load_image
+from .sampling import MAX_FRAMES_HARD_CAP, PRESETS, VideoSampling, frame_at_times, sample_indices
+from .sources import (
+    DEFAULT_IMAGE_MAX_BYTES,
+    DEFAULT_IMAGE_TIMEOUT,
+    DEFAULT_VIDEO_MAX_BYTES,
+    DEFAULT_VIDEO_TIMEOUT,
+    MediaFetchError,
+    MediaTimeoutError,
+    MediaTooLargeError,
+    sniff_kind,
+)
+from .video import (
+    BACKENDS,
+    DECODE_STRATEGIES,
+    MediaWarning,
+    VideoClip,
+    iter_video_chunks,
+    list_frame_files,
+    load_video,
+    probe_video,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DECODE_STRATEGIES",
+    "DEFAULT_IMAGE_MAX_BYTES",
+    "DEFAULT_IMAGE_TIMEOUT",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_VIDEO_MAX_BYTES",
+    "DEFAULT_VIDEO_TIMEOUT",
+    "MAX_FRAMES_HARD_CAP",
+    "MediaFetchError",
+    "MediaTimeoutError",
+    "MediaTooLargeError",
+    "MediaWarning",
+    "PRESETS",
+    "VideoClip",
+    "VideoSampling",
+    "frame_at_times",
+    "iter_video_chunks",
+    "list_frame_files",
+    "load_image",
+    "load_video",
+    "probe_video",
+    "sample_indices",
+    "sniff_kind",
+]
