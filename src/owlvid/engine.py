@@ -115,7 +115,8 @@ class RequestStream:
         self.sampler = Sampler(params)
         self.decoder = IncrementalDecoder(runtime.tokenizer)
         self.stops = set(runtime.stop_token_ids)
-        self.history = list(prompt_ids)
+        # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
+        self.history = list(prompt_ids) if getattr(runtime, "penalize_prompt", True) else []
         self.generated: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None

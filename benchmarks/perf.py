@@ -1,0 +1,397 @@
+"""owlvid performance suite: mPLUG-Owl3 at real model shapes with random weights (no download).
+
+    python benchmarks/perf.py                      # 1B-241014 shape, bf16 + fp32, default points
+    python benchmarks/perf.py --models 1b,2b --dtypes bfloat16 --ttft-frames 1,8,32,128 --concat-frames 8,32
+
+Prints one table per section and writes JSON (benchmarks/results/perf-<host>.json). Sections:
+  machine      measured GEMM rate (bf16 / fp32) in this run, the reference for the ratios below
+  vision       SigLIP + projector crops/s and achieved GFLOP/s
+  ttft         time to first token for N frames through the public API (decode + preprocess + encode +
+               prefill), next to the LLaVA-style "concatenation" baseline: the same LLM with the visual
+               tokens placed in the context (prefill over N*729 extra tokens), with peak memory
+  decode       decoding tokens/s with N frames of visual memory (visual K/V cached once per request)
+  cache        a second question about the same video (visual cache hit) vs the first
+  batch        B concurrent requests decoded together vs one after another (total tokens/s)
+Shapes: 1B-241014 = Qwen2-0.5B LLM (hidden 896, 24 layers, hyper layers [6, 13, 20, 22]); 2B-241014 =
+Qwen2-1.5B (hidden 1536, 28 layers; its hyper layers are not public, [1, 9, 17, 25] assumed). Both
+use SigLIP-so400m at 384 px (26 of 27 layers run). The prompt tokenizer is a small byte-level BPE, so
+text prompts are a few tokens longer than with the real Qwen2 vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import owlvid
+from owlvid.api import Model
+from owlvid.layers import KVCache, RotaryTable, new_attention_inputs
+from owlvid.models.owl3 import Owl3, Owl3Runtime
+from owlvid.models.owl3.model import owl3_config
+from owlvid.testing import write_tiny_tokenizer
+from owlvid.tokenizer import QwenTokenizer
+
+SHAPES = {
+    "1b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, hyper_layers=[6, 13, 20, 22], tie_word_embeddings=True),
+    "2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, hyper_layers=[1, 9, 17, 25], tie_word_embeddings=True),
+}
+SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
+              image_size=384, patch_size=14)
+VOCAB = 151851
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def peak_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_bytes(field: str = "VmHWM") -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def build_model(shape: str, dtype: torch.dtype, tokenizer_dir: Path) -> Model:
+    """An Owl3 at real shapes with random weights, built in memory (static gate, Linear projector)."""
+    raw = dict(SHAPES[shape], model_type="mplugowl3", vocab_size=VOCAB, rms_norm_eps=1e-6, rope_theta=1e6,
+               max_position_embeddings=32768, vision_config=SIGLIP)
+    keys = {f"language_model.model.layers.{i - 1}.self_attn.v_kv_proj.weight": () for i in raw["hyper_layers"]}
+    keys.update({f"language_model.model.layers.{raw['hyper_layers'][0] - 1}.self_attn.gate": (),
+                 "vision2text_model.weight": ()})
+    cfg = owl3_config(raw, keys)
+    with torch.device("meta"):
+        model = Owl3(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in) if "embed" not in name
+                        else torch.randn(p.shape, generator=gen))
+            elif name.endswith("gate"):
+                p.zero_()
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    model = model.to(dtype)
+    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings)
+    model.eval()
+    runtime = Owl3Runtime(model, cfg, QwenTokenizer.from_dir(tokenizer_dir), tokenizer_dir, torch.device("cpu"),
+                          dtype, visual_cache=owlvid.cache.VisualCache(8 << 30))
+    return Model(runtime, name=f"random-{shape}")
+
+
+def frames(n: int, seed: int = 0, size=(640, 360)) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return [Image.fromarray(np.roll(base, 7 * i, axis=1)) for i in range(n)]
+
+
+def video_messages(n: int, seed: int = 0, question: str = "What happens in this video?") -> list[dict]:
+    if n == 0:
+        return [{"role": "user", "content": question}]
+    return [{"role": "user", "content": [{"type": "video", "video": frames(n, seed)},
+                                         {"type": "text", "text": question}]}]
+
+
+def vision_flops_per_crop(d=1152, m=4304, layers=26, p=729, patch=14, hidden=896) -> float:
+    per_layer = 4 * 2 * p * d * d + 2 * 2 * p * p * d + 2 * 2 * p * d * m
+    return layers * per_layer + 2 * p * 3 * patch * patch * d + 2 * p * d * hidden
+
+
+def llm_flops_per_token(cfg) -> float:
+    c = cfg.llm
+    hd = c.head_dim
+    attn = 2 * c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd + 2 * c.hidden_size ** 2
+    mlp = 3 * 2 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * (attn + mlp)
+
+
+def table(title: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    widths = [max(len(str(c)), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    print(f"\n## {title}")
+    print("| " + " | ".join(str(c).ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)) + " |")
+    sys.stdout.flush()
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def bench_matmul(dtype: torch.dtype) -> float:
+    a = torch.randn(2048, 2048).to(dtype)
+    b = torch.randn(2048, 2048).to(dtype)
+    for _ in range(3):
+        a @ b
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 2.0:
+        a @ b
+        n += 1
+    return 2 * 2048 ** 3 * n / (time.perf_counter() - t) / 1e9
+
+
+def bench_vision(model: Model, crops: int) -> dict:
+    runtime = model.runtime
+    size = runtime.cfg.vision.image_size
+    pixels = torch.randn(crops, 3, size, size)
+    runtime.model.encode_images(pixels[:1])  # warm up
+    t = time.perf_counter()
+    runtime.model.encode_images(pixels)
+    el = time.perf_counter() - t
+    flops = vision_flops_per_crop(hidden=runtime.cfg.llm.hidden_size) * crops
+    return {"crops_per_s": crops / el, "gflops": flops / el / 1e9, "s_per_crop": el / crops}
+
+
+def bench_ttft(model: Model, n: int) -> dict:
+    model.runtime.visual_cache.clear()
+    model.runtime._prefixes.clear()
+    peak_reset()
+    base = rss_bytes("VmRSS")
+    t = time.perf_counter()
+    g = model.generate(video_messages(n, seed=n), max_new_tokens=1)
+    return {"ttft_s": time.perf_counter() - t, "prompt_tokens": g.prompt_tokens,
+            "peak_mem_gb": (rss_bytes() - base) / 1e9}
+
+
+@torch.inference_mode()
+def bench_concat(model: Model, n: int, embeds_per_frame: int = 729) -> dict:
+    """Baseline: the LLM with every frame's 729 visual tokens in the context (LLaVA-style), prefill only.
+    Vision encoding is identical for both designs and is added from the measured per-crop time."""
+    runtime = model.runtime
+    cfg = runtime.cfg.llm
+    request, ids = model.prepare(video_messages(n))
+    starts = request["media_starts"]
+    dtype = runtime.dtype
+    embeds = torch.randn(n, embeds_per_frame, cfg.hidden_size).to(dtype)
+    text = runtime.model.llm.embed_tokens(torch.tensor(ids))
+    pieces, last = [], 0
+    for j, s in enumerate(starts):
+        pieces += [text[last:s], embeds[j]]
+        last = s
+    pieces.append(text[last:])
+    h = torch.cat(pieces)[None]
+    length = h.shape[1]
+    gc.collect()
+    peak_reset()
+    base = rss_bytes("VmRSS")
+    t = time.perf_counter()
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length, dtype, "cpu")
+    positions = torch.arange(length)[None]
+    inputs = new_attention_inputs(runtime.model.rope, positions, cache, dtype)
+    out = runtime.model.llm(h, inputs)
+    runtime.model.logits(out[:, -1:])
+    return {"prefill_s": time.perf_counter() - t, "context_tokens": length,
+            "peak_mem_gb": (rss_bytes() - base) / 1e9}
+
+
+@torch.inference_mode()
+def bench_decode(model: Model, n: int, tokens: int) -> dict:
+    """Decoding speed with N frames of visual memory (random image embeddings, no vision encoding)."""
+    runtime = model.runtime
+    request, ids = model.prepare(video_messages(n))
+    cfg = runtime.cfg.llm
+    visual = None
+    if n:
+        embeds = torch.randn(n, 729, cfg.hidden_size).to(runtime.dtype)
+        visual = runtime.model.visual_memory(embeds, request["media_starts"])
+    from owlvid.models.owl3 import DecodeState
+
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + tokens + 8,
+                    runtime.dtype, "cpu")
+    state = DecodeState(cache, visual, len(ids))
+    runtime._forward(torch.tensor([ids]), 0, cache, visual)
+    token = 100
+    for _ in range(2):  # warm up
+        runtime.decode(state, token)
+    t = time.perf_counter()
+    for _ in range(tokens):
+        runtime.decode(state, token)
+    el = time.perf_counter() - t
+    return {"tokens_per_s": tokens / el, "visual_tokens": n * 729}
+
+
+def bench_cache(model: Model, n: int, video_path: str | None) -> dict:
+    runtime = model.runtime
+    runtime.visual_cache.clear()
+    runtime._prefixes.clear()
+    source = video_path if video_path else frames(n, seed=99)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": source, "max_frames": n},
+                                         {"type": "text", "text": "What happens in this video?"}]}]
+    t = time.perf_counter()
+    first = model.generate(msgs, max_new_tokens=1)
+    t1 = time.perf_counter() - t
+    msgs2 = [{"role": "user", "content": [{"type": "video", "video": source, "max_frames": n},
+                                          {"type": "text", "text": "Is there a person? Answer yes or no."}]}]
+    t = time.perf_counter()
+    model.generate(msgs2, max_new_tokens=1)
+    t2 = time.perf_counter() - t
+    return {"frames": first.prompt_tokens and n, "first_s": t1, "second_s": t2, "ratio": t2 / t1,
+            "source": "mp4 file" if video_path else "frame list"}
+
+
+def bench_batch(model: Model, sizes: list[int], tokens: int) -> list[dict]:
+    runtime = model.runtime
+    convs = [[{"role": "user", "content": [{"type": "image", "image": frames(1, seed=200 + i)[0]},
+                                           {"type": "text", "text": f"Question number {i}: describe it."}]}]
+             for i in range(max(sizes))]
+    runtime.stop_token_ids = []  # random weights: generate exactly `tokens` tokens per request
+    for c in convs:  # warm the visual cache: this section measures the LLM, not vision
+        model.generate(c, max_new_tokens=1, cut_enable=False)
+    rows = []
+    for b in sizes:
+        runtime._prefixes.clear()
+        runtime.prefix_slots = 0
+        t = time.perf_counter()
+        for c in convs[:b]:
+            model.generate(c, max_new_tokens=tokens, cut_enable=False)
+        seq = b * tokens / (time.perf_counter() - t)
+        t = time.perf_counter()
+        results = model.generate_batch(convs[:b], max_new_tokens=tokens, cut_enable=False)
+        bat = sum(r.completion_tokens for r in results) / (time.perf_counter() - t)
+        rows.append({"requests": b, "sequential_tok_s": seq, "batched_tok_s": bat, "speedup": bat / seq})
+    runtime.prefix_slots = 1
+    return rows
+
+
+def synthetic_video(path: Path, seconds: int, fps: int = 25) -> str | None:
+    try:
+        import av
+    except ImportError:
+        return None
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, (360, 640, 3), dtype=np.uint8)
+        for i in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 5 * i, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="1b")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--vision-crops", type=int, default=4)
+    ap.add_argument("--ttft-frames", default="1,8,32")
+    ap.add_argument("--concat-frames", default="8,32")
+    ap.add_argument("--decode-frames", default="0,8,32,128")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--cache-frames", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="1,2,4,8")
+    ap.add_argument("--batch-tokens", type=int, default=32)
+    ap.add_argument("--sections", default="vision,ttft,decode,cache,batch")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    sections = set(args.sections.split(","))
+    torch.manual_seed(0)
+    report = {"machine": {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "fast_bf16": owlvid.checkpoint.cpu_has_fast_bf16(), "torch": torch.__version__}}
+    rates = {dt: bench_matmul(getattr(torch, dt)) for dt in args.dtypes.split(",")}
+    report["machine"]["gemm_gflops"] = rates
+    table("machine", [{"dtype": dt, "gemm_2048_gflops": r} for dt, r in rates.items()]
+          + [{"dtype": "cores/threads", "gemm_2048_gflops": f"{os.cpu_count()}/{torch.get_num_threads()}"}])
+    tok_dir = Path(tempfile.mkdtemp())
+    write_tiny_tokenizer(tok_dir)
+    video_dir = Path(tempfile.mkdtemp())
+    for shape in args.models.split(","):
+        for dt in args.dtypes.split(","):
+            dtype = getattr(torch, dt)
+            label = f"{shape}-241014 {dt}"
+            model = build_model(shape, dtype, tok_dir)
+            res = report.setdefault(label, {})
+            if "vision" in sections:
+                v = bench_vision(model, args.vision_crops)
+                v["pct_of_gemm"] = 100 * v["gflops"] / rates[dt]
+                res["vision"] = v
+                table(f"vision encoder, {label}", [v])
+            if "ttft" in sections:
+                rows = []
+                per_crop = res.get("vision", {}).get("s_per_crop")
+                for n in ints(args.ttft_frames):
+                    row = {"frames": n, **bench_ttft(model, n)}
+                    if n in ints(args.concat_frames):
+                        c = bench_concat(model, n)
+                        row["concat_llm_prefill_s"] = c["prefill_s"]
+                        row["concat_context"] = c["context_tokens"]
+                        row["concat_peak_mem_gb"] = c["peak_mem_gb"]
+                        if per_crop:
+                            row["concat_ttft_s"] = c["prefill_s"] + per_crop * n
+                            row["speedup_vs_concat"] = row["concat_ttft_s"] / row["ttft_s"]
+                    rows.append(row)
+                res["ttft"] = rows
+                table(f"time to first token, {label}", rows)
+            if "decode" in sections:
+                rows = [{"frames": n, **bench_decode(model, n, args.decode_tokens)} for n in ints(args.decode_frames)]
+                base = rows[0]["tokens_per_s"]
+                for r in rows:
+                    r["vs_text_only"] = r["tokens_per_s"] / base
+                res["decode"] = rows
+                table(f"decoding, {label}", rows)
+            if "cache" in sections:
+                path = synthetic_video(video_dir / "clip.mp4", seconds=max(2, args.cache_frames // 4))
+                if importlib.util.find_spec("owlvid.media") is None:
+                    path = None
+                c = bench_cache(model, args.cache_frames, path)
+                res["cache"] = c
+                table(f"second question on the same video, {label}", [c])
+            if "batch" in sections:
+                rows = bench_batch(model, ints(args.batch_sizes), args.batch_tokens)
+                res["batch"] = rows
+                table(f"concurrent requests, {label}", rows)
+            del model
+            gc.collect()
+    out = Path(args.json or Path(__file__).parent / "results" / f"perf-{socket.gethostname()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
