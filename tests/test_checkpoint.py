@@ -107,15 +107,16 @@ def test_peak_memory_while_loading_is_bounded(tmp_path, tiny_owl3_dirs):
     for bf16, 1.09x for float32 from a bf16 file). A tiny load first warms up the libraries."""
     folder = make_tiny_owl3(tmp_path / "mid", "241101", hidden=768, layers=6, hyper_layers=(3,))
     code = (
-        "import resource, torch, owlvid\n"
-        "def rss():\n"
-        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "import owlvid\n"
+        "def status(field):\n"
+        "    line = next(x for x in open('/proc/self/status') if x.startswith(field))\n"
+        "    return int(line.split()[1]) * 1024\n"
         f"owlvid.load({str(tiny_owl3_dirs['241101'])!r}, dtype='{{dtype}}', device='cpu')\n"
-        "base = rss()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
+        "base = status('VmRSS')\n"
         f"m = owlvid.load({str(folder)!r}, dtype='{{dtype}}', device='cpu')\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "size = sum(p.numel() * p.element_size() for p in m.runtime.model.parameters())\n"
-        "print(max(peak, rss()) - base, size)\n"
+        "print(status('VmHWM') - base, size)\n"
     )
     for dtype in ("bfloat16", "float32"):
         out = _run(code.format(dtype=dtype), {})

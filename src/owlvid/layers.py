@@ -77,6 +77,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     groups = h // k.shape[1]
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    if is_causal and mask is None and t == k.shape[2]:
+        # Plain causal prefill: let the kernel handle heads and causality (no [T, T] mask in memory).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if is_causal and mask is None and t > 1:
         mask = causal_mask(t, k.shape[2], q.device)
     qg = q.reshape(b, k.shape[1], groups * t, d)
