@@ -47,7 +47,8 @@ def test_unused_tensors_are_optional_and_skipped(tiny_owl3_dirs, tmp_path):
     dst = copy_checkpoint(tiny_owl3_dirs["240728"], tmp_path / "nohead")
     tensors = load_file(str(dst / "model.safetensors"))
     kept = {k: v for k, v in tensors.items()
-            if not k.startswith(("vision_model.head.", "vision_model.post_layernorm.", "vision_model.encoder.layers.2."))}
+            if not k.startswith(("vision_model.head.", "vision_model.post_layernorm.",
+                                 "vision_model.encoder.layers.2."))}
     assert len(kept) < len(tensors)
     save_file(kept, str(dst / "model.safetensors"))
     model = owlvid.load(dst, dtype="float32", device="cpu")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .cache import FrameList, VisualCache, content_key, file_identity
+from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
 from .errors import CheckpointError, InputError
 from .tokenizer import QwenTokenizer

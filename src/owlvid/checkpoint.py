@@ -145,7 +145,10 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
         header, data_start = _read_header(file)
         with open(file, "rb") as f:
             for key, info in header.items():
-                yield key, (lambda f=f, info=info, key=key, file=file: _read_tensor(f, info, data_start, key, file))
+                def read(f=f, info=info, key=key, file=file, start=data_start) -> torch.Tensor:
+                    return _read_tensor(f, info, start, key, file)
+
+                yield key, read
 
 
 def _read_tensor(f, info: dict, data_start: int, key: str, file: Path) -> torch.Tensor:

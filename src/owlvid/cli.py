@@ -27,7 +27,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
                     ".jfif", ".heic", ".avif"}
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpg", ".mpeg", ".3gp",
                     ".ts", ".mts", ".ogv", ".gifv"}
-VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")  # matroska/webm, mpeg-ps
 
 
 class UsageError(Exception):
@@ -56,24 +55,16 @@ def media_kind(source: str) -> str:
         return "image"
     if suffix in VIDEO_EXTENSIONS:
         return "video"
-    try:
-        from . import media
-
-        sniff = getattr(media, "media_kind", None) or getattr(media, "guess_kind", None)
-        if sniff is not None:
-            kind = sniff(source)
-            if kind in ("image", "video"):
-                return kind
-    except ImportError:
-        pass
     if not _is_url(source):
         try:
-            with open(source, "rb") as f:
-                head = f.read(16)
+            with open(Path(source).expanduser(), "rb") as f:
+                head = f.read(64)
         except OSError:
             head = b""
-        if (head[4:8] == b"ftyp" or head[:4] in VIDEO_MAGIC or head[:3] == b"FLV"
-                or (head[:4] == b"RIFF" and head[8:11] == b"AVI")):
+        from .media import sniff_kind
+
+        kind = sniff_kind(head) or ""
+        if kind.endswith("video"):
             return "video"
     return "image"
 
@@ -465,14 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow file:// URLs and plain paths under DIR (default: no local files)")
     p.add_argument("--max-request-bytes", type=_positive_int, default=100 * 2**20,
                    help="largest request body (default: 100 MiB)")
-    p.add_argument("--max-media-bytes", type=_positive_int, default=64 * 2**20,
-                   help="largest image or video file (default: 64 MiB)")
+    p.add_argument("--max-media-bytes", type=_positive_int, default=256 * 2**20,
+                   help="largest image or video file (default: 256 MiB)")
     p.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000,
                    help="largest image in pixels (default: 40,000,000)")
     p.add_argument("--max-media-per-request", type=_positive_int, default=32,
                    help="images + videos per request (default: 32)")
-    p.add_argument("--download-timeout", type=_positive_float, default=30.0,
-                   help="seconds to fetch one http(s) media URL (default: 30)")
+    p.add_argument("--download-timeout", type=_positive_float, default=60.0,
+                   help="seconds to fetch one http(s) media URL (default: 60)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=64,
                    help="requests waiting for the engine before answering 503 (default: 64)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,

@@ -32,7 +32,8 @@ class RotaryTable:
     (a full 32768-position table would cost memory most requests never touch)."""
 
     def __init__(self, head_dim: int, base: float, max_positions: int, device: torch.device | str = "cpu"):
-        self.inv_freq = (1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).to(device)
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.inv_freq = (1.0 / (base**exponents)).to(device)
         self.max_positions = max_positions
         self._cos = self._sin = torch.empty(0, head_dim, device=device)
 

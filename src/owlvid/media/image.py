@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "load_image", "to_rgb", "array
 # Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS): a 13k x 13k image, far beyond any model input.
 DEFAULT_MAX_PIXELS = 178_956_970
 # Formats we let Pillow open. Pillow knows ~40 formats; the rarely used ones are attack surface only.
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phone photos)
 _WHITE = (255, 255, 255)
 
 

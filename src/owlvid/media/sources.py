@@ -39,6 +39,7 @@ __all__ = [
     "describe_source",
     "is_bytes_source",
     "open_media",
+    "open_source",
     "sniff_kind",
 ]
 
@@ -232,11 +233,16 @@ def open_media(source: Any, *, max_bytes: int | None, timeout: float | None) -> 
     paths itself). ``timeout`` is the deadline in seconds for a whole download.
     Raises :class:`MediaError` (or a subclass) with a one-line message naming the source.
     """
-    opened = _open(source, max_bytes=max_bytes, timeout=timeout)
+    opened = open_source(source, max_bytes=max_bytes, timeout=timeout)
     try:
         yield opened
     finally:
         opened.close()
+
+
+def open_source(source: Any, *, max_bytes: int | None, timeout: float | None) -> OpenedMedia:
+    """Like :func:`open_media` without the context manager: the caller must call ``close()``."""
+    return _open(source, max_bytes=max_bytes, timeout=timeout)
 
 
 def _check_limit(desc: str, size: int, max_bytes: int | None) -> None:
@@ -398,7 +404,9 @@ def _open_url(url: str, desc: str, *, max_bytes: int | None, timeout: float | No
 
         def read(n: int) -> bytes:
             try:
-                return resp.read(n)
+                # read1: whatever arrives (one recv), so the deadline is checked while data trickles in;
+                # read(n) would loop until n bytes and could run far past the deadline.
+                return resp.read1(n)
             except (TimeoutError, socket.timeout):
                 raise MediaTimeoutError(f"{desc}: download stalled for more than timeout={timeout} s") from None
             except (OSError, http.client.HTTPException) as e:

@@ -29,7 +29,7 @@ from .sources import (
     OpenedMedia,
     describe_source,
     is_bytes_source,
-    open_media,
+    open_source,
     sniff_kind,
 )
 
@@ -276,9 +276,13 @@ class _PyAVReader:
         try:
             return av.open(target, mode="r", container_options=options, metadata_errors="ignore")
         except av.FFmpegError as e:
-            what = f"looks like {self._kind}" if self._kind else "unrecognised or corrupt data"
-            raise MediaError(f"{self.description}: cannot open as a video ({what}; "
-                             f"{_ffmpeg_reason(e)})") from None
+            if isinstance(e, av.EOFError):
+                what = "no video data (empty or truncated file)"
+            elif self._kind:
+                what = f"corrupt, truncated or unsupported {self._kind}"
+            else:
+                what = "unrecognised format or corrupt data"
+            raise MediaError(f"{self.description}: cannot open as a video: {what} ({_ffmpeg_reason(e)})") from None
 
     def _pick_stream(self):
         import av
@@ -327,17 +331,51 @@ class _PyAVReader:
             self._reopen()
         if self.total_frames < 1:
             raise MediaError(f"{self.description}: the video stream has no frames")
-        if not self._rate or not math.isfinite(self._rate) or self._rate <= 0:
-            self._rate = 25.0 if self.duration <= 0 else self.total_frames / self.duration
-        self.avg_fps = float(self._rate)
-        if self.duration <= 0:
-            self.duration = self.total_frames / self.avg_fps
+        self._fix_duration_and_rate()
         # The old "rotate" tag (clockwise degrees) for files whose frames carry no display matrix.
         tag = s.metadata.get("rotate") if s.metadata else None
         try:
             self._tag_rotation = -int(float(tag)) if tag else 0
         except ValueError:
             self._tag_rotation = 0
+
+    def _fix_duration_and_rate(self) -> None:
+        n, s = self.total_frames, self._stream
+        # The container's duration includes the last frame's display time; the frame table cannot.
+        declared = self._declared_duration()
+        if self._model == "table" and declared is not None:
+            data_end = self.duration
+            if declared - data_end > max(0.5, 0.05 * declared):
+                # Matroska & co. write the duration in the header: video data ending far earlier means
+                # the file was cut (an interrupted download or copy).
+                _warn_or_raise(self._skip, f"{self.description}: truncated file: the video data ends at "
+                                           f"{data_end:.2f} s but the file declares {declared:.2f} s")
+            elif self._times[-1] < declared:
+                self.duration = declared
+        rate = self._rate
+        if self.duration > 0 and (not rate or abs(rate * self.duration - n) > max(1.0, 0.1 * n)):
+            # No rate, or one that contradicts count and duration (e.g. Matroska's 25 fps default on a
+            # variable-frame-rate file): frames per second of the actual file.
+            rate = n / self.duration
+        if not rate or not math.isfinite(rate) or rate <= 0:
+            rate = 25.0
+        self.avg_fps = float(rate)
+        if self.duration <= 0:
+            self.duration = n / self.avg_fps
+
+    def _declared_duration(self) -> float | None:
+        """The video stream's duration as written in the file's header, if it says so."""
+        s = self._stream
+        if s.duration is not None and s.duration > 0:
+            return float(s.duration * self._tb)
+        tag = (s.metadata or {}).get("DURATION") or (s.metadata or {}).get("duration")
+        if tag:
+            m = re.match(r"^(\d+):(\d+):(\d+(?:\.\d+)?)$", tag.strip())
+            if m:
+                return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+        if self._container.duration and len(self._container.streams) == 1:
+            return self._container.duration / 1_000_000 - float((s.start_time or 0) * self._tb)
+        return None
 
     def _model_from_index(self) -> None:
         s = self._stream
@@ -644,6 +682,11 @@ def _fmt_list(xs: list[int], limit: int = 8) -> str:
     return shown + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
 
 
+def _format_label(container) -> str:
+    fmt = container.format
+    return fmt.long_name or fmt.name.split(",")[0]
+
+
 def _ffmpeg_reason(e: Exception) -> str:
     msg = getattr(e, "strerror", None) or str(e)
     return " ".join(str(msg).split())[:200]
@@ -703,7 +746,7 @@ def _open_reader(source: Any, *, backend: str, size_fn, skip_bad: bool, strategy
     if source_fps is not None:
         raise MediaError(f"{desc}: source_fps only applies to frame lists and directories; a video file "
                          "has its own timestamps")
-    opened = open_media(source, max_bytes=max_bytes, timeout=timeout).__enter__()
+    opened = open_source(source, max_bytes=max_bytes, timeout=timeout)
     try:
         if backend == "torchcodec":
             from .torchcodec_backend import TorchCodecReader

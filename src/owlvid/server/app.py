@@ -13,21 +13,17 @@ worker, before the request joins the queue, under the configured byte, pixel, fr
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import json
 import logging
-import mimetypes
-import os
-import tempfile
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes, urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from fastapi import FastAPI, Request
@@ -38,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Generation, TokenEvent
 from ..errors import MediaError, OwlvidError
+from ..media import MediaTooLargeError
 from . import schemas
 from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
 
@@ -54,8 +51,8 @@ class ServerConfig:
     api_key: str | None = None
     allowed_local_media_path: str | None = None
     max_request_bytes: int = 100 * MiB
-    max_media_bytes: int = 64 * MiB
-    download_timeout: float = 30.0
+    max_media_bytes: int = 256 * MiB
+    download_timeout: float = 60.0
     max_frames: int = 128
     max_image_pixels: int = 40_000_000
     max_media_per_request: int = 32
@@ -85,16 +82,16 @@ class APIError(Exception):
                             status_code=self.status, headers=self.headers)
 
 
-class MediaTooLarge(MediaError):
-    """A media item over --max-media-bytes or --max-image-pixels (HTTP 413)."""
-
-
 def to_api_error(e: BaseException) -> APIError:
     """Map an exception from request preparation or generation to the HTTP answer."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, MediaTooLarge):
-        return APIError(413, str(e), code="media_too_large")
+    if isinstance(e, MediaTooLargeError):  # bytes or pixels over the limits
+        message = str(e)
+        for key, flag in (("max_pixels", "--max-image-pixels"), ("max_bytes", "--max-media-bytes")):
+            if key in message and flag not in message:
+                message += f" ({flag})"
+        return APIError(413, message, code="media_too_large")
     if isinstance(e, QueueFullError):
         return APIError(503, str(e), "server_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, JobTimeout):
@@ -186,89 +183,28 @@ _VIDEO_KEYS = {"num_frames", "fps", "max_frames", "sampling", "start", "end"}
 _PROCESSOR_KEYS = _VIDEO_KEYS | {"cut_enable"}
 
 
-class MediaFetcher:
-    """Turns an `image_url` / `video_url` into a local file under the server's limits."""
+class MediaSources:
+    """Checks an `image_url` / `video_url` against the server's policy and returns what to hand to
+    `owlvid.media`: the URL itself for `data:` and http(s) (media enforces the byte limit and the
+    download deadline), or the resolved path of a local file under the allowed root."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         root = config.allowed_local_media_path
         self.root = Path(root).expanduser().resolve() if root else None
 
-    @contextlib.contextmanager
-    def local_file(self, url: str, kind: str, param: str):
-        """Yield a local path holding the media; temporary copies are deleted afterwards."""
+    def resolve(self, url: str, kind: str, param: str) -> str:
         url = url.strip()
-        scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
-        if scheme == "data":
-            data, suffix = self._decode_data_url(url, kind, param)
-            with _temp_file(data, suffix) as path:
-                yield path
-        elif scheme in ("http", "https"):
-            data, suffix = self._download(url, kind)
-            with _temp_file(data, suffix) as path:
-                yield path
-        elif scheme in ("file", ""):
-            yield self._local_path(url, scheme, param)
-        else:
-            raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local "
-                           "path", param=param, code="invalid_media")
-
-    def _too_large(self, kind: str, size: int | str) -> MediaTooLarge:
-        return MediaTooLarge(f"the {kind} is {size} bytes, over the limit of {self.config.max_media_bytes} "
-                             "bytes (--max-media-bytes)")
-
-    def _decode_data_url(self, url: str, kind: str, param: str) -> tuple[bytes, str]:
-        header, sep, payload = url[5:].partition(",")
-        if not sep:
-            raise APIError(400, f"malformed data URL for the {kind}: no ',' separator", param=param,
-                           code="invalid_media")
-        mime, *params = header.split(";")
-        is_b64 = "base64" in (p.strip().lower() for p in params)
-        limit = self.config.max_media_bytes
-        if is_b64:
-            if len(payload) * 3 // 4 > limit + 3:
-                raise self._too_large(kind, f"about {len(payload) * 3 // 4}")
-            try:
-                data = base64.b64decode(payload.strip(), validate=False)
-            except (binascii.Error, ValueError) as e:
-                raise APIError(400, f"the {kind} data URL is not valid base64: {e}", param=param,
-                               code="invalid_media") from None
-        else:
-            data = unquote_to_bytes(payload)
-        if len(data) > limit:
-            raise self._too_large(kind, len(data))
-        if not data:
-            raise APIError(400, f"the {kind} data URL is empty", param=param, code="invalid_media")
-        return data, _suffix_for(mime.strip().lower(), "")
-
-    def _download(self, url: str, kind: str) -> tuple[bytes, str]:
-        import httpx
-
-        cfg = self.config
-        deadline = time.monotonic() + cfg.download_timeout
-        try:
-            with httpx.Client(timeout=cfg.download_timeout, follow_redirects=True) as client:
-                with client.stream("GET", url) as resp:
-                    if resp.status_code >= 400:
-                        raise MediaError(f"cannot fetch the {kind} {url}: HTTP {resp.status_code}")
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > cfg.max_media_bytes:
-                        raise self._too_large(kind, declared)
-                    buf = bytearray()
-                    for part in resp.iter_bytes():
-                        buf += part
-                        if len(buf) > cfg.max_media_bytes:
-                            raise self._too_large(kind, f"over {len(buf)}")
-                        if time.monotonic() > deadline:
-                            raise MediaError(f"downloading the {kind} {url} took longer than "
-                                             f"{cfg.download_timeout:g} s (--download-timeout)")
-                    mime = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-        except httpx.TimeoutException:
-            raise MediaError(f"downloading the {kind} {url} took longer than {cfg.download_timeout:g} s "
-                             "(--download-timeout)") from None
-        except httpx.HTTPError as e:
-            raise MediaError(f"cannot fetch the {kind} {url}: {e}") from None
-        return bytes(buf), _suffix_for(mime, Path(urlparse(url).path).suffix)
+        match = _SCHEME_RE.match(url)
+        scheme = match.group(1).lower() if match else ""
+        if len(scheme) == 1:  # a Windows drive letter, not a scheme
+            scheme = ""
+        if scheme in ("data", "http", "https"):
+            return url
+        if scheme in ("file", ""):
+            return self._local_path(url, scheme, param)
+        raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local path",
+                       param=param, code="invalid_media")
 
     def _local_path(self, url: str, scheme: str, param: str) -> str:
         if self.root is None:
@@ -286,7 +222,7 @@ class MediaFetcher:
         path = Path(raw).expanduser()
         if not path.is_absolute():
             path = self.root / path
-        real = path.resolve()
+        real = path.resolve()  # symlinks and '..' resolved before the check
         if real != self.root and self.root not in real.parents:
             raise APIError(400, f"{raw} is outside the allowed local media path {self.root} "
                            "(--allowed-local-media-path)", param=param, code="local_media_forbidden")
@@ -294,29 +230,13 @@ class MediaFetcher:
             raise APIError(400, f"media file not found: {raw}", param=param, code="invalid_media")
         size = real.stat().st_size
         if size > self.config.max_media_bytes:
-            raise self._too_large("file", size)
+            limit = self.config.max_media_bytes
+            raise MediaTooLargeError(f"{raw}: {size} bytes is more than the limit of {limit} bytes "
+                                     "(--max-media-bytes)")
         return str(real)
 
 
-def _suffix_for(mime: str, fallback: str) -> str:
-    special = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
-               "video/x-matroska": ".mkv", "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
-               "image/gif": ".gif"}
-    if mime in special:
-        return special[mime]
-    return (mimetypes.guess_extension(mime) if mime else None) or fallback or ".bin"
-
-
-@contextlib.contextmanager
-def _temp_file(data: bytes, suffix: str):
-    fd, name = tempfile.mkstemp(prefix="owlvid-media-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        yield name
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
 # -- request conversion --------------------------------------------------------------------------------
@@ -356,7 +276,7 @@ class RequestBuilder:
     def __init__(self, model: Any, config: ServerConfig) -> None:
         self.model = model
         self.config = config
-        self.fetcher = MediaFetcher(config)
+        self.sources = MediaSources(config)
 
     def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict, dict]:
         """(generation kwargs, video options, processor kwargs) of a request; cheap, runs first."""
@@ -427,35 +347,28 @@ class RequestBuilder:
         return out
 
     def _image(self, url: str, param: str):
-        from PIL import Image
+        from ..media import load_image
 
-        limit = self.config.max_image_pixels
-        with self.fetcher.local_file(url, "image", param) as path:
-            try:
-                with Image.open(path) as probe:
-                    width, height = probe.size
-            except Image.DecompressionBombError:
-                raise MediaTooLarge(f"the image has too many pixels (limit {limit}, --max-image-pixels)"
-                                    ) from None
-            except (OSError, ValueError, SyntaxError) as e:
-                raise MediaError(f"cannot read the image: {e}") from None
-            if width * height > limit:
-                raise MediaTooLarge(f"the image is {width}x{height} = {width * height} pixels, over the "
-                                    f"limit of {limit} (--max-image-pixels)")
-            from ..media import load_image
-
-            return load_image(path, max_pixels=limit, max_bytes=self.config.max_media_bytes,
-                              timeout=self.config.download_timeout)
+        cfg = self.config
+        source = self.sources.resolve(url, "image", param)
+        return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
+                          timeout=cfg.download_timeout)
 
     def _video(self, url: str, options: dict, param: str) -> list:
         from ..api import load_video_frames
 
-        cap = self.config.max_frames
+        cfg = self.config
+        cap = cfg.max_frames
         opts = dict(options)
-        opts.setdefault("max_frames", cap)
-        opts.update(max_bytes=self.config.max_media_bytes, timeout=self.config.download_timeout)
-        with self.fetcher.local_file(url, "video", param) as path:
-            frames = load_video_frames(path, self.model.runtime, opts)
+        default = getattr(self.model.runtime, "default_video_sampling", "owl3")
+        if "num_frames" in opts and "sampling" not in opts and default == "owl3":
+            opts["sampling"] = "owl3-eval"  # vLLM's num_frames: N frames spread evenly (the official eval)
+        if opts.get("sampling") in ("fps", "all"):
+            opts.setdefault("max_frames", cap)
+        opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
+                    max_pixels=cfg.max_image_pixels)
+        source = self.sources.resolve(url, "video", param)
+        frames = load_video_frames(source, self.model.runtime, opts)
         if len(frames) > cap:  # a sampling preset may ask for more: keep `cap` evenly spread frames
             frames = [frames[int(i * len(frames) / cap)] for i in range(cap)]
         return frames
@@ -579,18 +492,24 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
     return app
 
 
-async def _next_event(job: Job, request: Request, deadline: float) -> Any:
-    """The job's next event; None when the client disconnected; JobTimeout past the deadline."""
+async def _next_event(job: Job, request: Request, deadline: float, poll: float = 0.5) -> Any:
+    """The job's next event; None when the client disconnected; JobTimeout past the deadline.
+
+    The client's connection is checked at least every `poll` seconds, also while events flow."""
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        if now - job.client_checked_at >= poll:
+            job.client_checked_at = now
+            if await request.is_disconnected():
+                return None
+        remaining = deadline - now
         if remaining <= 0:
             job.cancel()
             return JobTimeout("the request timed out (--request-timeout)")
         try:
-            return await job.next_event(timeout=min(remaining, 0.5))
+            return await job.next_event(timeout=min(remaining, poll))
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+            continue
 
 
 async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include_usage: bool,

@@ -58,6 +58,7 @@ class Job:
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.done = False
+        self.client_checked_at = time.monotonic()  # consumer bookkeeping: last check that the client is there
 
     # -- consumer side (event loop) ----------------------------------------------------------------
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ...cache import CachedVideo, VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
-from ...cache import CachedVideo, VisualCache, content_key
 from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
 from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
