@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from ...errors import InputError
 from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
 from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
-from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor
+from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor, frames_to_pixels
 
 __all__ = ["Owl3Runtime", "Owl3", "Owl3Config", "Owl3Processor", "Owl3Inputs", "IMAGE", "VIDEO"]
 
@@ -109,9 +110,13 @@ class Owl3Runtime:
             key = content_key(self.model_key, item["key"])
             embeds = self.visual_cache.get(key) if self.visual_cache is not None else None
             if embeds is None:
-                if item["pixels"] is None:
+                if item.get("stream") is not None:  # decode the next chunk while this one is encoded
+                    chunks = item["stream"].pixel_chunks(partial(frames_to_pixels, size=self.cfg.vision.image_size))
+                    embeds = torch.cat([self.model.encode_images(chunk) for chunk in chunks])
+                elif item["pixels"] is None:
                     raise InputError("a cached video was evicted from the visual cache; send it again")
-                embeds = self.model.encode_images(item["pixels"])
+                else:
+                    embeds = self.model.encode_images(item["pixels"])
                 self.stats["encoded_crops"] += embeds.shape[0]
                 if self.visual_cache is not None:
                     self.visual_cache.put(key, embeds)

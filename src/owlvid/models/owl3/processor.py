@@ -21,6 +21,7 @@ from PIL import Image
 
 from ...cache import CachedVideo, FrameList, content_key
 from ...errors import InputError
+from ...pipeline import StreamedVideo
 from ...tokenizer import QwenTokenizer
 
 IMAGE = "<|image|>"
@@ -68,6 +69,11 @@ def as_rgb(image) -> Image.Image:
     return load_image(image)
 
 
+def frames_to_pixels(frames: list, size: int) -> torch.Tensor:
+    """Video frames -> [T, 3, size, size] (PIL bicubic to a square, never cut)."""
+    return torch.stack([to_tensor(as_rgb(f).resize((size, size), Image.BICUBIC)) for f in frames])
+
+
 def cut_image(image: Image.Image, size: int) -> tuple[list[torch.Tensor], tuple[int, int]]:
     rows, cols = select_grid(image.width, image.height, size)
     big = to_tensor(image.resize((cols * size, rows * size), Image.BICUBIC))
@@ -105,7 +111,7 @@ class Owl3Processor:
     def __call__(self, messages: list[dict], images: Sequence | None = None,
                  videos: Sequence[Sequence] | None = None, cut_enable: bool = True) -> Owl3Inputs:
         images = list(images or [])
-        videos = [v if isinstance(v, (FrameList, CachedVideo)) else list(v) for v in (videos or [])]
+        videos = [v if isinstance(v, (FrameList, CachedVideo, StreamedVideo)) else list(v) for v in (videos or [])]
         messages = [dict(m) for m in messages]
         expanded, items = self._expand_media(messages, images, videos, cut_enable)
         input_ids, starts = self._tokenize(expanded)
@@ -146,10 +152,14 @@ class Owl3Processor:
                 if isinstance(frames, CachedVideo):
                     add(None, frames.cache_key, frames.num_frames)
                     count = frames.num_frames
+                elif isinstance(frames, StreamedVideo):  # decoded while the model encodes (see prefill)
+                    items.append({"key": frames.cache_key or content_key("stream", id(frames), frames.source),
+                                  "crops": frames.num_frames, "pixels": None, "stream": frames})
+                    count = frames.num_frames
                 else:
                     if not frames:
                         raise InputError("a video has no frames")
-                    pixels = torch.stack([to_tensor(as_rgb(f).resize((size, size), Image.BICUBIC)) for f in frames])
+                    pixels = frames_to_pixels(frames, size)
                     add(pixels, getattr(frames, "cache_key", None), len(frames))
                     count = len(frames)
                 body = IMAGE * count

@@ -1,0 +1,89 @@
+"""Pipelined video ingestion: frames are decoded and preprocessed on a worker thread while the vision
+tower encodes the previous chunk, and only one or two chunks of frames are alive at a time.
+
+PyAV decoding, PIL resizing and torch kernels all release the GIL, so the worker really runs beside
+the encoder.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+_DONE = object()
+
+
+class Prefetcher:
+    """Iterate `source` on a daemon thread, at most `depth` items ahead; errors surface in the consumer."""
+
+    def __init__(self, source: Iterable, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="owlvid-prefetch")
+        self._thread.start()
+
+    def _run(self, source: Iterable) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put((True, _DONE))
+        except BaseException as e:  # handed to the consumer, re-raised there
+            self._queue.put((False, e))
+
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                ok, item = self._queue.get()
+                if not ok:
+                    raise item
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class StreamedVideo:
+    """A video whose frame selection is known (`indices`) but whose frames are decoded only when the
+    model encodes them, chunk by chunk."""
+
+    def __init__(self, source: Any, indices: list[int], options: dict, cache_key: str | None,
+                 chunk_size: int = 16) -> None:
+        self.source = source
+        self.indices = list(indices)
+        self.options = {k: v for k, v in options.items()
+                        if k not in ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")}
+        self.cache_key = cache_key
+        self.chunk_size = chunk_size
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pixel_chunks(self, transform: Callable[[list], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Yield `transform(frames)` for consecutive chunks, decoded and transformed on a worker thread."""
+        from .media import iter_video_chunks
+
+        def produce():
+            for clip in iter_video_chunks(self.source, chunk_size=self.chunk_size, indices=self.indices,
+                                          **self.options):
+                yield transform(clip.frames)
+
+        return iter(Prefetcher(produce(), depth=2))
