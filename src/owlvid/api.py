@@ -182,7 +182,9 @@ def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
     from .media import load_video
 
     opts = dict(options)
-    opts.setdefault("sampling", runtime.default_video_sampling)
+    # `num_frames` alone means N evenly spread frames (vLLM's meaning): the official evaluation sampler.
+    opts.setdefault("sampling", "owl3-eval" if "num_frames" in opts and runtime.default_video_sampling == "owl3"
+                    else runtime.default_video_sampling)
     if hasattr(runtime, "default_video_options"):
         for k, v in runtime.default_video_options().items():
             opts.setdefault(k, v)

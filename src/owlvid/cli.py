@@ -351,6 +351,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
+    if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
+              "can use the model", file=sys.stderr)
     model = _load_model(args)
     serve(model, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

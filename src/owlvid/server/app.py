@@ -278,8 +278,8 @@ class RequestBuilder:
         self.config = config
         self.sources = MediaSources(config)
 
-    def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict, dict]:
-        """(generation kwargs, video options, processor kwargs) of a request; cheap, runs first."""
+    def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict]:
+        """(generation kwargs, video options) of a request; cheap, runs first."""
         cfg = self.config
         _refuse_unsupported(body)
         gen: dict[str, Any] = {
@@ -295,11 +295,13 @@ class RequestBuilder:
         io_kwargs = body.media_io_kwargs or {}
         _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
         _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
-        video = dict(cfg.video_options)
-        video.update(_check_keys(io_kwargs.get("video") or {}, _VIDEO_KEYS, "media_io_kwargs.video"))
+        requested = _check_keys(io_kwargs.get("video") or {}, _VIDEO_KEYS, "media_io_kwargs.video")
         proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
         cut = proc.pop("cut_enable", cfg.cut_enable)
-        video.update(proc)
+        requested.update(proc)
+        # the server's defaults apply where the request says nothing (a frame count replaces a rate)
+        video = {k: v for k, v in cfg.video_options.items() if not (k == "fps" and "num_frames" in requested)}
+        video.update(requested)
         for key in ("num_frames", "max_frames"):
             value = video.get(key)
             if value is None:
@@ -317,7 +319,7 @@ class RequestBuilder:
                 raise APIError(400, "cut_enable must be true or false", param="cut_enable",
                                code="invalid_value")
             gen["cut_enable"] = cut
-        return gen, video, proc
+        return gen, video
 
     def messages(self, body: schemas.ChatCompletionRequest, video_options: dict) -> list[dict]:
         """Convert messages and fetch/decode their media (blocking: run in a thread)."""
@@ -424,7 +426,7 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = sched._thread is not None and sched._thread.is_alive()
+        alive = sched.alive
         return JSONResponse({"status": "ok" if alive else "unavailable", **sched.stats()},
                             status_code=200 if alive else 503)
 
@@ -439,7 +441,7 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
         if body.model and body.model != cfg.served_model_name:
             raise APIError(404, f"The model `{body.model}` does not exist: this server serves "
                            f"`{cfg.served_model_name}`", param="model", code="model_not_found")
-        gen, video, _ = builder.options(body)
+        gen, video = builder.options(body)
         deadline = time.monotonic() + cfg.request_timeout
         try:
             sched.reserve()

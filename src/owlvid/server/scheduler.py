@@ -8,7 +8,7 @@ dropped: it runs, or is skipped only when its client is gone or its deadline has
 Events of a job (`TokenEvent`s, then the final `Generation`, or an exception) are handed to the event
 loop that owns the job with `call_soon_threadsafe`. `Job.cancel()` (client disconnected) stops the
 generation at the next token. A batching scheduler can replace this class as long as it keeps
-`reserve / release / submit / stats / start / stop` and the `Job` contract.
+`reserve / release / submit / stats / alive / start / stop` and the `Job` contract.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Scheduler:
         """Queue a job; without a prior `reserve()` this reserves (and may raise QueueFullError)."""
         if not reserved:
             self.reserve()
-        if self._thread is None or not self._thread.is_alive():
+        if not self.alive:
             self.release()
             raise RuntimeError("the scheduler is not running")
         self._queue.put(job)
@@ -136,8 +136,13 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False before start() and after stop())."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.alive:
             return
         self._thread = threading.Thread(target=self._work, name="owlvid-engine", daemon=True)
         self._thread.start()

@@ -1,0 +1,177 @@
+"""The engine worker in isolation, with a fake model: one forward pass at a time, bounded queue,
+cancellation at the next token, deadlines, errors delivered to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from owlvid.engine import Generation, TokenEvent
+from owlvid.errors import InputError
+from owlvid.server.scheduler import Job, JobCancelled, JobTimeout, QueueFullError, Scheduler
+
+
+class FakeModel:
+    """Yields `n` tokens, `delay` seconds apart; records concurrency."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+        self.tokens_made = 0
+
+    def iter_generate(self, messages, max_new_tokens=5, fail=False, **_):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if fail:
+                raise InputError("bad request")
+            for i in range(max_new_tokens):
+                time.sleep(self.delay)
+                self.tokens_made += 1
+                yield TokenEvent(i, f"{messages}:{i} ")
+            yield Generation(text="".join(f"{messages}:{i} " for i in range(max_new_tokens)),
+                             token_ids=list(range(max_new_tokens)), finish_reason="length", prompt_tokens=3,
+                             completion_tokens=max_new_tokens)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+async def collect(job: Job):
+    events = []
+    while True:
+        event = await job.next_event(timeout=10)
+        events.append(event)
+        if isinstance(event, (Generation, BaseException)):
+            return events
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_jobs_run_one_at_a_time_in_order_and_complete():
+    model = FakeModel(delay=0.002)
+    sched = Scheduler(model, max_queued=16)
+    sched.start()
+
+    async def main():
+        jobs = [sched.submit(Job(f"m{i}", {"max_new_tokens": 4})) for i in range(10)]
+        return await asyncio.gather(*(collect(j) for j in jobs))
+
+    try:
+        results = run(main())
+    finally:
+        sched.stop()
+    assert model.max_active == 1
+    for i, events in enumerate(results):
+        assert [e.text for e in events[:-1]] == [f"m{i}:{k} " for k in range(4)]
+        assert events[-1].text == "".join(f"m{i}:{k} " for k in range(4))
+    assert sched.stats()["completed"] == 10 and sched.stats()["waiting"] == 0
+
+
+def test_queue_bound_and_reservations():
+    model = FakeModel(delay=0.05)
+    sched = Scheduler(model, max_queued=2)
+    sched.start()
+
+    async def main():
+        running = sched.submit(Job("a", {"max_new_tokens": 20}))
+        await running.next_event(timeout=10)  # the worker has taken it: the queue is empty again
+        queued = [sched.submit(Job(x, {"max_new_tokens": 1})) for x in "bc"]
+        with pytest.raises(QueueFullError):
+            sched.submit(Job("d", {"max_new_tokens": 1}))
+        with pytest.raises(QueueFullError):
+            sched.reserve()
+        assert sched.stats()["waiting"] == 2 and sched.stats()["running"] == 1
+        running.cancel()
+        results = [await collect(j) for j in queued]
+        sched.reserve()  # a slot is free again; give it back unused
+        sched.release()
+        return results
+
+    try:
+        results = run(main())
+    finally:
+        sched.stop()
+    assert all(isinstance(r[-1], Generation) for r in results)  # accepted requests are never dropped
+
+
+def test_cancel_stops_at_the_next_token():
+    model = FakeModel(delay=0.01)
+    sched = Scheduler(model)
+    sched.start()
+
+    async def main():
+        job = sched.submit(Job("x", {"max_new_tokens": 1000}))
+        await job.next_event(timeout=10)
+        job.cancel()
+        return await collect(job)
+
+    try:
+        events = run(main())
+        time.sleep(0.05)
+    finally:
+        sched.stop()
+    assert isinstance(events[-1], JobCancelled)
+    assert model.tokens_made < 20 and model.active == 0
+    assert sched.stats()["cancelled"] == 1
+
+
+def test_cancelled_while_queued_never_runs():
+    model = FakeModel(delay=0.02)
+    sched = Scheduler(model)
+    sched.start()
+
+    async def main():
+        first = sched.submit(Job("a", {"max_new_tokens": 5}))
+        second = sched.submit(Job("b", {"max_new_tokens": 5}))
+        second.cancel()
+        return await collect(first), await collect(second)
+
+    try:
+        first, second = run(main())
+    finally:
+        sched.stop()
+    assert isinstance(first[-1], Generation)
+    assert second == [second[0]] and isinstance(second[0], JobCancelled)
+    assert model.tokens_made == 5
+
+
+def test_deadline_and_errors_are_delivered_and_the_worker_survives():
+    model = FakeModel(delay=0.01)
+    sched = Scheduler(model)
+    sched.start()
+
+    async def main():
+        slow = sched.submit(Job("slow", {"max_new_tokens": 1000}, timeout=0.1))
+        bad = sched.submit(Job("bad", {"fail": True}))
+        good = sched.submit(Job("good", {"max_new_tokens": 2}))
+        return await collect(slow), await collect(bad), await collect(good)
+
+    try:
+        slow, bad, good = run(main())
+    finally:
+        sched.stop()
+    assert isinstance(slow[-1], JobTimeout) and len(slow) < 100
+    assert isinstance(bad[-1], InputError)
+    assert isinstance(good[-1], Generation)
+    stats = sched.stats()
+    assert stats["failed"] == 2 and stats["completed"] == 1
+
+
+def test_submit_requires_a_running_worker():
+    sched = Scheduler(FakeModel())
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            sched.submit(Job("x", {}))
+
+    run(main())
+    assert sched.stats()["waiting"] == 0
