@@ -347,7 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, max_media_bytes=args.max_media_bytes,
         download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
         max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
-        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        max_queued_requests=args.max_queued_requests, max_batch=args.max_batch, request_timeout=args.request_timeout,
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images + videos per request (default: 32)")
     p.add_argument("--download-timeout", type=_positive_float, default=60.0,
                    help="seconds to fetch one http(s) media URL (default: 60)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="requests decoded together (continuous batching; 1 = one at a time)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=64,
                    help="requests waiting for the engine before answering 503 (default: 64)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,

@@ -224,6 +224,17 @@ class BatchEngine:
             self.streams.append(stream)
         return stream, events
 
+    def remove(self, stream: RequestStream) -> None:
+        """Drop a request from the batch (its client went away)."""
+        if stream not in self.streams:
+            return
+        keep = [i for i, s in enumerate(self.streams) if s is not stream]
+        self.streams = [self.streams[i] for i in keep]
+        if keep:
+            self.runtime.keep_rows(self.batch, keep)
+        else:
+            self.batch = None
+
     def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
         """Decode one token for every active request; finished requests leave the batch."""
         if not self.streams:

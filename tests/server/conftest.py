@@ -60,7 +60,7 @@ def _servers(server_model_dir, media_root, tmp_path_factory):
                          "--max-queued-requests", "64")
     strict = ServerProcess(server_model_dir, logs, "--api-key", API_KEY, "--max-request-bytes", "300000",
                            "--max-media-bytes", "100000", "--max-image-pixels", "1000000",
-                           "--max-queued-requests", "1", "--max-frames", "16")
+                           "--max-queued-requests", "1", "--max-batch", "1", "--max-frames", "16")
     try:
         main.wait_ready()
         strict.wait_ready()
@@ -77,5 +77,5 @@ def server(_servers) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def strict_server(_servers) -> ServerProcess:
-    """API key required, small body/media/pixel limits, queue of 1, at most 16 frames."""
+    """API key required, small body/media/pixel limits, queue of 1, no batching, at most 16 frames."""
     return _servers["strict"]

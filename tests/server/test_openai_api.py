@@ -376,6 +376,7 @@ def test_eight_concurrent_clients(server, local_model):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(run, range(8)))
     assert answers == [r.text for r in refs]
+    assert server.health()["peak_batch"] >= 2  # they were decoded together (continuous batching)
 
 
 def _wait_for(predicate, timeout=30.0):

@@ -36,7 +36,7 @@ from ..engine import Generation, TokenEvent
 from ..errors import MediaError, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
-from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
+from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
 
 log = logging.getLogger("owlvid.server")
 
@@ -57,6 +57,7 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000
     max_media_per_request: int = 32
     max_queued_requests: int = 64
+    max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
     request_timeout: float = 600.0
     # defaults of a request that does not say
     default_max_tokens: int = 512
@@ -381,6 +382,8 @@ class RequestBuilder:
 
 def create_app(model: Any, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     cfg = config or ServerConfig(served_model_name=getattr(model, "name", "owlvid"))
+    if scheduler is None and hasattr(getattr(model, "runtime", None), "decode_batch"):
+        scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch)
     sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests)
     builder = RequestBuilder(model, cfg)
     started = schemas.now()

@@ -207,3 +207,104 @@ class Scheduler:
             if close is not None:
                 close()
         raise RuntimeError("the generation ended without a result")
+
+
+class BatchingScheduler(Scheduler):
+    """Continuous batching: new requests are prefilled between decoding steps and join the running
+    batch; every step decodes one token for all active requests at once (same tokens as alone).
+
+    Used when the model's runtime supports batched decoding; the admission, cancellation and timeout
+    contract is the one of `Scheduler`.
+    """
+
+    def __init__(self, model: Any, max_queued: int = 64, max_batch: int = 8) -> None:
+        super().__init__(model, max_queued)
+        self.max_batch = max_batch
+        self._active: dict[Any, Job] = {}  # RequestStream -> Job
+        self.peak_batch = 0
+
+    def stats(self) -> dict[str, int]:
+        out = super().stats()
+        out.update(running=len(self._active), max_batch=self.max_batch, peak_batch=self.peak_batch)
+        return out
+
+    def _finish(self, job: Job, outcome: str) -> None:
+        job.done = True
+        with self._lock:
+            if outcome == "completed":
+                self.completed += 1
+            elif outcome == "cancelled":
+                self.cancelled += 1
+            else:
+                self.failed += 1
+
+    def _admit(self, job: Job, engine: Any) -> None:
+        from ..api import _split_kwargs
+
+        with self._lock:
+            self._reserved = max(self._reserved - 1, 0)
+        if job.cancelled:
+            job.emit(JobCancelled("the client went away"))
+            return self._finish(job, "cancelled")
+        if job.expired():
+            job.emit(JobTimeout("the request timed out while waiting in the queue"))
+            return self._finish(job, "failed")
+        try:
+            prep, params = _split_kwargs(dict(job.options))
+            request, prompt_ids = self.model.prepare(job.messages, **prep)
+            stream, events = engine.add(request, prompt_ids, params)
+        except Exception as e:  # bad input of this request only
+            job.emit(e)
+            return self._finish(job, "failed")
+        for event in events:
+            job.emit(event)
+        if stream.done:
+            job.emit(stream.result())
+            return self._finish(job, "completed")
+        self._active[stream] = job
+
+    def _work(self) -> None:
+        from ..engine import BatchEngine
+
+        engine = BatchEngine(self.model.runtime, self.max_batch)
+        stopping = False
+        while True:
+            # Admit waiting requests: block only when nothing is decoding.
+            while len(self._active) < self.max_batch:
+                try:
+                    job = self._queue.get(block=not self._active and not stopping)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    continue
+                self._admit(job, engine)
+            if not self._active:
+                if stopping:
+                    return
+                continue
+            self.peak_batch = max(self.peak_batch, len(self._active))
+            try:
+                results = engine.step()
+            except Exception as e:  # a real bug: fail the batch, keep serving
+                log.exception("batched decoding step failed")
+                for job in list(self._active.values()):
+                    job.emit(e)
+                    self._finish(job, "failed")
+                self._active.clear()
+                engine = BatchEngine(self.model.runtime, self.max_batch)
+                continue
+            for stream, events in results:
+                job = self._active[stream]
+                for event in events:
+                    job.emit(event)
+                if stream.done:
+                    job.emit(stream.result())
+                    del self._active[stream]
+                    self._finish(job, "completed")
+                elif job.cancelled or job.expired():
+                    engine.remove(stream)
+                    del self._active[stream]
+                    job.emit(JobCancelled("the client went away") if job.cancelled
+                             else JobTimeout("the request timed out while generating"))
+                    self._finish(job, "cancelled" if job.cancelled else "failed")
