@@ -198,7 +198,35 @@ def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
             cached = runtime.cached_video(key)
             if cached is not None:
                 return cached
+    streamed = plan_streamed_video(source, opts, key) if hasattr(runtime, "supports_streamed_video") else None
+    if streamed is not None:
+        return streamed
     return FrameList(load_video(source, **opts).frames, key)
+
+
+_SAMPLING_OPTIONS = ("max_frames", "num_frames", "fps", "min_frames")
+
+
+def plan_streamed_video(source: Any, opts: dict, key: str | None) -> Any:
+    """For a local video file with a plain preset, pick the frame indices now (container metadata only)
+    and decode the frames later, chunk by chunk, while the vision tower encodes (see owlvid.pipeline).
+    Returns None where the eager path must be used (URLs, time windows, variable frame rate)."""
+    from .media import probe_video, sample_indices
+    from .pipeline import StreamedVideo
+
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source) or key is None:
+        return None
+    if set(opts) - {"sampling", *_SAMPLING_OPTIONS, "backend", "skip_bad_frames", "max_bytes"}:
+        return None  # start/end windows, explicit indices or timestamps: let load_video decide
+    if not isinstance(opts.get("sampling"), str):
+        return None
+    info = probe_video(source, backend=opts.get("backend", "pyav"))
+    if info["variable_frame_rate"]:
+        return None
+    indices = sample_indices(opts["sampling"], info["total_frames"], info["fps"], duration=info["duration"],
+                             **{k: opts[k] for k in _SAMPLING_OPTIONS if opts.get(k) is not None})
+    passthrough = {k: opts[k] for k in ("backend", "skip_bad_frames", "max_bytes") if k in opts}
+    return StreamedVideo(source, indices, passthrough, key)
 
 
 def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,

@@ -44,6 +44,7 @@ class Owl3Runtime:
     image_placeholder = IMAGE
     video_placeholder = VIDEO
     default_video_sampling = "owl3"
+    supports_streamed_video = True  # video files are decoded chunk by chunk during encoding
 
     def __init__(self, model: Owl3, cfg: Owl3Config, tokenizer: QwenTokenizer, folder: Path,
                  device: torch.device, dtype: torch.dtype, visual_cache: VisualCache | None = None,
