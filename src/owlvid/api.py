@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cache import FrameList, VisualCache, content_key, file_identity
+from .cache import CachedVideo, FrameList, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
 from .errors import CheckpointError, InputError
@@ -177,6 +177,10 @@ def _part_source(part: dict, kind: str) -> Any:
 def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
     """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
     file already encoded with the same settings is not decoded again (the runtime's visual cache)."""
+    from .pipeline import StreamedVideo
+
+    if isinstance(source, (FrameList, CachedVideo, StreamedVideo)):
+        return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
     if isinstance(source, (list, tuple)):
         return list(source)
     from .media import load_video

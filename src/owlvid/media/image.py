@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from typing import Any
 
@@ -212,7 +211,3 @@ def _to_uint8(a: np.ndarray, desc: str) -> np.ndarray:
         return a.astype(np.uint8)
     raise MediaError(f"{desc}: unsupported image array dtype {a.dtype}")
 
-
-def image_from_bytes(data: bytes, desc: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an in-memory encoded image (used for frame lists made of bytes)."""
-    return _decode(io.BytesIO(data), desc, max_pixels, lambda: data[:64])

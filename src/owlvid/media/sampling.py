@@ -201,7 +201,8 @@ class VideoSampling:
             raise MediaError("pass either indices= or timestamps=, not both")
         explicit = self.indices is not None or self.timestamps is not None
         if explicit:
-            opts = [k for k in ("max_frames", "num_frames", "fps", "min_frames") if getattr(self, k) is not None]
+            names = ("max_frames", "num_frames", "fps", "min_frames")
+            opts = [k for k in names if getattr(self, k) is not None]
             if opts:
                 raise MediaError(f"option(s) {', '.join(opts)} do not apply to explicit indices/timestamps")
         elif self.preset not in _ALLOWED:
@@ -280,7 +281,8 @@ class VideoSampling:
         rate; ``duration``: the video duration (default: from the frame times / count and fps).
         More than ``cap`` frames raises :class:`MediaError`.
         """
-        if isinstance(total_frames, bool) or not isinstance(total_frames, (int, np.integer)) or total_frames < 1:
+        if (isinstance(total_frames, bool) or not isinstance(total_frames, (int, np.integer))
+                or total_frames < 1):
             raise MediaError(f"video has no frames (total_frames={total_frames!r})")
         total_frames = int(total_frames)
         if cap is not None:

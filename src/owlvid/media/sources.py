@@ -14,7 +14,6 @@ import http.client
 import io
 import os
 import re
-import socket
 import tempfile
 import time
 import urllib.error
@@ -390,10 +389,10 @@ def _open_url(url: str, desc: str, *, max_bytes: int | None, timeout: float | No
     except urllib.error.HTTPError as e:
         raise MediaFetchError(f"{desc}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+        if isinstance(e.reason, TimeoutError):
             raise MediaTimeoutError(f"{desc}: no answer within timeout={timeout} s") from None
         raise MediaFetchError(f"{desc}: cannot fetch ({e.reason})") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise MediaTimeoutError(f"{desc}: no answer within timeout={timeout} s") from None
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise MediaFetchError(f"{desc}: cannot fetch ({e})") from None
@@ -407,8 +406,9 @@ def _open_url(url: str, desc: str, *, max_bytes: int | None, timeout: float | No
                 # read1: whatever arrives (one recv), so the deadline is checked while data trickles in;
                 # read(n) would loop until n bytes and could run far past the deadline.
                 return resp.read1(n)
-            except (TimeoutError, socket.timeout):
-                raise MediaTimeoutError(f"{desc}: download stalled for more than timeout={timeout} s") from None
+            except TimeoutError:
+                raise MediaTimeoutError(f"{desc}: download stalled for more than timeout={timeout} s") \
+                    from None
             except (OSError, http.client.HTTPException) as e:
                 raise MediaFetchError(f"{desc}: download failed ({e})") from None
 

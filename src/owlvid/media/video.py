@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -60,8 +60,9 @@ FRAME_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ti
 # Decoding a few frames costs about as much as a seek (demuxer seek, decoder flush, thread refill).
 _SEEK_OVERHEAD_FRAMES = 8
 _MAX_RESEEKS = 4
+_NONREF_SKIP_CODECS = ("h264", "hevc")
 
-SizeRule = Union[tuple[int, int], int, Callable[[int, int], tuple[int, int]], None]
+SizeRule = tuple[int, int] | int | Callable[[int, int], tuple[int, int]] | None
 
 
 class MediaWarning(UserWarning):
@@ -175,6 +176,7 @@ class _FrameListReader:
     """A directory of images, a list of frames or a T x H x W x C array, read lazily as a video."""
 
     backend = "frames"
+    variable_frame_rate = False
 
     def __init__(self, items: Sequence[Any], loader: Callable[[Any], Image.Image], fps: float,
                  description: str, size_fn, skip_bad: bool) -> None:
@@ -205,14 +207,16 @@ class _FrameListReader:
 
 
 def _frame_list_reader(source: Any, desc: str, fps: float, size_fn, skip_bad: bool,
-                       max_pixels: int | None, max_bytes: int | None, timeout: float | None) -> _FrameListReader:
+                       max_pixels: int | None, max_bytes: int | None,
+                       timeout: float | None) -> _FrameListReader:
     def load_item(item: Any) -> Image.Image:
         return load_image(item, max_pixels=max_pixels, max_bytes=max_bytes, timeout=timeout)
 
     if isinstance(source, (str, os.PathLike)):
         files = list_frame_files(source)
         if not files:
-            raise MediaError(f"{desc}: directory contains no frame images ({', '.join(FRAME_IMAGE_EXTENSIONS)})")
+            exts = ", ".join(FRAME_IMAGE_EXTENSIONS)
+            raise MediaError(f"{desc}: directory contains no frame images ({exts})")
         return _FrameListReader(files, load_item, fps, f"{desc} ({len(files)} frames)", size_fn, skip_bad)
     if isinstance(source, (list, tuple)):
         if not source:
@@ -264,6 +268,11 @@ class _PyAVReader:
             self.close()
             raise
         self._fresh = True  # container positioned at the start, nothing demuxed yet
+        self._skip_mode: str | None = None
+        self._wanted_pts: set[int] = set()
+        # Skipping non-reference frames is only done where FFmpeg's decoders support it well.
+        codec = self._stream.codec_context.name
+        self._nonref_ok = self._model in ("cfr", "table") and codec in _NONREF_SKIP_CODECS
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -282,7 +291,8 @@ class _PyAVReader:
                 what = f"corrupt, truncated or unsupported {self._kind}"
             else:
                 what = "unrecognised format or corrupt data"
-            raise MediaError(f"{self.description}: cannot open as a video: {what} ({_ffmpeg_reason(e)})") from None
+            reason = _ffmpeg_reason(e)
+            raise MediaError(f"{self.description}: cannot open as a video: {what} ({reason})") from None
 
     def _pick_stream(self):
         import av
@@ -301,8 +311,9 @@ class _PyAVReader:
             if not codec.is_decoder:
                 raise ValueError
         except Exception:  # noqa: BLE001 - any failure here means FFmpeg has no decoder for it
-            raise MediaError(f"{self.description}: unsupported video codec "
-                             f"'{getattr(stream.codec_context, 'name', None) or stream.codec_tag}'") from None
+            ctx = getattr(stream, "codec_context", None)
+            label = getattr(ctx, "name", None) or getattr(ctx, "codec_tag", None) or "unknown"
+            raise MediaError(f"{self.description}: unsupported video codec '{label}'") from None
         stream.thread_type = "AUTO"  # frame + slice threads; decoding is the bottleneck
         return stream
 
@@ -312,6 +323,7 @@ class _PyAVReader:
         self._container = self._open()
         self._stream = self._container.streams[self._stream_index]
         self._stream.thread_type = "AUTO"
+        self._skip_mode = None  # a fresh decoder context
         self._fresh = True
 
     # -- time model -----------------------------------------------------------------------------
@@ -322,6 +334,13 @@ class _PyAVReader:
         self._tb = Fraction(s.time_base) if s.time_base else Fraction(1, 90000)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self._rate = float(rate) if rate else None
+        # The old "rotate" tag (clockwise degrees) for files whose frames carry no display matrix.
+        # Read before any re-open: a closed container's stream objects must not be touched.
+        tag = s.metadata.get("rotate") if s.metadata else None
+        try:
+            self._tag_rotation = -int(float(tag)) if tag else 0
+        except ValueError:
+            self._tag_rotation = 0
         self._model = None
         fmt = self._container.format.name.split(",")
         if "mov" in fmt and (s.frames or 0) > 0:
@@ -332,19 +351,13 @@ class _PyAVReader:
         if self.total_frames < 1:
             raise MediaError(f"{self.description}: the video stream has no frames")
         self._fix_duration_and_rate()
-        # The old "rotate" tag (clockwise degrees) for files whose frames carry no display matrix.
-        tag = s.metadata.get("rotate") if s.metadata else None
-        try:
-            self._tag_rotation = -int(float(tag)) if tag else 0
-        except ValueError:
-            self._tag_rotation = 0
 
     def _fix_duration_and_rate(self) -> None:
-        n, s = self.total_frames, self._stream
+        n = self.total_frames
         # The container's duration includes the last frame's display time; the frame table cannot.
         declared = self._declared_duration()
         if self._model == "table" and declared is not None:
-            data_end = self.duration
+            data_end = self._data_end if self._data_end is not None else self.duration
             if declared - data_end > max(0.5, 0.05 * declared):
                 # Matroska & co. write the duration in the header: video data ending far earlier means
                 # the file was cut (an interrupted download or copy).
@@ -416,7 +429,8 @@ class _PyAVReader:
 
         pts: list[int] = []
         keys: list[int] = []
-        missing_pts = False
+        count = 0
+        data_end = None  # end of the last frame (pts + duration) when packets carry durations
         demux = self._container.demux(self._stream)
         while True:
             try:
@@ -424,32 +438,32 @@ class _PyAVReader:
             except StopIteration:
                 break
             except av.FFmpegError as e:
-                # Corrupt data in the middle: count what could be read, decoding will report the rest.
-                warnings.warn(f"{self.description}: stopped indexing at a demux error ({_ffmpeg_reason(e)})",
-                              MediaWarning, stacklevel=5)
+                # Corrupt data in the middle: what comes after it cannot be counted (nor decoded).
+                _warn_or_raise(self._skip, f"{self.description}: corrupt or truncated video data after "
+                                           f"{count} frames ({_ffmpeg_reason(e)})")
                 break
             if p.size == 0 or p.is_discard:
                 continue  # the flush packet at EOF, empty "dropped frame" packets, edit-list discards
-            if p.pts is None:
-                missing_pts = True
-            else:
+            count += 1
+            if p.pts is not None:
                 pts.append(p.pts)
                 if p.is_keyframe:
                     keys.append(p.pts)
-            if missing_pts:
-                pts.append(0)
-        n = len(pts)
-        self.total_frames = n
+                if p.duration:
+                    end = p.pts + p.duration
+                    data_end = end if data_end is None else max(data_end, end)
+        self.total_frames = count
         self._keyframes = np.zeros(1, dtype=np.int64)
-        if n == 0:
+        if count == 0:
             self.duration = 0.0
             self._model = "count"
             return
         arr = np.unique(np.asarray(pts, dtype=np.int64))
-        if missing_pts or len(arr) != n:
+        if len(pts) != count or len(arr) != count:
             self._model = "count"  # no usable timestamps: sequential decoding, numbered by output order
-            self.duration = n / self._rate if self._rate else 0.0
+            self.duration = count / self._rate if self._rate else 0.0
             return
+        self._data_end = None if data_end is None else float((data_end - arr[0]) * self._tb)
         self._model = "table"
         self._pts = arr
         self._t0 = int(arr[0])
@@ -457,18 +471,35 @@ class _PyAVReader:
         self._keyframes = np.unique(np.searchsorted(arr, np.asarray(keys, dtype=np.int64)))
         if len(self._keyframes) == 0 or self._keyframes[0] != 0:
             self._keyframes = np.concatenate([[0], self._keyframes])
-        span = float(self._times[-1])
+        span, n = float(self._times[-1]), count
         self.duration = span + (span / (n - 1) if n > 1 else (1 / self._rate if self._rate else 0.0))
         if self._rate is None and span > 0:
             self._rate = (n - 1) / span
 
     def frame_times(self) -> np.ndarray | None:
-        """Per-frame presentation times (s from frame 0) for variable frame rate files, else None."""
-        return self._times if self._model == "table" and not self._is_cfr_table() else None
+        """Per-frame presentation times (s from frame 0), or None when frame k is at ``k / avg_fps``."""
+        if self._model == "count":
+            return None
+        if self._model == "cfr":
+            step = float(self._delta * self._tb)
+            times = None
+        else:
+            d = np.diff(self._pts)
+            if len(d) and not (d == d[0]).all():
+                return self._times
+            step, times = (float(d[0] * self._tb) if len(d) else 1 / self.avg_fps), self._times
+        if abs(step * self.avg_fps - 1) < 1e-6:
+            return None
+        # Constant frame rate, but the container's average rate does not say so exactly: keep
+        # avg_fps as reported (official code uses it) and map times with the real spacing.
+        return times if times is not None else np.arange(self.total_frames) * step
 
-    def _is_cfr_table(self) -> bool:
+    @property
+    def variable_frame_rate(self) -> bool:
+        if self._model != "table":
+            return False
         d = np.diff(self._pts)
-        return len(d) == 0 or bool((d == d[0]).all())
+        return bool(len(d) and not (d == d[0]).all())
 
     def _index_of_pts(self, pts: int | None) -> int | None:
         if pts is None or self._model == "count":
@@ -532,11 +563,18 @@ class _PyAVReader:
                 return
             if self._first_dts is None and packet.dts is not None:
                 self._first_dts = packet.dts
+            if self._nonref_ok:
+                # Frames nobody asked for that no other frame references need not be decoded at all
+                # (a third to a half of an H.264/HEVC stream with B-frames). Wanted frames are matched
+                # by packet pts; should one be missed anyway, read() turns this off and decodes again.
+                wanted = packet.pts is None or packet.pts in self._wanted_pts
+                self._set_skip_mode("DEFAULT" if wanted else "NONREF")
             try:
                 frames = packet.decode()
             except av.FFmpegError as e:
                 if isinstance(e, av.error.DecoderNotFoundError):
-                    raise MediaError(f"{self.description}: unsupported video codec ({_ffmpeg_reason(e)})") from None
+                    reason = _ffmpeg_reason(e)
+                    raise MediaError(f"{self.description}: unsupported video codec ({reason})") from None
                 where = "" if packet.pts is None else f" at {self._time_of(packet.pts, 0):.3f} s"
                 _warn_or_raise(self._skip, f"{self.description}: undecodable video data{where} "
                                            f"({_ffmpeg_reason(e)})")
@@ -601,6 +639,7 @@ class _PyAVReader:
 
     def read(self, wanted: list[int]) -> Iterator[tuple[int, float, Image.Image]]:
         """Yield ``(index, timestamp, RGB image)`` for each of ``wanted`` (sorted, unique) in order."""
+        self._wanted_pts = self._packet_pts_of(wanted)
         i, pos, frames = 0, -1, None
         while i < len(wanted):
             target = wanted[i]
@@ -608,17 +647,21 @@ class _PyAVReader:
                 frames = self._seek_to(target) if self._should_seek(-1, target) else self._from_start()
             elif self._should_seek(pos, target):
                 frames = self._seek_to(target)
+            retry = False
             for idx, frame in frames:
                 pos = idx
                 if idx < target:
                     continue
-                missed = []
+                first_missed = i
                 while i < len(wanted) and wanted[i] < idx:
-                    missed.append(wanted[i])
                     i += 1
-                if missed:
-                    _warn_or_raise(self._skip, f"{self.description}: frame(s) {_fmt_list(missed)} could "
-                                               "not be decoded (corrupt data?)")
+                if i > first_missed:
+                    if self._stop_skipping_nonref():
+                        i, retry = first_missed, True  # a wanted frame may have been skipped: redo
+                        break
+                    _warn_or_raise(self._skip, f"{self.description}: frame(s) "
+                                               f"{_fmt_list(wanted[first_missed:i])} could not be decoded "
+                                               "(corrupt data?)")
                 if i < len(wanted) and wanted[i] == idx:
                     yield idx, self._time_of(frame.pts, idx), self._to_image(frame)
                     i += 1
@@ -629,10 +672,34 @@ class _PyAVReader:
                     break
             else:
                 if i < len(wanted):
-                    _warn_or_raise(self._skip, f"{self.description}: the video ends after frame {pos} but "
-                                               f"frame(s) {_fmt_list(wanted[i:])} were requested (the "
-                                               f"container reports {self.total_frames} frames; truncated?)")
-                    return
+                    if self._stop_skipping_nonref():
+                        retry = True
+                    else:
+                        _warn_or_raise(self._skip, f"{self.description}: the video ends after frame "
+                                                   f"{pos} but frame(s) {_fmt_list(wanted[i:])} were "
+                                                   f"requested (the container reports {self.total_frames} "
+                                                   "frames; truncated?)")
+                        return
+            if retry:
+                target = wanted[i]
+                frames = self._seek_to(target) if self._can_seek() else self._from_start()
+
+    def _packet_pts_of(self, indices: list[int]) -> set[int]:
+        """Packet pts of the wanted frames (the packets that must be decoded even if non-reference)."""
+        return {self._pts_of(k) for k in indices} if self._model in ("cfr", "table") else set()
+
+    def _stop_skipping_nonref(self) -> bool:
+        """Turn non-reference frame skipping off; True if it was on (the caller then decodes again)."""
+        if not self._nonref_ok:
+            return False
+        self._nonref_ok = False
+        self._set_skip_mode("DEFAULT")
+        return True
+
+    def _set_skip_mode(self, mode: str) -> None:
+        if mode != self._skip_mode:
+            self._stream.codec_context.skip_frame = mode
+            self._skip_mode = mode
 
     def _to_image(self, frame) -> Image.Image:
         rotation = frame.rotation or self._tag_rotation
@@ -728,7 +795,8 @@ def _open_reader(source: Any, *, backend: str, size_fn, skip_bad: bool, strategy
     if backend not in BACKENDS:
         raise MediaError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if strategy not in DECODE_STRATEGIES:
-        raise MediaError(f"unknown decode_strategy {strategy!r}; choose one of {', '.join(DECODE_STRATEGIES)}")
+        choices = ", ".join(DECODE_STRATEGIES)
+        raise MediaError(f"unknown decode_strategy {strategy!r}; choose one of {choices}")
     if source_fps is not None and (not isinstance(source_fps, (int, float)) or not math.isfinite(source_fps)
                                    or source_fps <= 0):
         raise MediaError(f"source_fps must be a positive number, got {source_fps!r}")
@@ -788,9 +856,9 @@ def probe_video(
                                   source_fps=source_fps, max_bytes=max_bytes, timeout=timeout,
                                   max_pixels=DEFAULT_MAX_PIXELS)
     try:
-        times = reader.frame_times()
         return {"total_frames": reader.total_frames, "fps": reader.avg_fps, "duration": reader.duration,
-                "variable_frame_rate": times is not None, "backend": reader.backend,
+                "variable_frame_rate": bool(getattr(reader, "variable_frame_rate", False)),
+                "backend": reader.backend,
                 "source": reader.description}
     finally:
         reader.close()
@@ -841,7 +909,8 @@ def load_video(
             got[idx] = (ts, img)
         keep = [i for i in picked if i in got]
         if not keep:
-            raise MediaError(f"{reader.description}: none of the {len(wanted)} requested frames could be decoded")
+            raise MediaError(f"{reader.description}: none of the {len(wanted)} requested frames could be "
+                             "decoded")
         return _clip(reader, spec, [got[i][1] for i in keep], keep, [got[i][0] for i in keep])
     finally:
         reader.close()
