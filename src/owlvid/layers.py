@@ -7,6 +7,7 @@ activation dtype, logits in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -325,11 +326,18 @@ class Qwen2Config:
 
 
 class Qwen2Decoder(nn.Module):
-    """Token embeddings, decoder layers and the final norm; layers are built by the model file."""
+    """Token embeddings, decoder layers and the final norm. Layers listed in `special_layers` get the
+    model's own attention (hyper / hybrid cross-attention) from `make_attention(index)`."""
 
-    def __init__(self, cfg: Qwen2Config, layers: list[nn.Module]) -> None:
+    def __init__(self, cfg: Qwen2Config, special_layers: Collection[int] = (),
+                 make_attention: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            attn = make_attention(i) if i in special_layers and make_attention else Qwen2Attention(
+                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, i)
+            layers.append(Qwen2DecoderLayer(attn, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

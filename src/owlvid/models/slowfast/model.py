@@ -28,7 +28,6 @@ from ...layers import (
     Qwen2Attention,
     Qwen2Config,
     Qwen2Decoder,
-    Qwen2DecoderLayer,
     RotaryTable,
     merge_heads,
     sdpa,
@@ -286,12 +285,7 @@ class SlowFast(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = cfg.llm
-        layers = []
-        for i in range(c.num_hidden_layers):
-            attn = HybridAttention(c, i) if i in cfg.hybrid_layers else Qwen2Attention(
-                c.hidden_size, c.num_attention_heads, c.num_key_value_heads, i)
-            layers.append(Qwen2DecoderLayer(attn, c.hidden_size, c.intermediate_size, c.rms_norm_eps))
-        self.llm = Qwen2Decoder(c, layers)
+        self.llm = Qwen2Decoder(c, cfg.hybrid_layers, lambda i: HybridAttention(c, i))
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.vision_tower = ConvNeXt(cfg.vision)
