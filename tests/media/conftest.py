@@ -52,6 +52,9 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     write_audio_only(v["audio_only"])
     write_empty_video(v["empty_mkv"])
 
+    # A codec FFmpeg does not know: the AVI stream's fourcc (FMP4 = MPEG-4 part 2) patched to "QQZZ".
+    v["unknown_codec_avi"] = d / "unknown_codec.avi"
+    v["unknown_codec_avi"].write_bytes(v["mpeg4_avi"].read_bytes().replace(b"FMP4", b"QQZZ"))
     data = v["cfr_mp4"].read_bytes()
     v["truncated_mp4"] = d / "truncated.mp4"  # moov atom at the end: cut file has no index at all
     v["truncated_mp4"].write_bytes(data[: len(data) * 6 // 10])

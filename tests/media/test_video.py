@@ -319,6 +319,12 @@ def test_audio_only_file(videos):
     one_line_error(e, "audio_only.m4a", "no video stream", "audio-only")
 
 
+def test_unsupported_codec(videos):
+    with pytest.raises(MediaError) as e:
+        load_video(videos["unknown_codec_avi"])
+    one_line_error(e, "unknown_codec.avi", "unsupported video codec")
+
+
 def test_zero_frame_video(videos):
     with pytest.raises(MediaError) as e:
         load_video(videos["empty_mkv"])

@@ -234,6 +234,14 @@ def _frame_list_reader(source: Any, desc: str, fps: float, size_fn, skip_bad: bo
 # -------------------------------------------------------------------------------------------- PyAV
 
 
+def _stream_rank(stream) -> tuple:
+    """Prefer decodable streams, then the most frames, then the largest picture."""
+    ctx = stream.codec_context
+    if ctx is None:
+        return (False, stream.frames or 0, 0)
+    return (True, stream.frames or 0, (ctx.width or 0) * (ctx.height or 0))
+
+
 class _PyAVReader:
     """One opened video stream with a time model that maps presentation timestamps to frame numbers.
 
@@ -305,15 +313,15 @@ class _PyAVReader:
             if c.streams.video:
                 raise MediaError(f"{self.description}: no video stream (only a cover picture)")
             raise MediaError(f"{self.description}: no video stream in this {_format_label(c)} file")
-        stream = max(videos, key=lambda s: (s.frames or 0, (s.width or 0) * (s.height or 0)))
+        stream = max(videos, key=_stream_rank)
+        ctx = stream.codec_context  # None when FFmpeg does not know the codec at all
         try:
-            codec = stream.codec_context.codec
-            if not codec.is_decoder:
+            if ctx is None or not ctx.codec.is_decoder:
                 raise ValueError
         except Exception:  # noqa: BLE001 - any failure here means FFmpeg has no decoder for it
-            ctx = getattr(stream, "codec_context", None)
-            label = getattr(ctx, "name", None) or getattr(ctx, "codec_tag", None) or "unknown"
-            raise MediaError(f"{self.description}: unsupported video codec '{label}'") from None
+            label = (getattr(ctx, "name", None) or getattr(ctx, "codec_tag", None)) if ctx is not None else None
+            what = f"'{label}'" if label else "(FFmpeg has no decoder for it)"
+            raise MediaError(f"{self.description}: unsupported video codec {what}") from None
         stream.thread_type = "AUTO"  # frame + slice threads; decoding is the bottleneck
         return stream
 
