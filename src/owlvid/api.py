@@ -134,8 +134,11 @@ class Model:
     def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, **kwargs: Any
                        ) -> list[Generation]:
         """Answer several conversations together (decoded as one batch); results in input order.
-        Each result is token for token what `generate` gives for that conversation alone."""
+        Each result is token for token what `generate` gives for that conversation alone. Models without
+        batched decoding (Slow-Fast for now) answer them one after another."""
         prep, sampling = _split_kwargs(kwargs)
+        if not hasattr(self.runtime, "decode_batch"):  # no batched decoding for this model: one by one
+            return [self.generate(messages, **prep, **vars(sampling)) for messages in conversations]
         items = []
         for messages in conversations:
             request, prompt_ids = self.prepare(messages, **prep)

@@ -75,6 +75,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     a key/value head are folded into the query length instead of copying K/V per head, which matters
     when the keys are tens of thousands of visual tokens.
     """
+    if mask is not None and not is_causal and bool(mask.all()):
+        mask = None  # nothing masked (e.g. a decoded token over all of its visual memory): unmasked kernels are faster
     b, h, t, d = q.shape
     groups = h // k.shape[1]
     if groups == 1:
@@ -214,12 +216,32 @@ class RaggedKVCache:
                 setattr(entry, name, new)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, except for 2-32 rows on the CPU (batched decoding, short prompts): there MKL's GEMM
+    repacks the whole weight on every call and runs 1.5-4x slower than `weight @ x.T`, which streams the
+    weight once (measured on the 2-core development machine; see the batch section of benchmarks/perf.py)."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if x.device.type != "cpu" or not 2 <= rows <= 32:
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and keys) computed with :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Qwen2MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -246,10 +268,10 @@ class Qwen2Attention(nn.Module):
         self.heads, self.kv_heads = heads, kv_heads
         self.head_dim = hidden // heads
         self.layer_index = layer_index
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, heads * self.head_dim, bias=True)
+        self.k_proj = Linear(hidden, kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(hidden, kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(heads * self.head_dim, hidden, bias=False)
 
     def project(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, ...]:
         """RoPE'd q [B, H, T, D] and all text k/v so far [B, Hkv, S, D] (the new ones cached)."""

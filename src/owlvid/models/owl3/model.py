@@ -27,6 +27,7 @@ from ...layers import (
     apply_rope,
     causal_mask,
     gelu_tanh,
+    linear,
     merge_heads,
     sdpa,
 )
@@ -385,7 +386,7 @@ class Owl3(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.llm.embed_tokens.weight if self.cfg.llm.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return linear(h, weight).float()
 
 
 def checkpoint_key_map(cfg: Owl3Config):

@@ -29,6 +29,7 @@ from ...layers import (
     Qwen2Config,
     Qwen2Decoder,
     RotaryTable,
+    linear,
     merge_heads,
     sdpa,
 )
@@ -347,7 +348,7 @@ class SlowFast(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.llm.embed_tokens.weight if self.cfg.llm.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return linear(h, weight).float()
 
 
 def checkpoint_key_map(cfg: SlowFastConfig):
