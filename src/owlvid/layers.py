@@ -87,15 +87,44 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if is_causal and mask is None and t > 1:
         mask = causal_mask(t, k.shape[2], q.device)
     qg = q.reshape(b, k.shape[1], groups * t, d)
-    if mask is not None:
-        if mask.dim() == 2:
-            mask = mask[None, None]
-        if mask.shape[1] != 1:
-            raise ValueError("per-head masks are not supported with grouped-query attention")
-        if mask.shape[2] != 1:  # one row per query: repeat it for every head of the group
-            mask = mask.unsqueeze(2).expand(mask.shape[0], 1, groups, t, mask.shape[-1])
-            mask = mask.reshape(mask.shape[0], 1, groups * t, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=_fold_mask(mask, groups, t))
+    return out.reshape(b, h, t, d)
+
+
+def _fold_mask(mask: torch.Tensor | None, groups: int, t: int) -> torch.Tensor | None:
+    """A [B, 1, T, S] (or [T, S]) mask for query heads folded as [B, Hkv, groups * T, D] (see `sdpa`)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    if mask.shape[1] != 1:
+        raise ValueError("per-head masks are not supported with grouped-query attention")
+    if mask.shape[2] != 1 and groups > 1:  # one row per query: repeat it for every head of the group
+        mask = mask.unsqueeze(2).expand(mask.shape[0], 1, groups, t, mask.shape[-1])
+        mask = mask.reshape(mask.shape[0], 1, groups * t, mask.shape[-1])
+    return mask
+
+
+def sdpa_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+               ) -> torch.Tensor:
+    """`sdpa` over the keys of several (k, v, mask) parts as if they were concatenated along the key axis,
+    without building the concatenation. For a few query rows (decoding): the fused hyper layers attend to
+    [visual memory ; text cache], and copying tens of thousands of visual K/V per token would cost more
+    than the attention itself. Softmax in float32 over all parts at once."""
+    b, h, t, d = q.shape
+    groups = h // parts[0][0].shape[1]
+    qg = q.reshape(b, parts[0][0].shape[1], groups * t, d)
+    scores = []
+    for k, _, mask in parts:
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * d ** -0.5
+        folded = _fold_mask(mask, groups, t)
+        scores.append(s if folded is None else s.masked_fill(~folded, float("-inf")))
+    probs = torch.cat(scores, dim=-1).softmax(dim=-1).to(q.dtype)
+    out, start = None, 0
+    for k, v, _ in parts:
+        part = torch.matmul(probs[..., start : start + k.shape[2]], v)
+        out = part if out is None else out + part
+        start += k.shape[2]
     return out.reshape(b, h, t, d)
 
 

@@ -30,6 +30,7 @@ from ...layers import (
     linear,
     merge_heads,
     sdpa,
+    sdpa_parts,
 )
 
 # ----------------------------------------------------------------------------------------------- config
@@ -259,6 +260,9 @@ class BatchedVisualMemory:
                                    self.key_mask[index], self.has_media[index])
 
 
+_PARTS_MAX_ROWS = 16  # query rows up to which fused attention scores visual and text keys without concatenating
+
+
 class HyperAttention(Qwen2Attention):
     """Qwen2 attention plus the hyper-attention path to the visual memory (variant from config)."""
 
@@ -301,8 +305,12 @@ class HyperAttention(Qwen2Attention):
             text_mask = inputs.causal_mask
             if text_mask is None:
                 text_mask = causal_mask(q.shape[2], k.shape[2], q.device)
-            mask = torch.cat([key_mask, text_mask.reshape(q.shape[2], -1)], dim=-1)
-            ctx = sdpa(q, torch.cat([vis_k, k], dim=2), torch.cat([vis_v, v], dim=2), mask)
+            text_mask = text_mask.reshape(q.shape[2], -1)
+            if q.shape[2] <= _PARTS_MAX_ROWS:  # decoding: no per-token copy of the visual memory
+                ctx = sdpa_parts(q, [(vis_k, vis_v, key_mask), (k, v, text_mask)])
+            else:
+                mask = torch.cat([key_mask, text_mask], dim=-1)
+                ctx = sdpa(q, torch.cat([vis_k, k], dim=2), torch.cat([vis_v, v], dim=2), mask)
             return self.o_proj(merge_heads(ctx))
         ctx = self.self_attention(q, k, v, inputs)
         rows = visible.any(dim=1)  # tokens before the first media item get no cross-attention, no gate
@@ -327,8 +335,7 @@ class HyperAttention(Qwen2Attention):
         vis_k, vis_v = memory.kv[self.layer_index]
         vis_mask = memory.key_mask[:, None, None, :]
         if self.variant == "fused":
-            mask = torch.cat([vis_mask, inputs.causal_mask], dim=-1)
-            ctx = sdpa(q, torch.cat([vis_k, k], dim=2), torch.cat([vis_v, v], dim=2), mask)
+            ctx = sdpa_parts(q, [(vis_k, vis_v, vis_mask), (k, v, inputs.causal_mask)])
             return self.o_proj(merge_heads(ctx))
         ctx = self.self_attention(q, k, v, inputs)
         with_media = memory.has_media[:, None, None, None]
