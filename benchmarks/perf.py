@@ -9,6 +9,7 @@ Prints one table per section and writes JSON (benchmarks/results/perf-<host>.jso
   ttft         time to first token for N frames through the public API (decode + preprocess + encode +
                prefill), next to the LLaVA-style "concatenation" baseline: the same LLM with the visual
                tokens placed in the context (prefill over N*729 extra tokens), with peak memory
+  prefill      LLM prefill alone (no vision) over N frames of visual memory: time and peak memory
   decode       decoding tokens/s with N frames of visual memory (visual K/V cached once per request)
   cache        a second question about the same video (visual cache hit) vs the first
   batch        B concurrent requests decoded together vs one after another (total tokens/s)
@@ -222,6 +223,26 @@ def bench_concat(model: Model, n: int, embeds_per_frame: int = 729) -> dict:
 
 
 @torch.inference_mode()
+def bench_prefill(model: Model, n: int) -> dict:
+    """LLM prefill alone over a prompt with N frames of visual memory (random image embeddings, no vision
+    encoding): time and peak memory of the hyper layers attending to N*729 visual keys."""
+    runtime = model.runtime
+    cfg = runtime.cfg.llm
+    request, ids = model.prepare(video_messages(n))
+    embeds = torch.randn(n, 729, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(runtime.dtype)
+    visual = runtime.model.visual_memory(embeds, request["media_starts"])
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 8,
+                    runtime.dtype, "cpu")
+    gc.collect()
+    peak_reset()
+    base = rss_bytes("VmRSS")
+    t = time.perf_counter()
+    runtime._forward(torch.tensor([ids]), 0, cache, visual)
+    return {"frames": n, "prompt_tokens": len(ids), "prefill_s": time.perf_counter() - t,
+            "peak_mem_gb": (rss_bytes() - base) / 1e9}
+
+
+@torch.inference_mode()
 def bench_decode(model: Model, n: int, tokens: int) -> dict:
     """Decoding speed with N frames of visual memory (random image embeddings, no vision encoding)."""
     runtime = model.runtime
@@ -321,12 +342,13 @@ def main() -> None:
     ap.add_argument("--vision-crops", type=int, default=4)
     ap.add_argument("--ttft-frames", default="1,8,32")
     ap.add_argument("--concat-frames", default="8,32")
+    ap.add_argument("--prefill-frames", default="32,128")
     ap.add_argument("--decode-frames", default="0,8,32,128")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--cache-frames", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--batch-tokens", type=int, default=32)
-    ap.add_argument("--sections", default="vision,ttft,decode,cache,batch")
+    ap.add_argument("--sections", default="vision,ttft,prefill,decode,cache,batch")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -377,6 +399,10 @@ def main() -> None:
                     rows.append(row)
                 res["ttft"] = rows
                 table(f"time to first token, {label}", rows)
+            if "prefill" in sections:
+                rows = [bench_prefill(model, n) for n in ints(args.prefill_frames)]
+                res["prefill"] = rows
+                table(f"prefill over the visual memory, {label}", rows)
             if "decode" in sections:
                 rows = [{"frames": n, **bench_decode(model, n, args.decode_tokens)} for n in ints(args.decode_frames)]
                 base = rows[0]["tokens_per_s"]

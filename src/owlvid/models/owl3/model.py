@@ -263,6 +263,24 @@ class BatchedVisualMemory:
 _PARTS_MAX_ROWS = 16  # query rows up to which fused attention scores visual and text keys without concatenating
 
 
+_PREFILL_ROWS = 128  # query rows per fused-attention call at prefill (bounds the [rows, keys] mask)
+
+
+def visible_segments(visible: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(first row, end row, media items seen)] for runs of query rows that see the same media.
+    `visible` [T, N] must be a prefix per row, non-decreasing down the rows (media in text order)."""
+    counts = visible.sum(dim=1)
+    if bool((counts[1:] < counts[:-1]).any()) or not bool(
+            (visible == (torch.arange(visible.shape[1], device=visible.device) < counts[:, None])).all()):
+        raise AssertionError("media visibility is not a prefix of the visual memory")
+    values, lengths = torch.unique_consecutive(counts, return_counts=True)
+    out, row = [], 0
+    for items, n in zip(values.tolist(), lengths.tolist()):
+        out.append((row, row + n, items))
+        row += n
+    return out
+
+
 class HyperAttention(Qwen2Attention):
     """Qwen2 attention plus the hyper-attention path to the visual memory (variant from config)."""
 
@@ -299,29 +317,40 @@ class HyperAttention(Qwen2Attention):
             return self._batched_decode(x, inputs, memory)
         q, k, v = self.project(x, inputs)
         vis_k, vis_v = memory.kv[self.layer_index]
-        visible = memory.visible(inputs.positions[0], self.strict)  # batch 1: [T, N]
-        key_mask = visible.repeat_interleave(memory.tokens_per_item, dim=1)  # [T, N*P]
+        p = memory.tokens_per_item
+        # Media starts are in text order and visibility is monotone in the position, so each query row
+        # sees a prefix of the visual memory: rows are grouped by that prefix and attend to it without a
+        # [T, N*P] mask (which SDPA would expand per head into gigabytes for long videos).
+        segments = visible_segments(memory.visible(inputs.positions[0], self.strict))  # batch 1
         if self.variant == "fused":
             text_mask = inputs.causal_mask
             if text_mask is None:
                 text_mask = causal_mask(q.shape[2], k.shape[2], q.device)
             text_mask = text_mask.reshape(q.shape[2], -1)
-            if q.shape[2] <= _PARTS_MAX_ROWS:  # decoding: no per-token copy of the visual memory
-                ctx = sdpa_parts(q, [(vis_k, vis_v, key_mask), (k, v, text_mask)])
-            else:
-                mask = torch.cat([key_mask, text_mask], dim=-1)
-                ctx = sdpa(q, torch.cat([vis_k, k], dim=2), torch.cat([vis_v, v], dim=2), mask)
+            pieces = []
+            for lo, hi, items in segments:
+                vk, vv = vis_k[:, :, : items * p], vis_v[:, :, : items * p]
+                if hi - lo <= _PARTS_MAX_ROWS:  # decoding: no per-token copy of the visual memory
+                    pieces.append(sdpa_parts(q[:, :, lo:hi], [(vk, vv, None), (k, v, text_mask[lo:hi])]))
+                    continue
+                keys, values = torch.cat([vk, k], dim=2), torch.cat([vv, v], dim=2)
+                for a in range(lo, hi, _PREFILL_ROWS):  # bounded masks for long prompts
+                    b = min(hi, a + _PREFILL_ROWS)
+                    seen = text_mask.new_ones(b - a, items * p)
+                    pieces.append(sdpa(q[:, :, a:b], keys, values, torch.cat([seen, text_mask[a:b]], dim=-1)))
+            ctx = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
             return self.o_proj(merge_heads(ctx))
         ctx = self.self_attention(q, k, v, inputs)
-        rows = visible.any(dim=1)  # tokens before the first media item get no cross-attention, no gate
-        if bool(rows.any()):
-            first = int(rows.nonzero()[0])  # visibility is monotone in the position
-            v_ctx = sdpa(q[:, :, first:], vis_k, vis_v, key_mask[first:])
+        # Tokens before the first media item get no cross-attention and no gate.
+        pieces = [(lo, sdpa(q[:, :, lo:hi], vis_k[:, :, : items * p], vis_v[:, :, : items * p]))
+                  for lo, hi, items in segments if items > 0]
+        if pieces:
+            first = pieces[0][0]
+            v_ctx = torch.cat([piece for _, piece in pieces], dim=2) if len(pieces) > 1 else pieces[0][1]
             tail = ctx[:, :, first:]
             g = self._gate(tail)
             ctx = torch.cat([ctx[:, :, :first], tail * (1 - g) + v_ctx * g], dim=2)
         return self.o_proj(merge_heads(ctx))
-
 
     def _gate(self, ctx: torch.Tensor) -> torch.Tensor:
         if self.variant == "dynamic_gate":
