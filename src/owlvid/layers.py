@@ -75,8 +75,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     a key/value head are folded into the query length instead of copying K/V per head, which matters
     when the keys are tens of thousands of visual tokens.
     """
-    if mask is not None and not is_causal and bool(mask.all()):
-        mask = None  # nothing masked (e.g. a decoded token over all of its visual memory): unmasked kernels are faster
+    if mask is not None and not is_causal and mask.device.type == "cpu" and bool(mask.all()):
+        # Nothing masked (a decoded token over all of its media): the unmasked CPU kernels are faster.
+        # (Not on GPUs, where reading the flag back would synchronise every attention call.)
+        mask = None
     b, h, t, d = q.shape
     groups = h // k.shape[1]
     if groups == 1:
