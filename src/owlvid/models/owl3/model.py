@@ -194,10 +194,19 @@ class VisualMemory:
     tokens_per_item: int
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
+    _segments: tuple | None = field(default=None, repr=False, compare=False)  # (positions, strict, result)
+
     def visible(self, positions: torch.Tensor, strict: bool) -> torch.Tensor:
         """Bool [T, N]: which media each query token (raw sequence index) may attend."""
         pos = positions.reshape(-1, 1)
         return pos > self.starts[None, :] if strict else pos >= self.starts[None, :]
+
+    def segments(self, positions: torch.Tensor, strict: bool) -> list[tuple[int, int, int]]:
+        """`visible_segments` of these positions; every hyper layer of one forward asks with the same
+        positions tensor, so it is computed once per forward."""
+        if self._segments is None or self._segments[0] is not positions or self._segments[1] != strict:
+            self._segments = (positions, strict, visible_segments(self.visible(positions, strict)))
+        return self._segments[2]
 
 
 @dataclass
@@ -321,7 +330,7 @@ class HyperAttention(Qwen2Attention):
         # Media starts are in text order and visibility is monotone in the position, so each query row
         # sees a prefix of the visual memory: rows are grouped by that prefix and attend to it without a
         # [T, N*P] mask (which SDPA would expand per head into gigabytes for long videos).
-        segments = visible_segments(memory.visible(inputs.positions[0], self.strict))  # batch 1
+        segments = memory.segments(inputs.positions, self.strict)  # batch 1
         if self.variant == "fused":
             text_mask = inputs.causal_mask
             if text_mask is None:
