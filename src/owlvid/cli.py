@@ -326,6 +326,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _domain_list(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    domains = [d.strip() for v in values for d in v.split(",") if d.strip()]
+    if not domains:
+        raise UsageError("--allowed-media-domains needs at least one host name")
+    return domains
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -351,6 +360,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
+    config.allowed_media_domains = _domain_list(args.allowed_media_domains)
+    config.allow_private_media_hosts = args.allow_private_media_hosts
+    config.media_connect_timeout = args.media_connect_timeout
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
@@ -467,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images + videos per request (default: 32)")
     p.add_argument("--download-timeout", type=_positive_float, default=60.0,
                    help="seconds to fetch one http(s) media URL (default: 60)")
+    p.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                   help="fetch http(s) media only from these host names (exact; space- or comma-separated; "
+                   "checked on every redirect too; default: any public host)")
+    p.add_argument("--allow-private-media-hosts", action="store_true",
+                   help="also fetch http(s) media from loopback, private and link-local addresses (default: "
+                   "refused; cloud metadata addresses are always refused)")
+    p.add_argument("--media-connect-timeout", type=_positive_float, default=10.0,
+                   help="seconds to connect to a media host and get its response headers (default: 10)")
     p.add_argument("--max-batch", type=_positive_int, default=8,
                    help="requests decoded together (continuous batching; 1 = one at a time)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=64,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import socket
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", "ftp://127.0.0.1/secret")
             self.end_headers()
             return
+        if path.startswith("/redirect-to/"):  # /redirect-to/HOST/PATH: same port, another host name
+            host, _, rest = path[len("/redirect-to/"):].partition("/")
+            self.send_response(302)
+            self.send_header("Location", f"http://{host}:{self.server.server_address[1]}/{rest}")
+            self.end_headers()
+            return
+        if path == "/redirect-loop":
+            self.send_response(302)
+            self.send_header("Location", "/redirect-loop")
+            self.end_headers()
+            return
         if path == "/big-no-length":
             self.send_response(200)
             self.end_headers()
@@ -152,6 +164,16 @@ def http_server(videos):
     server.shutdown()
     server.server_close()
     time.sleep(0.05)
+
+
+@pytest.fixture()
+def silent_host():
+    """A TCP port that accepts connections (the kernel completes the handshake) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
 
 
 @pytest.fixture()

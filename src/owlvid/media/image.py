@@ -14,6 +14,7 @@ from .sources import (
     DEFAULT_IMAGE_MAX_BYTES,
     DEFAULT_IMAGE_TIMEOUT,
     MediaTooLargeError,
+    UrlPolicy,
     describe_source,
     is_bytes_source,
     open_media,
@@ -35,12 +36,14 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_IMAGE_MAX_BYTES,
     timeout: float | None = DEFAULT_IMAGE_TIMEOUT,
+    url_policy: UrlPolicy | None = None,
 ) -> Image.Image:
     """Load an image as RGB with EXIF orientation applied.
 
     ``source``: a path (str / ``pathlib.Path``), ``http(s)://`` URL, ``data:`` URL, ``bytes``, binary
     file-like, ``PIL.Image.Image``, numpy array or torch tensor (HxW, HxWxC or CxHxW; uint8, or float in
-    [0, 1]). Transparent images are composited on white; 16-bit images are scaled to 8 bits.
+    [0, 1]). ``url_policy``: which hosts an http(s) URL may reach (see :class:`UrlPolicy`; default: any).
+    Transparent images are composited on white; 16-bit images are scaled to 8 bits.
     Raises :class:`owlvid.errors.MediaError` with a one-line reason.
     """
     desc = describe_source(source)
@@ -53,7 +56,7 @@ def load_image(
         return img
     if not is_bytes_source(source):
         raise MediaError(f"{desc}: unsupported image source type {type(source).__name__}")
-    with open_media(source, max_bytes=max_bytes, timeout=timeout) as opened:
+    with open_media(source, max_bytes=max_bytes, timeout=timeout, url_policy=url_policy) as opened:
         target = opened.path if opened.path is not None else opened.fileobj
         return _decode(target, desc, max_pixels, opened.head)
 

@@ -2,21 +2,18 @@
 
 Everything here is about getting bytes, never about decoding them: :mod:`owlvid.media.image` and
 :mod:`owlvid.media.video` decide what the bytes are. Nothing is ever handed to a shell, and only
-``http``/``https`` URLs are fetched (with urllib from the standard library), with a size limit and a
+``http``/``https`` URLs are fetched (with http.client from the standard library), with a size limit and a
 deadline, so that a request cannot make the process read a local file it did not name or hang forever.
+Fetching, and which hosts a URL may reach (:class:`UrlPolicy`), is in :mod:`owlvid.media.fetch`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
 import os
 import re
-import tempfile
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -26,15 +23,33 @@ from typing import IO, Any
 
 from owlvid.errors import MediaError
 
+from .fetch import (
+    LIBRARY_URL_POLICY,
+    MediaFetchError,
+    MediaForbiddenUrlError,
+    MediaTimeoutError,
+    MediaTooLargeError,
+    UrlPolicy,
+    check_limit,
+    copy_limited,
+    describe_url,
+    fetch_url,
+    shorten,
+)
+
 __all__ = [
     "DEFAULT_IMAGE_MAX_BYTES",
     "DEFAULT_VIDEO_MAX_BYTES",
     "DEFAULT_IMAGE_TIMEOUT",
     "DEFAULT_VIDEO_TIMEOUT",
+    "LIBRARY_URL_POLICY",
     "MediaFetchError",
+    "MediaForbiddenUrlError",
     "MediaTimeoutError",
     "MediaTooLargeError",
+    "NamedPath",
     "OpenedMedia",
+    "UrlPolicy",
     "describe_source",
     "is_bytes_source",
     "open_media",
@@ -47,24 +62,25 @@ DEFAULT_VIDEO_MAX_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_IMAGE_TIMEOUT = 30.0
 DEFAULT_VIDEO_TIMEOUT = 120.0
 
-# Downloads and file-like sources are spooled: kept in memory up to this size, then in a temp file,
-# so a 1 GB video download does not sit in RAM.
-_SPOOL_MEMORY_LIMIT = 32 * 1024 * 1024
-_CHUNK = 1024 * 1024
-_USER_AGENT = "owlvid-media/0.1 (+urllib)"
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
-class MediaTooLargeError(MediaError):
-    """The input is larger than the configured limit (bytes or pixels)."""
+class NamedPath(os.PathLike):
+    """A local file that messages name ``name`` instead of its real path: a server passes the path as its
+    client wrote it, so that errors never reveal the server's folders or where a symlink points."""
 
+    def __init__(self, path: str | os.PathLike, name: str) -> None:
+        self.path = os.fspath(path)
+        self.name = name
 
-class MediaFetchError(MediaError):
-    """A URL could not be fetched (HTTP error, DNS failure, refused connection, ...)."""
+    def __fspath__(self) -> str:
+        return self.path
 
+    def __str__(self) -> str:
+        return self.path
 
-class MediaTimeoutError(MediaFetchError):
-    """Fetching a URL took longer than the ``timeout``."""
+    def __repr__(self) -> str:
+        return f"NamedPath({self.name!r})"
 
 
 def is_bytes_source(source: Any) -> bool:
@@ -76,34 +92,15 @@ def _is_filelike(source: Any) -> bool:
     return callable(getattr(source, "read", None))
 
 
-def _shorten(text: str, limit: int = 96) -> str:
-    # Keep both ends: the end of a path (file name) is usually the informative part.
-    if len(text) <= limit:
-        return text
-    keep = (limit - 3) // 2
-    return text[:keep] + "..." + text[-keep:]
-
-
-def _describe_url(url: str) -> str:
-    # Never echo credentials or query strings (signed URLs carry tokens) into messages and logs.
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        tail = "?..." if parts.query else ""
-        return _shorten(f"{parts.scheme}://{host}{parts.path}") + tail
-    except ValueError:
-        return _shorten(url.split("?", 1)[0])
-
-
 def _describe_data_url(url: str) -> str:
     header = url[5 : url.find(",")] if "," in url else url[5:40]
-    return f"data:{_shorten(header, 48)} URL ({len(url)} chars)"
+    return f"data:{shorten(header, 48)} URL ({len(url)} chars)"
 
 
 def describe_source(source: Any) -> str:
     """A short, safe, one-line description of ``source`` for error messages and ``VideoClip.source``."""
+    if isinstance(source, NamedPath):
+        return shorten(source.name)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, bytes) and not isinstance(source, str):
@@ -111,16 +108,16 @@ def describe_source(source: Any) -> str:
     if isinstance(source, str):
         low = source[:8].lower()
         if low.startswith(("http://", "https://")):
-            return _describe_url(source)
+            return describe_url(source)
         if low.startswith("data:"):
             return _describe_data_url(source)
-        return _shorten(source)
+        return shorten(source)
     if isinstance(source, (bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     if _is_filelike(source):
         name = getattr(source, "name", None)
         if isinstance(name, str) and name:
-            return _shorten(name)
+            return shorten(name)
         return f"<file-like {type(source).__name__}>"
     try:  # PIL images, arrays, tensors: type and shape are enough to recognise them
         from PIL import Image
@@ -224,32 +221,31 @@ class OpenedMedia:
 
 
 @contextmanager
-def open_media(source: Any, *, max_bytes: int | None, timeout: float | None) -> Iterator[OpenedMedia]:
+def open_media(source: Any, *, max_bytes: int | None, timeout: float | None,
+               url_policy: UrlPolicy | None = None) -> Iterator[OpenedMedia]:
     """Open a path / URL / data URL / bytes / file-like as a local path or a seekable file object.
 
     ``max_bytes`` limits what has to be copied (downloads, data URLs, bytes, file-likes); local files
     are read in place and are not limited (a server that accepts untrusted sources should refuse local
-    paths itself). ``timeout`` is the deadline in seconds for a whole download.
+    paths itself). ``timeout`` is the deadline in seconds for a whole download. ``url_policy``: which
+    hosts http(s) URLs may reach (default :data:`LIBRARY_URL_POLICY`: any host, as the caller is the
+    program itself; a server passes a stricter :class:`UrlPolicy`).
     Raises :class:`MediaError` (or a subclass) with a one-line message naming the source.
     """
-    opened = open_source(source, max_bytes=max_bytes, timeout=timeout)
+    opened = open_source(source, max_bytes=max_bytes, timeout=timeout, url_policy=url_policy)
     try:
         yield opened
     finally:
         opened.close()
 
 
-def open_source(source: Any, *, max_bytes: int | None, timeout: float | None) -> OpenedMedia:
+def open_source(source: Any, *, max_bytes: int | None, timeout: float | None,
+                url_policy: UrlPolicy | None = None) -> OpenedMedia:
     """Like :func:`open_media` without the context manager: the caller must call ``close()``."""
-    return _open(source, max_bytes=max_bytes, timeout=timeout)
+    return _open(source, max_bytes=max_bytes, timeout=timeout, url_policy=url_policy or LIBRARY_URL_POLICY)
 
 
-def _check_limit(desc: str, size: int, max_bytes: int | None) -> None:
-    if max_bytes is not None and size > max_bytes:
-        raise MediaTooLargeError(f"{desc}: {size} bytes is more than the limit max_bytes={max_bytes}")
-
-
-def _open(source: Any, *, max_bytes: int | None, timeout: float | None) -> OpenedMedia:
+def _open(source: Any, *, max_bytes: int | None, timeout: float | None, url_policy: UrlPolicy) -> OpenedMedia:
     desc = describe_source(source)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -260,7 +256,8 @@ def _open(source: Any, *, max_bytes: int | None, timeout: float | None) -> Opene
         m = _SCHEME_RE.match(source)
         scheme = m.group(1).lower() if m else ""
         if scheme in ("http", "https"):
-            return _open_url(source, desc, max_bytes=max_bytes, timeout=timeout)
+            spool = fetch_url(source, desc, policy=url_policy, max_bytes=max_bytes, timeout=timeout)
+            return _spooled(desc, spool)
         if scheme == "data":
             return _open_data_url(source, desc, max_bytes=max_bytes)
         if scheme == "file":
@@ -274,7 +271,7 @@ def _open(source: Any, *, max_bytes: int | None, timeout: float | None) -> Opene
         return _open_path(source, desc)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        _check_limit(desc, len(data), max_bytes)
+        check_limit(desc, len(data), max_bytes)
         if not data:
             raise MediaError(f"{desc}: empty input (0 bytes)")
         return OpenedMedia(desc, fileobj=io.BytesIO(data), size=len(data))
@@ -300,30 +297,6 @@ def _open_path(path: str, desc: str) -> OpenedMedia:
     return OpenedMedia(desc, path=os.path.abspath(path), size=st.st_size)
 
 
-def _copy_limited(read, desc: str, max_bytes: int | None, deadline: float | None = None,
-                  timeout: float | None = None) -> tempfile.SpooledTemporaryFile:
-    out = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY_LIMIT)
-    total = 0
-    try:
-        while True:
-            chunk = read(_CHUNK)
-            if not chunk:
-                break
-            total += len(chunk)
-            _check_limit(desc, total, max_bytes)
-            out.write(chunk)
-            if deadline is not None and time.monotonic() > deadline:
-                raise MediaTimeoutError(f"{desc}: download did not finish within timeout={timeout} s")
-    except BaseException:
-        out.close()
-        raise
-    if total == 0:
-        out.close()
-        raise MediaError(f"{desc}: empty input (0 bytes)")
-    out.seek(0)
-    return out
-
-
 def _open_filelike(source: Any, desc: str, *, max_bytes: int | None) -> OpenedMedia:
     # Copy instead of using the caller's object: it may be non-seekable (a socket, a pipe, an HTTP
     # body), and FFmpeg/Pillow need to seek. The caller's object is never closed.
@@ -340,10 +313,7 @@ def _open_filelike(source: Any, desc: str, *, max_bytes: int | None) -> OpenedMe
         except Exception as e:  # noqa: BLE001
             raise MediaError(f"{desc}: reading failed ({e})") from None
 
-    spool = _copy_limited(read, desc, max_bytes)
-    size = spool.seek(0, io.SEEK_END)
-    spool.seek(0)
-    return OpenedMedia(desc, fileobj=spool, size=size, _owned=[spool])
+    return _spooled(desc, copy_limited(read, desc, max_bytes))
 
 
 def _open_data_url(url: str, desc: str, *, max_bytes: int | None) -> OpenedMedia:
@@ -353,7 +323,7 @@ def _open_data_url(url: str, desc: str, *, max_bytes: int | None) -> OpenedMedia
     header, payload = url[5:comma], url[comma + 1 :]
     if header.lower().endswith(";base64"):
         # Estimate before decoding: a 2 GB base64 string must not be decoded just to be refused.
-        _check_limit(desc, len(payload) * 3 // 4 - 2, max_bytes)
+        check_limit(desc, len(payload) * 3 // 4 - 2, max_bytes)
         compact = re.sub(r"\s+", "", urllib.parse.unquote(payload) if "%" in payload else payload)
         compact += "=" * (-len(compact) % 4)
         try:
@@ -365,55 +335,13 @@ def _open_data_url(url: str, desc: str, *, max_bytes: int | None) -> OpenedMedia
             raise MediaError(f"{desc}: invalid base64 payload in data URL") from None
     else:
         data = urllib.parse.unquote_to_bytes(payload)
-    _check_limit(desc, len(data), max_bytes)
+    check_limit(desc, len(data), max_bytes)
     if not data:
         raise MediaError(f"{desc}: empty data URL")
     return OpenedMedia(desc, fileobj=io.BytesIO(data), size=len(data))
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    # urllib follows redirects to ftp:// too; a fetched URL must never turn into another protocol.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise MediaFetchError(f"{_describe_url(req.full_url)}: redirect to unsupported scheme '{scheme}'")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _open_url(url: str, desc: str, *, max_bytes: int | None, timeout: float | None) -> OpenedMedia:
-    opener = urllib.request.build_opener(_HttpOnlyRedirects())
-    req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        resp = opener.open(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        raise MediaFetchError(f"{desc}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
-            raise MediaTimeoutError(f"{desc}: no answer within timeout={timeout} s") from None
-        raise MediaFetchError(f"{desc}: cannot fetch ({e.reason})") from None
-    except TimeoutError:
-        raise MediaTimeoutError(f"{desc}: no answer within timeout={timeout} s") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        raise MediaFetchError(f"{desc}: cannot fetch ({e})") from None
-    with resp:
-        length = resp.headers.get("Content-Length")
-        if length and length.isdigit():
-            _check_limit(desc, int(length), max_bytes)
-
-        def read(n: int) -> bytes:
-            try:
-                # read1: whatever arrives (one recv), so the deadline is checked while data trickles in;
-                # read(n) would loop until n bytes and could run far past the deadline.
-                return resp.read1(n)
-            except TimeoutError:
-                raise MediaTimeoutError(f"{desc}: download stalled for more than timeout={timeout} s") \
-                    from None
-            except (OSError, http.client.HTTPException) as e:
-                raise MediaFetchError(f"{desc}: download failed ({e})") from None
-
-        spool = _copy_limited(read, desc, max_bytes, deadline=deadline, timeout=timeout)
+def _spooled(desc: str, spool: Any) -> OpenedMedia:
     size = spool.seek(0, io.SEEK_END)
     spool.seek(0)
     return OpenedMedia(desc, fileobj=spool, size=size, _owned=[spool])
-

@@ -27,6 +27,7 @@ from .sources import (
     DEFAULT_VIDEO_MAX_BYTES,
     DEFAULT_VIDEO_TIMEOUT,
     OpenedMedia,
+    UrlPolicy,
     describe_source,
     is_bytes_source,
     open_source,
@@ -208,9 +209,10 @@ class _FrameListReader:
 
 def _frame_list_reader(source: Any, desc: str, fps: float, size_fn, skip_bad: bool,
                        max_pixels: int | None, max_bytes: int | None,
-                       timeout: float | None) -> _FrameListReader:
+                       timeout: float | None, url_policy: UrlPolicy | None) -> _FrameListReader:
     def load_item(item: Any) -> Image.Image:
-        return load_image(item, max_pixels=max_pixels, max_bytes=max_bytes, timeout=timeout)
+        return load_image(item, max_pixels=max_pixels, max_bytes=max_bytes, timeout=timeout,
+                          url_policy=url_policy)
 
     if isinstance(source, (str, os.PathLike)):
         files = list_frame_files(source)
@@ -798,7 +800,7 @@ def _is_frame_sequence(source: Any) -> bool:
 
 def _open_reader(source: Any, *, backend: str, size_fn, skip_bad: bool, strategy: str,
                  source_fps: float | None, max_bytes: int | None, timeout: float | None,
-                 max_pixels: int | None) -> tuple[_Reader, OpenedMedia | None]:
+                 max_pixels: int | None, url_policy: UrlPolicy | None) -> tuple[_Reader, OpenedMedia | None]:
     desc = describe_source(source)
     if backend not in BACKENDS:
         raise MediaError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -813,7 +815,7 @@ def _open_reader(source: Any, *, backend: str, size_fn, skip_bad: bool, strategy
     if is_dir or _is_frame_sequence(source):
         src = os.path.expanduser(os.fspath(source)) if is_dir else source
         reader = _frame_list_reader(src, desc, float(source_fps or 1.0), size_fn, skip_bad,
-                                    max_pixels, max_bytes, timeout)
+                                    max_pixels, max_bytes, timeout, url_policy)
         return reader, None
     if isinstance(source, Image.Image):
         raise MediaError(f"{desc}: a single image is not a video (use load_image, or pass [image] as frames)")
@@ -822,7 +824,7 @@ def _open_reader(source: Any, *, backend: str, size_fn, skip_bad: bool, strategy
     if source_fps is not None:
         raise MediaError(f"{desc}: source_fps only applies to frame lists and directories; a video file "
                          "has its own timestamps")
-    opened = open_source(source, max_bytes=max_bytes, timeout=timeout)
+    opened = open_source(source, max_bytes=max_bytes, timeout=timeout, url_policy=url_policy)
     try:
         if backend == "torchcodec":
             from .torchcodec_backend import TorchCodecReader
@@ -858,11 +860,12 @@ def probe_video(
     source_fps: float | None = None,
     max_bytes: int | None = DEFAULT_VIDEO_MAX_BYTES,
     timeout: float | None = DEFAULT_VIDEO_TIMEOUT,
+    url_policy: UrlPolicy | None = None,
 ) -> dict[str, Any]:
     """Frame count, average fps, duration (and per-frame times for variable frame rate) without decoding."""
     reader, opened = _open_reader(source, backend=backend, size_fn=None, skip_bad=False, strategy="auto",
                                   source_fps=source_fps, max_bytes=max_bytes, timeout=timeout,
-                                  max_pixels=DEFAULT_MAX_PIXELS)
+                                  max_pixels=DEFAULT_MAX_PIXELS, url_policy=url_policy)
     try:
         return {"total_frames": reader.total_frames, "fps": reader.avg_fps, "duration": reader.duration,
                 "variable_frame_rate": bool(getattr(reader, "variable_frame_rate", False)),
@@ -894,6 +897,7 @@ def load_video(
     source_fps: float | None = None,
     decode_strategy: str = "auto",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    url_policy: UrlPolicy | None = None,
 ) -> VideoClip:
     """Decode the frames that ``sampling`` selects (see :mod:`owlvid.media.sampling`) as RGB PIL images.
 
@@ -903,12 +907,13 @@ def load_video(
     ``end`` (seconds) restrict any selection to a window. ``size`` resizes in the decoder: ``(w, h)``, an
     int for the shorter side, or a callable ``(w, h) -> (w, h)`` (default: native resolution).
     ``decode_strategy``: ``auto`` (cost model), ``seek`` or ``sequential``. At most
-    :data:`MAX_FRAMES_HARD_CAP` frames per call. Raises :class:`owlvid.errors.MediaError`.
+    :data:`MAX_FRAMES_HARD_CAP` frames per call. ``url_policy``: which hosts http(s) URLs may reach (see
+    :class:`owlvid.media.UrlPolicy`; default: any host). Raises :class:`owlvid.errors.MediaError`.
     """
     spec = _make_sampling(sampling, max_frames, num_frames, fps, min_frames, indices, timestamps, start, end)
     reader, opened = _open_reader(source, backend=backend, size_fn=_size_fn(size), skip_bad=skip_bad_frames,
                                   strategy=decode_strategy, source_fps=source_fps, max_bytes=max_bytes,
-                                  timeout=timeout, max_pixels=max_pixels)
+                                  timeout=timeout, max_pixels=max_pixels, url_policy=url_policy)
     try:
         picked = _select(reader, spec, MAX_FRAMES_HARD_CAP)
         wanted = sorted(set(picked))
@@ -943,7 +948,8 @@ def iter_video_chunks(source: Any, chunk_size: int = 32, **options: Any) -> Iter
     reader, opened = _open_reader(source, backend=opts["backend"], size_fn=_size_fn(opts["size"]),
                                   skip_bad=opts["skip_bad_frames"], strategy=opts["decode_strategy"],
                                   source_fps=opts["source_fps"], max_bytes=opts["max_bytes"],
-                                  timeout=opts["timeout"], max_pixels=opts["max_pixels"])
+                                  timeout=opts["timeout"], max_pixels=opts["max_pixels"],
+                                  url_policy=opts["url_policy"])
     try:
         picked = _select(reader, spec, None)
         if any(b < a for a, b in zip(picked, picked[1:])):

@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Generation, TokenEvent
 from ..errors import MediaError, OwlvidError
-from ..media import MediaTooLargeError
+from ..media import MediaTooLargeError, NamedPath, UrlPolicy
 from . import schemas
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
 
@@ -53,6 +54,10 @@ class ServerConfig:
     max_request_bytes: int = 100 * MiB
     max_media_bytes: int = 256 * MiB
     download_timeout: float = 60.0
+    # http(s) media: only public hosts unless opted in; checked after DNS and on every redirect
+    allowed_media_domains: list[str] | None = None
+    allow_private_media_hosts: bool = False
+    media_connect_timeout: float = 10.0
     max_frames: int = 128
     max_image_pixels: int = 40_000_000
     max_media_per_request: int = 32
@@ -186,15 +191,24 @@ _PROCESSOR_KEYS = _VIDEO_KEYS | {"cut_enable"}
 
 class MediaSources:
     """Checks an `image_url` / `video_url` against the server's policy and returns what to hand to
-    `owlvid.media`: the URL itself for `data:` and http(s) (media enforces the byte limit and the
-    download deadline), or the resolved path of a local file under the allowed root."""
+    `owlvid.media`: the URL itself for `data:` and http(s) (media enforces the byte limit, the download
+    deadline and `url_policy`), or the resolved path of a local file under the allowed root, named in
+    messages as the client wrote it (errors never show the server's folders or symlink targets)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         root = config.allowed_local_media_path
         self.root = Path(root).expanduser().resolve() if root else None
+        domains = config.allowed_media_domains
+        self.url_policy = UrlPolicy(allow_private_hosts=config.allow_private_media_hosts,
+                                    allowed_domains=tuple(domains) if domains is not None else None,
+                                    connect_timeout=config.media_connect_timeout)
 
-    def resolve(self, url: str, kind: str, param: str) -> str:
+    @staticmethod
+    def is_url(source: Any) -> bool:
+        return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+    def resolve(self, url: str, kind: str, param: str) -> str | NamedPath:
         url = url.strip()
         match = _SCHEME_RE.match(url)
         scheme = match.group(1).lower() if match else ""
@@ -223,18 +237,28 @@ class MediaSources:
         path = Path(raw).expanduser()
         if not path.is_absolute():
             path = self.root / path
+        name = self._client_name(path, raw)
         real = path.resolve()  # symlinks and '..' resolved before the check
         if real != self.root and self.root not in real.parents:
-            raise APIError(400, f"{raw} is outside the allowed local media path {self.root} "
-                           "(--allowed-local-media-path)", param=param, code="local_media_forbidden")
+            raise APIError(400, f"{name} is outside the allowed local media path (--allowed-local-media-path)",
+                           param=param, code="local_media_forbidden")
         if not real.is_file():
-            raise APIError(400, f"media file not found: {raw}", param=param, code="invalid_media")
+            raise APIError(400, f"media file not found: {name}", param=param, code="invalid_media")
         size = real.stat().st_size
         if size > self.config.max_media_bytes:
             limit = self.config.max_media_bytes
-            raise MediaTooLargeError(f"{raw}: {size} bytes is more than the limit of {limit} bytes "
+            raise MediaTooLargeError(f"{name}: {size} bytes is more than the limit of {limit} bytes "
                                      "(--max-media-bytes)")
-        return str(real)
+        return NamedPath(real, name)
+
+    def _client_name(self, path: Path, raw: str) -> str:
+        """The path as the client wrote it, relative to the root where it lies there (lexically: a
+        symlink's target is never shown), else just the file name."""
+        assert self.root is not None
+        try:
+            return Path(os.path.normpath(path)).relative_to(self.root).as_posix() or "."
+        except ValueError:
+            return raw if not Path(raw).is_absolute() else Path(raw).name or "file"
 
 
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -355,7 +379,7 @@ class RequestBuilder:
         cfg = self.config
         source = self.sources.resolve(url, "image", param)
         return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
-                          timeout=cfg.download_timeout)
+                          timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
 
     def _video(self, url: str, options: dict, param: str) -> list:
         from ..api import load_video_frames
@@ -371,6 +395,8 @@ class RequestBuilder:
         opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
                     max_pixels=cfg.max_image_pixels)
         source = self.sources.resolve(url, "video", param)
+        if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
+            opts["url_policy"] = self.sources.url_policy
         frames = load_video_frames(source, self.model.runtime, opts)
         if len(frames) > cap:  # a sampling preset may ask for more: keep `cap` evenly spread frames
             frames = [frames[int(i * len(frames) / cap)] for i in range(cap)]
