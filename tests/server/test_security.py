@@ -141,13 +141,14 @@ def planted(media_root, tmp_path_factory) -> dict[str, Path]:
     (outside / "target.png").write_bytes(png_bytes())
     d = media_root / "sec"
     d.mkdir(exist_ok=True)
-    links = {"out_link": d / "escape.png", "in_link": d / "alias.png"}
+    links = {"out_link": d / "escape.png", "in_link": d / "alias.png", "loop": d / "loop.png"}
     for link in links.values():
         if link.is_symlink():
             link.unlink()
     os.symlink(outside / "target.png", links["out_link"])
     (d / "hidden-name.png").write_bytes(png_bytes())
     os.symlink(d / "hidden-name.png", links["in_link"])
+    os.symlink(links["loop"], links["loop"])
     (d / "broken.mp4").write_bytes(os.urandom(20000))
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
     write_video(str(d / "whole.mp4"), 60, faststart=True)
@@ -170,6 +171,7 @@ def assert_no_server_paths(text: str, planted: dict) -> None:
     ("image", "sec/broken.png", 400, "sec/broken.png: "),
     ("video", "sec/broken.mp4", 400, "sec/broken.mp4: "),
     ("video", "sec/alias.png", 400, "sec/alias.png: "),  # an image as a video, through a symlink inside
+    ("image", "sec/loop.png", 400, "sec/loop.png"),  # a symlink to itself
 ])
 def test_errors_do_not_reveal_server_paths(server, planted, kind, rel, status, fragment):
     needs_media()

@@ -238,13 +238,20 @@ class MediaSources:
         if not path.is_absolute():
             path = self.root / path
         name = self._client_name(path, raw)
-        real = path.resolve()  # symlinks and '..' resolved before the check
-        if real != self.root and self.root not in real.parents:
+        try:
+            real = path.resolve()  # symlinks and '..' resolved before the check
+            inside = real == self.root or self.root in real.parents
+            found = inside and real.is_file()
+            size = real.stat().st_size if found else 0
+        except (OSError, RuntimeError) as e:  # symlink loop, permission denied: the OS message names the path
+            reason = getattr(e, "strerror", None) or "symlink loop"
+            raise APIError(400, f"cannot access media file {name} ({reason})", param=param,
+                           code="invalid_media") from None
+        if not inside:
             raise APIError(400, f"{name} is outside the allowed local media path (--allowed-local-media-path)",
                            param=param, code="local_media_forbidden")
-        if not real.is_file():
+        if not found:
             raise APIError(400, f"media file not found: {name}", param=param, code="invalid_media")
-        size = real.stat().st_size
         if size > self.config.max_media_bytes:
             limit = self.config.max_media_bytes
             raise MediaTooLargeError(f"{name}: {size} bytes is more than the limit of {limit} bytes "
