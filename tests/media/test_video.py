@@ -375,17 +375,17 @@ def test_bad_frame_in_list_is_skipped_with_warning(tmp_path):
 def test_skipping_non_reference_frames_never_loses_a_wanted_frame(videos, monkeypatch):
     """Non-reference frames nobody asked for are not decoded. If a wanted frame were skipped (here
     forced by hiding the wanted packet timestamps) the reader must notice and decode again."""
-    from owlvid.media import video as video_module
+    from owlvid.media import pyav_backend
 
     fallbacks = []
-    original = video_module._PyAVReader._stop_skipping_nonref
+    original = pyav_backend.PyAVReader._stop_skipping_nonref
 
     def record(self):
         fallbacks.append(original(self))
         return fallbacks[-1]
 
-    monkeypatch.setattr(video_module._PyAVReader, "_packet_pts_of", lambda self, indices: set())
-    monkeypatch.setattr(video_module._PyAVReader, "_stop_skipping_nonref", record)
+    monkeypatch.setattr(pyav_backend.PyAVReader, "_packet_pts_of", lambda self, indices: set())
+    monkeypatch.setattr(pyav_backend.PyAVReader, "_stop_skipping_nonref", record)
     wanted = list(range(20, 50))  # consecutive frames: B-frames (non-reference) among them
     for strategy in STRATEGIES:
         fallbacks.clear()

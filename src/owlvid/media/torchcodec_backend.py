@@ -17,6 +17,7 @@ from PIL import Image
 
 from owlvid.errors import MediaError
 
+from .pyav_backend import PyAVReader
 from .sources import OpenedMedia
 
 _BATCH = 16  # frames per get_frames_at call: bounds the uint8 batch tensor TorchCodec allocates
@@ -42,9 +43,7 @@ class TorchCodecReader:
 
     def __init__(self, opened: OpenedMedia, *, size_fn, skip_bad: bool) -> None:
         video_decoder = _import_decoder()
-        from .video import _PyAVReader
-
-        probe = _PyAVReader(opened, size_fn=None, skip_bad=skip_bad, strategy="sequential")
+        probe = PyAVReader(opened, size_fn=None, skip_bad=skip_bad, strategy="sequential")
         try:
             self.description = probe.description
             self.total_frames = probe.total_frames
