@@ -15,31 +15,24 @@ from typing import Any
 import torch
 
 _DONE = object()
+_PUT_POLL = 0.05  # seconds between checks for a consumer that has gone away
 
 
 class Prefetcher:
-    """Iterate `source` on a daemon thread, at most `depth` items ahead; errors surface in the consumer."""
+    """Iterate `source` on a daemon thread, at most `depth` items ahead; errors surface in the consumer.
+
+    The producer never blocks for good: every put (items, the end marker, an error) waits in short
+    steps and gives up once the consumer has stopped (closed the iterator, broken out of its loop, or
+    dropped it: the thread holds no reference to the Prefetcher, so it can be collected). `source` is
+    then closed on the worker thread, which releases what it holds (an open video file).
+    """
 
     def __init__(self, source: Iterable, depth: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="owlvid-prefetch")
+        self._thread = threading.Thread(target=_produce, args=(source, self._queue, self._stop), daemon=True,
+                                        name="owlvid-prefetch")
         self._thread.start()
-
-    def _run(self, source: Iterable) -> None:
-        try:
-            for item in source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put((True, _DONE))
-        except BaseException as e:  # handed to the consumer, re-raised there
-            self._queue.put((False, e))
 
     def __iter__(self) -> Iterator:
         try:
@@ -54,7 +47,40 @@ class Prefetcher:
             self.close()
 
     def close(self) -> None:
+        """Stop the producer (it ends within about `_PUT_POLL` seconds of its current item)."""
         self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _put(q: queue.Queue, stop: threading.Event, entry: tuple) -> bool:
+    """Put `entry` unless the consumer stops first; False if it did."""
+    while not stop.is_set():
+        try:
+            q.put(entry, timeout=_PUT_POLL)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(source: Iterable, q: queue.Queue, stop: threading.Event) -> None:
+    it = iter(source)
+    try:
+        for item in it:
+            if not _put(q, stop, (True, item)):
+                return
+        _put(q, stop, (True, _DONE))
+    except BaseException as e:  # handed to the consumer, re-raised there
+        _put(q, stop, (False, e))
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the consumer has its answer (or has gone); nothing to report to
+                pass
 
 
 class StreamedVideo:
