@@ -110,3 +110,59 @@ def test_silent_host_fails_within_connect_timeout(silent_host):
     with pytest.raises(MediaTimeoutError, match=r"timeout=0.3 s"):
         load_image(f"{silent_host}/x.png", url_policy=UrlPolicy(allow_private_hosts=True), timeout=0.3)
     assert time.monotonic() - t0 < 3
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """HTTPS on 127.0.0.1 with a self-signed certificate for 'localhost' (made with the openssl tool)."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    from .synth import index_frame, png_bytes
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    body = png_bytes(index_frame(11))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Host-Seen", self.headers.get("Host", ""))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://localhost:{httpd.server_address[1]}", cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_verifies_the_host_name_on_the_pinned_connection(https_server, monkeypatch):
+    url, cert = https_server
+    with pytest.raises(MediaFetchError, match="certificate verify failed"):  # not trusted by default
+        load_image(f"{url}/frame.png", url_policy=PRIVATE_OK)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now trusted: the certificate names 'localhost'
+    assert read_index(load_image(f"{url}/frame.png", url_policy=PRIVATE_OK)) == 11
+    with pytest.raises(MediaForbiddenUrlError, match="loopback"):
+        load_image(f"{url}/frame.png", url_policy=STRICT)
+    # by IP the certificate (DNS:localhost only) does not match: the TLS name is the URL's host
+    port = url.rsplit(":", 1)[1]
+    with pytest.raises(MediaFetchError, match="certificate verify failed|match"):
+        load_image(f"https://127.0.0.1:{port}/frame.png", url_policy=PRIVATE_OK)

@@ -165,8 +165,8 @@ def copy_limited(read: Callable[[int], bytes], desc: str, max_bytes: int | None,
     return out
 
 
-def _vetted_address(host: str, port: int, policy: UrlPolicy, desc: str) -> tuple:
-    """Resolve ``host`` and check every address (a mixed answer is refused as a whole); the first one."""
+def _vetted_addresses(host: str, port: int, policy: UrlPolicy, desc: str) -> list[tuple]:
+    """Resolve ``host`` and check every address (a mixed answer is refused as a whole)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
@@ -176,27 +176,33 @@ def _vetted_address(host: str, port: int, policy: UrlPolicy, desc: str) -> tuple
         raise MediaFetchError(f"{desc}: cannot resolve host {host!r}")
     for *_, sockaddr in infos:
         policy.check_address(sockaddr[0], host, desc)
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the vetted address, not to whatever ``host`` resolves to now."""
+    """Connects to the vetted addresses (in resolver order), not to whatever ``host`` resolves to now."""
 
-    def __init__(self, host: str, port: int, address: tuple, connect_timeout: float, **kw) -> None:
-        super().__init__(host, port, timeout=connect_timeout, **kw)
-        self._family, self._sockaddr = address
+    def __init__(self, host: str, port: int, addresses: list[tuple], connect_timeout: float | None) -> None:
+        super().__init__(host, port, timeout=connect_timeout)
+        self._addresses = addresses
         self.pinned: socket.socket | None = None  # kept: http.client drops `sock` once the response owns it
 
     def _raw_socket(self) -> socket.socket:
-        sock = socket.socket(self._family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        error: OSError | None = None
+        for family, sockaddr in self._addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(sockaddr)
+                return sock
+            except TimeoutError:
+                sock.close()
+                raise
+            except OSError as e:  # e.g. IPv6 unreachable: try the next address
+                sock.close()
+                error = e
+        assert error is not None
+        raise error
 
     def connect(self) -> None:
         self.sock = self.pinned = self._raw_socket()
@@ -205,8 +211,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     default_port = http.client.HTTPS_PORT
 
-    def __init__(self, host: str, port: int, address: tuple, connect_timeout: float) -> None:
-        super().__init__(host, port, address, connect_timeout)
+    def __init__(self, host: str, port: int, addresses: list[tuple], connect_timeout: float | None) -> None:
+        super().__init__(host, port, addresses, connect_timeout)
         self._context = ssl.create_default_context()
 
     def connect(self) -> None:
@@ -227,9 +233,9 @@ def _connect_and_ask(url: str, policy: UrlPolicy, desc: str, wait: float | None,
     except ValueError:
         raise MediaFetchError(f"{desc}: invalid port in URL") from None
     policy.check_host(host, desc)
-    address = _vetted_address(host, port, policy, desc)
+    addresses = _vetted_addresses(host, port, policy, desc)
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    conn = cls(host, port, address, wait)
+    conn = cls(host, port, addresses, wait)
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     try:
         conn.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity",
