@@ -8,13 +8,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("OWLVID_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+
+
+def _fixture_root() -> Path:
+    """OWLVID_FIXTURES if set, else the copy in the repository (tests/fixtures), else ../shared/fixtures."""
+    if os.environ.get("OWLVID_FIXTURES"):
+        return Path(os.environ["OWLVID_FIXTURES"]).resolve()
+    for candidate in (REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures"):
+        if (candidate / "README.md").exists():
+            return candidate.resolve()
+    return (REPO / "tests" / "fixtures").resolve()
+
+
+FIXTURES = _fixture_root()
+# CI (.ci/run) sets this: a missing fixture there is a broken checkout, not a reason to skip.
+REQUIRE_FIXTURES = os.environ.get("OWLVID_REQUIRE_FIXTURES", "") not in ("", "0")
 
 
 def fixtures_or_skip(*parts: str) -> Path:
+    """The fixture path, or skip (fail when OWLVID_REQUIRE_FIXTURES=1) when it is absent."""
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"parity fixtures not found at {path} (set OWLVID_FIXTURES to the shared fixtures folder)")
+        message = f"parity fixtures not found at {path} (set OWLVID_FIXTURES to the fixtures folder)"
+        if REQUIRE_FIXTURES:
+            pytest.fail(message + " and OWLVID_REQUIRE_FIXTURES=1", pytrace=False)
+        pytest.skip(message)
     return path
 
 

@@ -1,12 +1,11 @@
 """Parity of the Slow-Fast implementation with the golden outputs of the official code (float32).
 
-Fixtures: `<repo>/../shared/fixtures/slowfast` (override the fixture root with OWLVID_FIXTURES).
+Fixtures: `tests/fixtures/slowfast` (see tests/conftest.py for the search order and OWLVID_FIXTURES).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-DEFAULT_FIXTURES = Path(__file__).parents[2] / "../shared/fixtures"  # /work/shared/fixtures next to the repo
-FIXTURES = Path(os.environ.get("OWLVID_FIXTURES") or DEFAULT_FIXTURES).resolve()
+from ..conftest import FIXTURES, fixtures_or_skip
+
 ROOT = FIXTURES / "slowfast"
 CHECKPOINT = "tiny-slowfast-qwen2-convnext576-s1t4"
 CASES = ["image_single_turn", "video_8f_single_turn", "video_16f_single_turn", "video_8f_two_turn"]
 VOCAB = 151646
 
-pytestmark = pytest.mark.skipif(not (ROOT / CHECKPOINT / "config.json").exists(),
-                                reason=f"Slow-Fast fixtures not found under {ROOT} (set OWLVID_FIXTURES)")
 
 
 def case_dir(case: str) -> Path:
@@ -43,7 +40,7 @@ def case_media(c: dict) -> tuple[list, list]:
 def model():
     import owlvid
 
-    return owlvid.load(ROOT / CHECKPOINT, device="cpu", dtype="float32")
+    return owlvid.load(fixtures_or_skip("slowfast", CHECKPOINT), device="cpu", dtype="float32")
 
 
 @dataclass

@@ -199,7 +199,8 @@ def split_fast_tokens(features: torch.Tensor, cfg: SlowFastConfig) -> torch.Tens
     x = x.reshape(len(plan.frames), side, side, c).permute(3, 0, 1, 2)  # [C, K, h, w]
     if plan.temporal == "avg":
         stride = cfg.fast_temporal_stride
-        x = F.avg_pool3d(x[None], kernel_size=(stride, 1, 1))[0]
+        # The CPU avg_pool3d kernel has no bf16/fp16 version: pool in float32 (a no-op for float32 inputs).
+        x = F.avg_pool3d(x[None].float(), kernel_size=(stride, 1, 1))[0].to(features.dtype)
     elif plan.temporal == "adaptive":
         x = F.adaptive_avg_pool3d(x[None], (plan.out_frames, side, side))[0]
     x = x.permute(1, 0, 2, 3)  # [F, C, h, w]
