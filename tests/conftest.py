@@ -50,3 +50,28 @@ def tiny_owl3_models(tiny_owl3_dirs):
     import owlvid
 
     return {rel: owlvid.load(d, dtype="float32", device="cpu") for rel, d in tiny_owl3_dirs.items()}
+
+
+def teacher_forced_logits(runtime, request, tokens: list[int]) -> list:
+    """Float32 logits of the prefill and of each decode step fed the given `tokens` (the golden greedy
+    ids): lower-precision runs are compared step by step without drifting onto another path."""
+    logits, state = runtime.prefill(request)
+    steps = [logits.float()]
+    for token in tokens[:-1]:
+        steps.append(runtime.decode(state, token).float())
+    return steps
+
+
+def assert_close_to_golden_steps(steps: list, gold_tokens: list[int], top_ids, top_values, atol: float,
+                                 max_rank: int) -> None:
+    """Per step: our logits at the golden top-k ids within `atol`, and the golden token ranked at most
+    `max_rank` (0 = our argmax) in our logits."""
+    import torch
+
+    assert len(steps) == len(gold_tokens)
+    for step, (logits, token) in enumerate(zip(steps, gold_tokens)):
+        ids = torch.as_tensor(top_ids[step]).long()
+        diff = (logits[ids] - torch.as_tensor(top_values[step])).abs().max().item()
+        assert diff < atol, f"step {step}: top-k logits differ by {diff:.4f} (tolerance {atol})"
+        rank = int((logits > logits[token]).sum())
+        assert rank <= max_rank, f"step {step}: golden token {token} ranked {rank} (at most {max_rank})"
