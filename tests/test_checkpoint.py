@@ -125,3 +125,45 @@ def test_peak_memory_while_loading_is_bounded(tmp_path, tiny_owl3_dirs):
         grown, size = map(int, out.stdout.split())
         assert size > 50_000_000
         assert grown <= 1.3 * size, (dtype, grown / size)
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    copy_checkpoint(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding window"),
+])
+def test_unimplemented_qwen2_settings_are_rejected(tiny_owl3_dirs, tmp_path, changes, match):
+    from owlvid.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=match):
+        owlvid.load(_with_config(tiny_owl3_dirs["241101"], tmp_path / "bad", **changes), device="cpu")
+
+
+def test_released_qwen2_settings_load(tiny_owl3_dirs, tiny_owl3_models, tmp_path):
+    """The released configs' values (1B-241014: sliding_window 32768 with use_sliding_window false; 241101's
+    rope_scaling None) load unchanged, as does an explicit default RoPE or a window covering every position."""
+    msg = [{"role": "user", "content": "hello"}]
+    want = tiny_owl3_models["241101"].next_token_logits(msg)
+    for i, changes in enumerate(({"sliding_window": 32768, "use_sliding_window": False, "rope_scaling": None},
+                                 {"rope_scaling": {"rope_type": "default"}},
+                                 {"sliding_window": 32768, "use_sliding_window": True,
+                                  "max_position_embeddings": 32768})):
+        folder = _with_config(tiny_owl3_dirs["241101"], tmp_path / str(i), **changes)
+        assert torch.equal(owlvid.load(folder, dtype="float32", device="cpu").next_token_logits(msg), want)
+
+
+def test_tied_config_with_stored_lm_head_warns(tiny_owl3_dirs, tmp_path, caplog):
+    import logging
+
+    folder = _with_config(tiny_owl3_dirs["240728"], tmp_path / "tied", tie_word_embeddings=True)
+    with caplog.at_level(logging.WARNING, logger="owlvid.models.owl3"):
+        owlvid.load(folder, dtype="float32", device="cpu")
+    assert any("lm_head.weight is ignored" in r.getMessage() for r in caplog.records)

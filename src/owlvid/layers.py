@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UnsupportedError
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -374,8 +376,20 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Qwen2Config:
+        """The fields we implement; settings that would change the numerics and that we do not implement
+        (RoPE scaling, an active sliding window) are rejected instead of silently dropped."""
+        scaling = d.get("rope_scaling")
+        if scaling is not None and not (isinstance(scaling, dict)
+                                        and (scaling.get("rope_type") or scaling.get("type")) == "default"):
+            raise UnsupportedError(f"config.json sets rope_scaling {scaling!r}: owlvid implements plain RoPE only")
         fields = cls.__dataclass_fields__
-        return cls(**{k: d[k] for k in fields if k in d})
+        cfg = cls(**{k: d[k] for k in fields if k in d})
+        # Released configs carry e.g. sliding_window 32768/131072 with use_sliding_window false: inactive.
+        window = d.get("sliding_window")
+        if d.get("use_sliding_window") and window is not None and window < cfg.max_position_embeddings:
+            raise UnsupportedError(f"config.json enables a {window}-token sliding window (use_sliding_window "
+                                   "true): owlvid implements full attention only")
+        return cfg
 
 
 class Qwen2Decoder(nn.Module):

@@ -366,3 +366,55 @@ def test_unsupported_checkpoint(folder, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="hybrid layer 1"):
         owlvid.load(bad, dtype="float32")
+
+
+def _copy_with_config(folder, dst, **changes):
+    shutil.copytree(folder, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_unreadable_generation_config_is_an_error(folder, tmp_path):
+    """Its eos_token_id list decides where generation stops: never dropped silently."""
+    bad = _copy_with_config(folder, tmp_path / "bad")
+    for text in ("{not json", "[151645]"):
+        (bad / "generation_config.json").write_text(text)
+        with pytest.raises(CheckpointError, match="cannot read .*generation_config.json"):
+            owlvid.load(bad, dtype="float32")
+    (bad / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643, 7]}))
+    assert owlvid.load(bad, dtype="float32").runtime.stop_token_ids[-1] == 7
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"mm_patch_merge_type": "spatial_unpad"}, "mm_patch_merge_type"),
+    ({"mm_resampler_type": "spatial_pool"}, "mm_resampler_type"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding window"),
+])
+def test_settings_that_make_skipped_tensors_used_are_rejected(folder, tmp_path, changes, match):
+    """image_newline / vision_resampler.* are skipped only because of the flat merge and no resampler."""
+    from owlvid.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=match):
+        owlvid.load(_copy_with_config(folder, tmp_path / "bad", **changes), dtype="float32")
+
+
+def test_released_config_values_still_load(folder, model, tmp_path):
+    """rope_scaling is forced to None by the official Slow-Fast model; an inactive sliding window is
+    harmless; explicit flat merge / no resampler are the released values."""
+    ok = _copy_with_config(folder, tmp_path / "ok", rope_scaling={"type": "linear", "factor": 2.0},
+                           sliding_window=32768, use_sliding_window=False, mm_patch_merge_type="flat",
+                           mm_resampler_type=None)
+    messages = video_message(frames(2))
+    assert torch.equal(owlvid.load(ok, dtype="float32").next_token_logits(messages),
+                       model.next_token_logits(messages))
+
+
+def test_tied_config_with_stored_lm_head_warns(folder, tmp_path, caplog):
+    import logging
+
+    tied = _copy_with_config(folder, tmp_path / "tied", tie_word_embeddings=True)
+    with caplog.at_level(logging.WARNING, logger="owlvid.models.slowfast"):
+        owlvid.load(tied, dtype="float32")
+    assert any("lm_head.weight is ignored" in r.getMessage() for r in caplog.records)
