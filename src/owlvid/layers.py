@@ -83,13 +83,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         mask = None
     b, h, t, d = q.shape
     groups = h // k.shape[1]
+    if is_causal and mask is None and t != k.shape[2]:
+        # The queries are the last t of the keys' positions; torch's is_causal would align them top-left.
+        mask = causal_mask(t, k.shape[2], q.device) if t > 1 else None
+        is_causal = False
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-    if is_causal and mask is None and t == k.shape[2]:
+    if is_causal and mask is None:
         # Plain causal prefill: let the kernel handle heads and causality (no [T, T] mask in memory).
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if is_causal and mask is None and t > 1:
-        mask = causal_mask(t, k.shape[2], q.device)
     qg = q.reshape(b, k.shape[1], groups * t, d)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=_fold_mask(mask, groups, t))
     return out.reshape(b, h, t, d)
