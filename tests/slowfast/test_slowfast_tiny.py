@@ -187,7 +187,7 @@ def test_64_frames_chat(model):
 
 def test_64_frames_bfloat16(folder, model):
     """The default 64-frame path in bfloat16 (what dtype="auto" picks on AVX512-BF16 CPUs): runs, and the
-    last-position logits stay close to float32 (measured max |diff| 0.0xx, std of the logits ~1)."""
+    last-position logits stay close to float32 (measured max |diff| 0.095, cosine 0.99998; logits std ~4)."""
     bf16 = owlvid.load(folder, device="cpu", dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
     messages = video_message(frames(64))
