@@ -8,13 +8,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("OWLVID_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+
+
+def _fixture_root() -> Path:
+    """OWLVID_FIXTURES if set, else the copy in the repository (tests/fixtures), else ../shared/fixtures."""
+    if os.environ.get("OWLVID_FIXTURES"):
+        return Path(os.environ["OWLVID_FIXTURES"]).resolve()
+    for candidate in (REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures"):
+        if (candidate / "README.md").exists():
+            return candidate.resolve()
+    return (REPO / "tests" / "fixtures").resolve()
+
+
+FIXTURES = _fixture_root()
+# CI (.ci/run) sets this: a missing fixture there is a broken checkout, not a reason to skip.
+REQUIRE_FIXTURES = os.environ.get("OWLVID_REQUIRE_FIXTURES", "") not in ("", "0")
 
 
 def fixtures_or_skip(*parts: str) -> Path:
+    """The fixture path, or skip (fail when OWLVID_REQUIRE_FIXTURES=1) when it is absent."""
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"parity fixtures not found at {path} (set OWLVID_FIXTURES to the shared fixtures folder)")
+        message = f"parity fixtures not found at {path} (set OWLVID_FIXTURES to the fixtures folder)"
+        if REQUIRE_FIXTURES:
+            pytest.fail(message + " and OWLVID_REQUIRE_FIXTURES=1", pytrace=False)
+        pytest.skip(message)
     return path
 
 
@@ -32,3 +50,28 @@ def tiny_owl3_models(tiny_owl3_dirs):
     import owlvid
 
     return {rel: owlvid.load(d, dtype="float32", device="cpu") for rel, d in tiny_owl3_dirs.items()}
+
+
+def teacher_forced_logits(runtime, request, tokens: list[int]) -> list:
+    """Float32 logits of the prefill and of each decode step fed the given `tokens` (the golden greedy
+    ids): lower-precision runs are compared step by step without drifting onto another path."""
+    logits, state = runtime.prefill(request)
+    steps = [logits.float()]
+    for token in tokens[:-1]:
+        steps.append(runtime.decode(state, token).float())
+    return steps
+
+
+def assert_close_to_golden_steps(steps: list, gold_tokens: list[int], top_ids, top_values, atol: float,
+                                 max_rank: int) -> None:
+    """Per step: our logits at the golden top-k ids within `atol`, and the golden token ranked at most
+    `max_rank` (0 = our argmax) in our logits."""
+    import torch
+
+    assert len(steps) == len(gold_tokens)
+    for step, (logits, token) in enumerate(zip(steps, gold_tokens)):
+        ids = torch.as_tensor(top_ids[step]).long()
+        diff = (logits[ids] - torch.as_tensor(top_values[step])).abs().max().item()
+        assert diff < atol, f"step {step}: top-k logits differ by {diff:.4f} (tolerance {atol})"
+        rank = int((logits > logits[token]).sum())
+        assert rank <= max_rank, f"step {step}: golden token {token} ranked {rank} (at most {max_rank})"

@@ -125,3 +125,95 @@ def test_peak_memory_while_loading_is_bounded(tmp_path, tiny_owl3_dirs):
         grown, size = map(int, out.stdout.split())
         assert size > 50_000_000
         assert grown <= 1.3 * size, (dtype, grown / size)
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    copy_checkpoint(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding window"),
+])
+def test_unimplemented_qwen2_settings_are_rejected(tiny_owl3_dirs, tmp_path, changes, match):
+    from owlvid.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=match):
+        owlvid.load(_with_config(tiny_owl3_dirs["241101"], tmp_path / "bad", **changes), device="cpu")
+
+
+def test_released_qwen2_settings_load(tiny_owl3_dirs, tiny_owl3_models, tmp_path):
+    """The released configs' values (1B-241014: sliding_window 32768 with use_sliding_window false; 241101's
+    rope_scaling None) load unchanged, as does an explicit default RoPE or a window covering every position."""
+    msg = [{"role": "user", "content": "hello"}]
+    want = tiny_owl3_models["241101"].next_token_logits(msg)
+    for i, changes in enumerate(({"sliding_window": 32768, "use_sliding_window": False, "rope_scaling": None},
+                                 {"rope_scaling": {"rope_type": "default"}},
+                                 {"sliding_window": 32768, "use_sliding_window": True,
+                                  "max_position_embeddings": 32768})):
+        folder = _with_config(tiny_owl3_dirs["241101"], tmp_path / str(i), **changes)
+        assert torch.equal(owlvid.load(folder, dtype="float32", device="cpu").next_token_logits(msg), want)
+
+
+def test_tied_config_with_stored_lm_head_warns(tiny_owl3_dirs, tmp_path, caplog):
+    import logging
+
+    folder = _with_config(tiny_owl3_dirs["240728"], tmp_path / "tied", tie_word_embeddings=True)
+    with caplog.at_level(logging.WARNING, logger="owlvid.models.owl3"):
+        owlvid.load(folder, dtype="float32", device="cpu")
+    assert any("lm_head.weight is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_float8_checkpoint_loads(tiny_owl3_dirs, tmp_path):
+    """F8 tensors (E4M3 / E5M2) are read and cast like any other dtype: the model equals one loaded from
+    the same values stored in bf16."""
+    src = load_file(str(tiny_owl3_dirs["241101"] / "model.safetensors"))
+    f8 = {k: v.to(torch.float8_e4m3fn if i % 2 else torch.float8_e5m2) for i, (k, v) in enumerate(src.items())}
+    out = {}
+    for name, tensors in (("f8", f8), ("bf16", {k: v.to(torch.bfloat16) for k, v in f8.items()})):
+        dst = copy_checkpoint(tiny_owl3_dirs["241101"], tmp_path / name)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        out[name] = owlvid.load(dst, dtype="float32", device="cpu").next_token_logits(
+            [{"role": "user", "content": "hello"}])
+    assert torch.equal(out["f8"], out["bf16"])
+
+
+def _write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_invalid_headers_and_mismatched_shards_are_rejected(tiny_owl3_dirs, tmp_path):
+    dst = copy_checkpoint(tiny_owl3_dirs["241101"], tmp_path / "bad")
+    tensors = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    # two tensors sharing the same bytes (sizes right, offsets overlapping): safetensors rejects it
+    _write_raw_safetensors(dst / "model.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                           bytes(8))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        owlvid.load(dst, device="cpu")
+    (dst / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({k: tensors[k] for k in keys[:half + 1]}, str(dst / names[0]))  # keys[half] in both shards
+    save_file({k: tensors[k] for k in keys[half:]}, str(dst / names[1]))
+    weight_map = {k: names[i >= half] for i, k in enumerate(keys)}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"index.json does not list '{keys[half]}' in {names[0]}"):
+        owlvid.load(dst, device="cpu")
+    save_file({k: tensors[k] for k in keys[:half]}, str(dst / names[0]))
+    weight_map[keys[0]] = names[1]  # the index points at the wrong shard
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="mismatched shards"):
+        owlvid.load(dst, device="cpu")
+    (dst / "model.safetensors.index.json").unlink()  # no index: every *.safetensors, each key once
+    save_file({k: tensors[k] for k in keys[:half + 1]}, str(dst / names[0]))
+    with pytest.raises(CheckpointError, match=rf"'{keys[half]}' is stored twice"):
+        owlvid.load(dst, device="cpu")

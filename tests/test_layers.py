@@ -52,3 +52,54 @@ def test_sdpa_parts_equals_attention_over_the_concatenation(batch, rows):
                     torch.cat([vis_mask, txt_mask], -1))
     got = sdpa_parts(q, [(vis_k, vis_v, vis_mask), (txt_k, txt_v, txt_mask)])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def reference_attention(q, k, v, mask=None):
+    """Plain SDPA with every K/V head copied for the query heads that share it."""
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask)
+
+
+def _mask(kind: str, batch: int, t: int, s: int, gen) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "2d":  # one [T, S] mask for the batch
+        return torch.rand(t, s, generator=gen) > 0.3
+    if kind == "per-sample":  # [B, 1, T, S], every row keeps at least its first key
+        m = torch.rand(batch, 1, t, s, generator=gen) > 0.5
+        m[..., 0] = True
+        return m
+    m = torch.ones(batch, 1, 1, s, dtype=torch.bool)  # "padding": decoding rows, sample 1 shorter
+    m[-1, ..., s // 2:] = False
+    return m
+
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (14, 2)])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("case", ["causal-prefill", "causal-chunk", "causal-decode", "none", "2d", "per-sample",
+                                  "padding"])
+def test_sdpa_gqa_equals_attention_over_repeated_kv(dtype, heads, kv_heads, batch, case):
+    """owlvid's GQA attention (query heads folded, K/V never copied) equals torch SDPA over K/V repeated per
+    query head, in every dtype dtype="auto" can pick, against the same computation in that dtype (measured
+    max |diff|: 3.6e-7 in float32, 0 in bfloat16 and float16). `is_causal` with fewer queries than keys
+    means the queries are the last positions (it was top-left aligned without GQA before)."""
+    gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + batch)
+    t, s = {"causal-prefill": (9, 9), "causal-chunk": (5, 12), "causal-decode": (1, 12), "padding": (1, 16)
+            }.get(case, (6, 16))
+    q = torch.randn(batch, heads, t, 16, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, s, 16, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, s, 16, generator=gen).to(dtype)
+    if case.startswith("causal"):
+        got = sdpa(q, k, v, is_causal=True)
+        want = reference_attention(q, k, v, causal_mask(t, s, "cpu"))
+    else:
+        mask = _mask(case, batch, t, s, gen)
+        got = sdpa(q, k, v, mask)
+        want = reference_attention(q, k, v, mask)
+    assert got.shape == want.shape == (batch, heads, t, 16) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=0)

@@ -8,6 +8,7 @@ as safetensors files (atomic renames, so concurrent processes can share a cache 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+log = logging.getLogger("owlvid.cache")
 
 
 def content_key(*parts: object) -> str:
@@ -130,10 +134,21 @@ class VisualCache:
         path = self._path(key)
         try:
             value = load_file(str(path))["value"]
-            os.utime(path)  # recently used: evicted last
-            return value
-        except (OSError, KeyError, ValueError, RuntimeError):  # absent, or a partial file of a crashed writer
+        except FileNotFoundError:  # not cached (or evicted by another process)
             return None
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+            # Writers rename complete files into place, so this is damage from outside: drop the entry.
+            log.warning("visual cache: ignoring and deleting corrupt entry %s (%s)", path, e or type(e).__name__)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:  # evicted by another process meanwhile: the value is still good
+            pass
+        return value
 
     def _disk_put(self, key: str, value: torch.Tensor) -> None:
         if not self.cache_dir:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UnsupportedError
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -81,13 +83,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         mask = None
     b, h, t, d = q.shape
     groups = h // k.shape[1]
+    if is_causal and mask is None and t != k.shape[2]:
+        # The queries are the last t of the keys' positions; torch's is_causal would align them top-left.
+        mask = causal_mask(t, k.shape[2], q.device) if t > 1 else None
+        is_causal = False
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-    if is_causal and mask is None and t == k.shape[2]:
+    if is_causal and mask is None:
         # Plain causal prefill: let the kernel handle heads and causality (no [T, T] mask in memory).
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if is_causal and mask is None and t > 1:
-        mask = causal_mask(t, k.shape[2], q.device)
     qg = q.reshape(b, k.shape[1], groups * t, d)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=_fold_mask(mask, groups, t))
     return out.reshape(b, h, t, d)
@@ -374,8 +378,20 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Qwen2Config:
+        """The fields we implement; settings that would change the numerics and that we do not implement
+        (RoPE scaling, an active sliding window) are rejected instead of silently dropped."""
+        scaling = d.get("rope_scaling")
+        if scaling is not None and not (isinstance(scaling, dict)
+                                        and (scaling.get("rope_type") or scaling.get("type")) == "default"):
+            raise UnsupportedError(f"config.json sets rope_scaling {scaling!r}: owlvid implements plain RoPE only")
         fields = cls.__dataclass_fields__
-        return cls(**{k: d[k] for k in fields if k in d})
+        cfg = cls(**{k: d[k] for k in fields if k in d})
+        # Released configs carry e.g. sliding_window 32768/131072 with use_sliding_window false: inactive.
+        window = d.get("sliding_window")
+        if d.get("use_sliding_window") and window is not None and window < cfg.max_position_embeddings:
+            raise UnsupportedError(f"config.json enables a {window}-token sliding window (use_sliding_window "
+                                   "true): owlvid implements full attention only")
+        return cfg
 
 
 class Qwen2Decoder(nn.Module):

@@ -128,21 +128,37 @@ def test_debug_states_single_image(models):
     np.testing.assert_allclose(image_embeds[0].numpy(), states["image_embeds_item0"], atol=1e-4)
 
 
-@pytest.mark.parametrize("checkpoint", list(CASES))
-def test_bfloat16_agrees_with_float32(checkpoint):
-    """bf16 on CPU: last-position logits within 0.15 of float32 (measured <= 0.06 on every case)."""
+@pytest.fixture(scope="module")
+def bf16_models():
     import owlvid
 
     root = fixtures_or_skip("owl3")
-    case = "square_image_cut"
-    _, spec, images, videos = load_case(checkpoint, case)
-    gold = json.loads((FIXTURES / "owl3" / "cases" / checkpoint / case / "meta.json").read_text())
-    bf16 = owlvid.load(root / checkpoint, tokenizer=root / "tokenizer", dtype="bfloat16", device="cpu")
-    assert bf16.dtype == torch.bfloat16
-    logits = bf16.next_token_logits(spec["messages"], images=images, cut_enable=True)
+    return {ck: owlvid.load(root / ck, tokenizer=root / "tokenizer", dtype="bfloat16", device="cpu") for ck in CASES}
+
+
+@pytest.mark.parametrize("checkpoint,case", PARAMS)
+def test_bfloat16_matches_official_within_bf16_tolerance(bf16_models, checkpoint, case):
+    """bf16 (what dtype="auto" picks on AVX512-BF16 CPUs and most GPUs) against the float32 goldens: the
+    last-position logits within 0.15 over the whole vocabulary (measured <= 0.054; logits std ~1) with
+    cosine > 0.9995 (measured >= 0.99993), and teacher-forced greedy decoding (fed the golden ids): per
+    step the golden top-32 logits within 0.15 (measured <= 0.058) and the golden token ranked at most 2nd
+    (measured: 1st, except once 2nd). bf16 greedy ids themselves may diverge where the golden margin
+    (>= 8e-4) is below bf16 noise."""
     from safetensors.numpy import load_file
 
-    ref = load_file(str(FIXTURES / "owl3" / "cases" / checkpoint / case / "logits.safetensors"))["last_logits"]
-    assert np.abs(logits.numpy() - ref).max() < 0.15
-    top5 = set(torch.topk(logits, 5).indices.tolist())
-    assert gold["last_logits_argmax"] in top5
+    from ..conftest import assert_close_to_golden_steps, teacher_forced_logits
+
+    d, spec, images, videos = load_case(checkpoint, case)
+    meta = json.loads((d / "meta.json").read_text())
+    gold = load_file(str(d / "logits.safetensors"))
+    model = bf16_models[checkpoint]
+    assert model.dtype == torch.bfloat16
+    kwargs = dict(images=images, videos=videos, cut_enable=spec["cut_enable"])
+    request, _ = model.prepare(spec["messages"], **kwargs)
+    steps = teacher_forced_logits(model.runtime, request, meta["greedy_new_token_ids"])
+    last = torch.from_numpy(gold["last_logits"])
+    assert steps[0].shape == last.shape
+    assert (steps[0] - last).abs().max().item() < 0.15
+    assert F.cosine_similarity(steps[0], last, dim=0).item() > 0.9995
+    assert_close_to_golden_steps(steps, meta["greedy_new_token_ids"], gold["generation_step_logits_top_ids"],
+                                 gold["generation_step_logits_top"], atol=0.15, max_rank=1)

@@ -53,3 +53,30 @@ def test_cached_decoding_equals_full_recompute(tiny_owl3_models, release):
         recomputed.append(token)
         ids.append(token)
     assert recomputed == cached.token_ids
+
+
+def test_disk_cache_corrupt_entry_is_logged_and_dropped(tmp_path, caplog):
+    """A missing entry is a quiet miss; a damaged one (truncated, overwritten) is a logged warning, deleted,
+    and a miss, so the caller recomputes and rewrites it."""
+    import logging
+
+    from owlvid.cache import VisualCache
+
+    cache = VisualCache(cache_dir=tmp_path)
+    value = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    cache.put("good", value)
+    with caplog.at_level(logging.WARNING, logger="owlvid.cache"):
+        assert VisualCache(cache_dir=tmp_path).get("absent") is None
+        assert not caplog.records
+        assert torch.equal(VisualCache(cache_dir=tmp_path).get("good"), value)
+        path = tmp_path / "good.safetensors"
+        for damage in (path.read_bytes()[:-7], b"\x00" * 5, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"x\": 1}"):
+            path.write_bytes(damage)
+            fresh = VisualCache(cache_dir=tmp_path)
+            assert fresh.get("good") is None and fresh.misses == 1
+            assert not path.exists()
+        assert len(caplog.records) == 3
+        assert all("corrupt entry" in r.getMessage() and "good.safetensors" in r.getMessage()
+                   for r in caplog.records)
+    cache.put("good", value)
+    assert torch.equal(VisualCache(cache_dir=tmp_path).get("good"), value)

@@ -11,6 +11,7 @@ every decoding step; the official code recomputes them each step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ from ...layers import (
     sdpa,
     sdpa_parts,
 )
+
+log = logging.getLogger("owlvid.models.owl3")
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -105,6 +108,9 @@ def owl3_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> Owl3Config:
     projector = "mlp" if "vision2text_model.0.weight" in shapes else "linear"
     if "language_model.lm_head.weight" not in shapes:
         llm.tie_word_embeddings = True
+    elif llm.tie_word_embeddings:
+        log.warning("config.json ties the output layer to the embeddings (tie_word_embeddings true): the "
+                    "checkpoint's language_model.lm_head.weight is ignored")
     return Owl3Config(llm=llm, vision=vision, hyper_layers=hyper, attention=attention, projector=projector,
                       vision_batch_size=int(raw.get("vision_batch_size", 16)), raw=raw)
 

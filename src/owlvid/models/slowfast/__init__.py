@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ...checkpoint import checkpoint_shapes, load_weights
-from ...errors import InputError
+from ...errors import CheckpointError, InputError
 from ...layers import KVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
 from .model import (
@@ -196,11 +196,12 @@ def _stop_ids(folder: Path, raw: dict, tokenizer: QwenTokenizer) -> list[int]:
     ids = [tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")]
     extra = raw.get("eos_token_id")
     path = folder / "generation_config.json"
-    if path.exists():
+    if path.exists():  # unreadable: an error, not a silent loss of its extra eos ids
         try:
             extra = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id", extra)
-        except (OSError, json.JSONDecodeError):
-            pass
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read {path} (its eos_token_id decides where generation stops): "
+                                  f"{e or type(e).__name__}") from None
     for i in extra if isinstance(extra, list) else [extra]:
         if isinstance(i, int) and 0 <= i < len(tokenizer) and i not in ids:
             ids.append(i)

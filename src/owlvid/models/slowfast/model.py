@@ -14,6 +14,7 @@ get no cross-attention in the official semantics, so they never need them.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, UnsupportedError
 from ...layers import (
     AttentionInputs,
     Qwen2Attention,
@@ -39,6 +40,8 @@ IMAGE_TOKEN_INDEX = -200
 SUPPORTED_TOWERS = {"convnext-576": 576}
 SUPPORTED_CROSS_ATTN = "text-only-vanilla"  # "text-only-vanilla-flashattn" in the released configs
 SUPPORTED_GATING = "whole-dynamic-tanh-warmup"
+
+log = logging.getLogger("owlvid.models.slowfast")
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -73,7 +76,8 @@ def slowfast_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> SlowFastCo
     """Read config.json (official schema plus the owlvid `convnext_config` extension) and check it
     against the checkpoint keys."""
     try:
-        llm = Qwen2Config.from_dict(raw)
+        # LlavaQwenSlowFastForCausalLM.__init__ forces rope_scaling to None: whatever the file says is unused.
+        llm = Qwen2Config.from_dict({**raw, "rope_scaling": None})
     except TypeError as e:
         raise CheckpointError(f"config.json is not a Slow-Fast (Qwen2) config: {e}") from None
     rows = shapes.get("model.embed_tokens.weight")
@@ -82,6 +86,17 @@ def slowfast_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> SlowFastCo
     llm.vocab_size = rows[0]
     if "lm_head.weight" not in shapes:
         llm.tie_word_embeddings = True
+    elif llm.tie_word_embeddings:
+        log.warning("config.json ties the output layer to the embeddings (tie_word_embeddings true): the "
+                    "checkpoint's lm_head.weight is ignored")
+    # checkpoint_key_map skips image_newline and vision_resampler.*: only right for these two settings.
+    merge = raw.get("mm_patch_merge_type") or "flat"
+    if merge != "flat":
+        raise UnsupportedError(f"unsupported mm_patch_merge_type {merge!r} (owlvid implements 'flat', the "
+                               "released models' choice)")
+    resampler = raw.get("mm_resampler_type")
+    if resampler not in (None, "identity"):
+        raise UnsupportedError(f"unsupported mm_resampler_type {resampler!r} (owlvid implements none)")
 
     tower = raw.get("mm_vision_tower")
     if tower not in SUPPORTED_TOWERS:
@@ -199,7 +214,8 @@ def split_fast_tokens(features: torch.Tensor, cfg: SlowFastConfig) -> torch.Tens
     x = x.reshape(len(plan.frames), side, side, c).permute(3, 0, 1, 2)  # [C, K, h, w]
     if plan.temporal == "avg":
         stride = cfg.fast_temporal_stride
-        x = F.avg_pool3d(x[None], kernel_size=(stride, 1, 1))[0]
+        # The CPU avg_pool3d kernel has no bf16/fp16 version: pool in float32 (a no-op for float32 inputs).
+        x = F.avg_pool3d(x[None].float(), kernel_size=(stride, 1, 1))[0].to(features.dtype)
     elif plan.temporal == "adaptive":
         x = F.adaptive_avg_pool3d(x[None], (plan.out_frames, side, side))[0]
     x = x.permute(1, 0, 2, 3)  # [F, C, h, w]
