@@ -9,14 +9,16 @@ Messages are OpenAI/Hugging Face style: `{"role": ..., "content": str | [parts]}
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import CachedVideo, FrameList, VisualCache, content_key, file_identity
+from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
 from .errors import CheckpointError, InputError
@@ -177,63 +179,123 @@ def _part_source(part: dict, kind: str) -> Any:
     return value
 
 
-def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
-    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
-    file already encoded with the same settings is not decoded again (the runtime's visual cache)."""
-    from .pipeline import StreamedVideo
+_SPEC_KEYS = ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")
 
-    if isinstance(source, (FrameList, CachedVideo, StreamedVideo)):
+
+def video_sampling_options(runtime: Any, options: dict) -> dict:
+    """The options a video is decoded with: the caller's, then the model's defaults for what they leave
+    open. A frame count or rate the caller gives always wins over a preset default: `num_frames` alone
+    means N evenly spread frames (vLLM's meaning; for mPLUG-Owl3 the official evaluation sampler), `fps`
+    alone on Slow-Fast means that rate (at most the training frame count)."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    counted = "num_frames" in opts or "max_frames" in opts
+    default = runtime.default_video_sampling
+    if "sampling" not in opts:
+        if "num_frames" in opts and default == "owl3":
+            opts["sampling"] = "owl3-eval"
+        elif "fps" in opts and not counted and default == "slowfast":
+            opts["sampling"] = "fps"  # the slowfast preset has a fixed frame count and no rate
+        else:
+            opts["sampling"] = default
+    if not counted and hasattr(runtime, "default_video_options"):
+        for k, v in runtime.default_video_options().items():
+            opts.setdefault(k, v)
+    return opts
+
+
+def cap_indices(indices: list[int], cap: int | None) -> list[int]:
+    """At most `cap` of `indices`, evenly spread (all of them when there are not more)."""
+    if cap is None or len(indices) <= cap:
+        return list(indices)
+    return [indices[int(i * len(indices) / cap)] for i in range(cap)]
+
+
+@functools.cache
+def _capped_sampling_class() -> type:
+    from .media import VideoSampling
+
+    @dataclass(frozen=True)
+    class CappedSampling(VideoSampling):
+        """A VideoSampling that keeps at most `frame_cap` of the frames it selects, before decoding."""
+
+        frame_cap: int | None = None
+
+        def select(self, *args: Any, **kwargs: Any) -> list[int]:
+            return cap_indices(super().select(*args, **kwargs), self.frame_cap)
+
+    return CappedSampling
+
+
+def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
+    """The media layer's VideoSampling for `opts`; with a cap, one that drops frames from the selection
+    before anything is decoded."""
+    from .media import VideoSampling
+
+    capped = _capped_sampling_class()
+    sampling = opts.get("sampling")
+    if isinstance(sampling, VideoSampling):
+        if frame_cap is None:
+            return sampling
+        return capped(**{f.name: getattr(sampling, f.name) for f in fields(VideoSampling)},
+                              frame_cap=frame_cap)
+    if not isinstance(sampling, str):
+        raise InputError(f"sampling must be a preset name, got {sampling!r}")
+    spec = {k: opts[k] for k in _SPEC_KEYS[1:] if k in opts}
+    return capped(preset=sampling, **spec, frame_cap=frame_cap)
+
+
+def load_video_frames(source: Any, runtime: Any, options: dict, *, frame_cap: int | None = None
+                      ) -> PreparedVideo | list:
+    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
+    file already encoded with the same settings is not decoded again (the runtime's visual cache).
+    `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
+    decoding."""
+    if isinstance(source, PreparedVideo):
         return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
     if isinstance(source, (list, tuple)):
         return list(source)
     from .media import load_video
 
-    opts = dict(options)
-    # `num_frames` alone means N evenly spread frames (vLLM's meaning): the official evaluation sampler.
-    opts.setdefault("sampling", "owl3-eval" if "num_frames" in opts and runtime.default_video_sampling == "owl3"
-                    else runtime.default_video_sampling)
-    if hasattr(runtime, "default_video_options"):
-        for k, v in runtime.default_video_options().items():
-            opts.setdefault(k, v)
+    opts = video_sampling_options(runtime, options)
     key = None
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
         try:
-            key = content_key("video-file", file_identity(source), sorted(opts.items()))
+            capped = () if frame_cap is None else (("frame_cap", frame_cap),)
+            key = content_key("video-file", file_identity(source), sorted(opts.items()), *capped)
         except OSError:
             key = None  # missing file: load_video reports it
         if key is not None and hasattr(runtime, "cached_video"):
             cached = runtime.cached_video(key)
             if cached is not None:
                 return cached
-    streamed = plan_streamed_video(source, opts, key) if hasattr(runtime, "supports_streamed_video") else None
+    spec = _sampling_spec(opts, frame_cap)
+    rest = {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
+    streamed = plan_streamed_video(source, spec, rest, key) if hasattr(runtime, "supports_streamed_video") \
+        else None
     if streamed is not None:
         return streamed
-    return FrameList(load_video(source, **opts).frames, key)
+    clip = load_video(source, sampling=spec, **rest)
+    return FrameList(clip.frames, key, clip.indices, clip.timestamps)
 
 
-_SAMPLING_OPTIONS = ("max_frames", "num_frames", "fps", "min_frames")
-
-
-def plan_streamed_video(source: Any, opts: dict, key: str | None) -> Any:
+def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None) -> Any:
     """For a local video file with a plain preset, pick the frame indices now (container metadata only)
     and decode the frames later, chunk by chunk, while the vision tower encodes (see owlvid.pipeline).
     Returns None where the eager path must be used (URLs, time windows, variable frame rate)."""
-    from .media import probe_video, sample_indices
+    from .media import probe_video
     from .pipeline import StreamedVideo
 
     if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source) or key is None:
         return None
-    if set(opts) - {"sampling", *_SAMPLING_OPTIONS, "backend", "skip_bad_frames", "max_bytes"}:
-        return None  # start/end windows, explicit indices or timestamps: let load_video decide
-    if not isinstance(opts.get("sampling"), str):
-        return None
-    info = probe_video(source, backend=opts.get("backend", "pyav"))
+    if set(options) - {"backend", "skip_bad_frames", "max_bytes"}:
+        return None  # decoder options the streamed path does not take: let load_video decide
+    if any(getattr(spec, k) is not None for k in ("start", "end", "indices", "timestamps")):
+        return None  # time windows, explicit indices or timestamps: let load_video decide
+    info = probe_video(source, backend=options.get("backend", "pyav"))
     if info["variable_frame_rate"]:
         return None
-    indices = sample_indices(opts["sampling"], info["total_frames"], info["fps"], duration=info["duration"],
-                             **{k: opts[k] for k in _SAMPLING_OPTIONS if opts.get(k) is not None})
-    passthrough = {k: opts[k] for k in ("backend", "skip_bad_frames", "max_bytes") if k in opts}
-    return StreamedVideo(source, indices, passthrough, key)
+    indices = spec.select(info["total_frames"], info["fps"], None, info["duration"], cap=None)
+    return StreamedVideo(source, indices, dict(options), key)
 
 
 def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,

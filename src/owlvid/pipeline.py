@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .cache import PreparedVideo
+
 _DONE = object()
 
 
@@ -57,7 +59,7 @@ class Prefetcher:
         self._stop.set()
 
 
-class StreamedVideo:
+class StreamedVideo(PreparedVideo):
     """A video whose frame selection is known (`indices`) but whose frames are decoded only when the
     model encodes them, chunk by chunk."""
 

@@ -300,8 +300,10 @@ class RequestBuilder:
         proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
         cut = proc.pop("cut_enable", cfg.cut_enable)
         requested.update(proc)
-        # the server's defaults apply where the request says nothing (a frame count replaces a rate)
-        video = {k: v for k, v in cfg.video_options.items() if not (k == "fps" and "num_frames" in requested)}
+        # the server's defaults apply where the request says nothing: a frame count or rate in the request
+        # replaces the server's (never both, which presets refuse as disagreeing)
+        framing = {"num_frames", "max_frames", "fps"}
+        video = {k: v for k, v in cfg.video_options.items() if not (k in framing and framing & set(requested))}
         video.update(requested)
         for key in ("num_frames", "max_frames"):
             value = video.get(key)
@@ -357,24 +359,18 @@ class RequestBuilder:
         return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
                           timeout=cfg.download_timeout)
 
-    def _video(self, url: str, options: dict, param: str) -> list:
+    def _video(self, url: str, options: dict, param: str) -> Any:
+        """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding."""
         from ..api import load_video_frames
 
         cfg = self.config
-        cap = cfg.max_frames
         opts = dict(options)
-        default = getattr(self.model.runtime, "default_video_sampling", "owl3")
-        if "num_frames" in opts and "sampling" not in opts and default == "owl3":
-            opts["sampling"] = "owl3-eval"  # vLLM's num_frames: N frames spread evenly (the official eval)
         if opts.get("sampling") in ("fps", "all"):
-            opts.setdefault("max_frames", cap)
+            opts.setdefault("max_frames", cfg.max_frames)  # fps spreads, all refuses, past the cap
         opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
                     max_pixels=cfg.max_image_pixels)
         source = self.sources.resolve(url, "video", param)
-        frames = load_video_frames(source, self.model.runtime, opts)
-        if len(frames) > cap:  # a sampling preset may ask for more: keep `cap` evenly spread frames
-            frames = [frames[int(i * len(frames) / cap)] for i in range(cap)]
-        return frames
+        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames)
 
 
 # -- the app ---------------------------------------------------------------------------------------------
