@@ -103,12 +103,16 @@ class Model:
 
     def prepare(self, messages: list[dict], *, images: list | None = None, videos: list | None = None,
                 cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
-                sampling: str | None = None) -> tuple[Any, list[int]]:
-        """Render and tokenize a conversation with its media; returns (model inputs, prompt ids)."""
+                sampling: str | None = None, max_new_tokens: int | None = None) -> tuple[Any, list[int]]:
+        """Render and tokenize a conversation with its media; returns (model inputs, prompt ids).
+        With `max_new_tokens`, a prompt that leaves fewer positions than that is refused (as vLLM does)."""
         video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
                       if v is not None}
         msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts)
-        return self.runtime.prepare(msgs, imgs, vids, cut_enable)
+        request, prompt_ids = self.runtime.prepare(msgs, imgs, vids, cut_enable)
+        if max_new_tokens is not None:
+            check_context(len(prompt_ids), max_new_tokens, self.runtime.max_positions)
+        return request, prompt_ids
 
     def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         """TokenEvents as tokens are generated, then the final Generation (used by the server)."""
@@ -140,7 +144,7 @@ class Model:
         batched decoding (Slow-Fast for now) answer them one after another."""
         prep, sampling = _split_kwargs(kwargs)
         if not hasattr(self.runtime, "decode_batch"):  # no batched decoding for this model: one by one
-            return [self.generate(messages, **prep, **vars(sampling)) for messages in conversations]
+            return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
         items = []
         for messages in conversations:
             request, prompt_ids = self.prepare(messages, **prep)
@@ -159,14 +163,57 @@ _PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "samplin
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, SamplingParams]:
+    """(prepare kwargs, SamplingParams) of a call. A `max_new_tokens` the caller gives is also checked
+    against the context left by the prompt, unless `shorten_to_context=True` (a server default: the
+    answer just stops where the context ends)."""
     prep = {k: kwargs.pop(k) for k in list(kwargs) if k in _PREPARE_KEYS}
+    if "max_new_tokens" in kwargs and not kwargs.pop("shorten_to_context", False):
+        prep["max_new_tokens"] = kwargs["max_new_tokens"]
+    kwargs.pop("shorten_to_context", None)
     if kwargs.get("stop") is None:
         kwargs.pop("stop", None)
+    check_seed(kwargs.get("seed"))
+    stop = kwargs.get("stop")
+    for i, text in enumerate([stop] if isinstance(stop, str) else stop or []):
+        check_text(text, f"stop string {i}")
     try:
         sampling = SamplingParams(**kwargs)
     except TypeError as e:
         raise InputError(f"unknown option: {e}") from None
     return prep, sampling
+
+
+# -- request checks shared by the Python API and the server --------------------------------------------
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed: Any) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {type(seed).__name__}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise InputError(f"seed {seed} is out of range: it must be between -2**63 and 2**64-1")
+
+
+def check_text(text: Any, where: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (e.g. JSON "\\ud800") is refused."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                         f"character {e.start}") from None
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
+    """vLLM's rule: the prompt and the longest answer asked for must fit the model's context."""
+    if isinstance(max_new_tokens, int) and prompt_tokens + max_new_tokens > max_positions:
+        raise InputError(f"this model's maximum context length is {max_positions} tokens; the request asks "
+                         f"for {prompt_tokens + max_new_tokens} ({prompt_tokens} in the messages, "
+                         f"{max_new_tokens} in the completion): reduce the messages or max_tokens")
 
 
 def _part_source(part: dict, kind: str) -> Any:
@@ -316,6 +363,7 @@ def normalize_messages(messages: list[dict], runtime: Any, images: list | None, 
             raise InputError(f"message {i} must be a dict with 'role' and 'content'")
         content = m.get("content")
         if content is None or isinstance(content, str):
+            check_text(content or "", f"message {i} content")
             out.append({"role": m["role"], "content": content or ""})
             continue
         if not isinstance(content, list):
@@ -325,7 +373,10 @@ def normalize_messages(messages: list[dict], runtime: Any, images: list | None, 
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                text += ("\n" if prev_media else "") + str(part.get("text", ""))
+                part_text = part.get("text", "")
+                part_text = part_text if isinstance(part_text, str) else str(part_text)
+                check_text(part_text, f"message {i} text part")
+                text += ("\n" if prev_media else "") + part_text
                 prev_media = False
             elif kind in ("image", "image_url"):
                 out_images.append(_part_source(part, "image"))

@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..api import check_seed, check_text
 from ..engine import Generation, TokenEvent
-from ..errors import MediaError, OwlvidError
+from ..errors import InputError, MediaError, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
@@ -251,6 +252,14 @@ def _check_keys(options: dict, allowed: set[str], param: str) -> dict:
     return dict(options)
 
 
+def _checked(check: Any, *args: Any, param: str) -> None:
+    """Run a shared request check (owlvid.api); its InputError becomes a 400 naming the field."""
+    try:
+        check(*args)
+    except InputError as e:
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+
 def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
@@ -283,8 +292,11 @@ class RequestBuilder:
         """(generation kwargs, video options) of a request; cheap, runs first."""
         cfg = self.config
         _refuse_unsupported(body)
+        asked = body.max_completion_tokens or body.max_tokens
         gen: dict[str, Any] = {
-            "max_new_tokens": body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
+            # an explicit max_tokens must fit the context (400 otherwise, as vLLM); the default just stops there
+            "max_new_tokens": asked or cfg.default_max_tokens,
+            "shorten_to_context": not asked,
             "temperature": cfg.default_temperature if body.temperature is None else body.temperature,
             "top_p": cfg.default_top_p if body.top_p is None else body.top_p,
             "top_k": max(body.top_k or 0, 0),
@@ -293,6 +305,9 @@ class RequestBuilder:
         }
         if body.stop:
             gen["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        _checked(check_seed, gen["seed"], param="seed")
+        for i, text in enumerate(gen.get("stop", [])):
+            _checked(check_text, text, f"stop string {i}", param="stop")
         io_kwargs = body.media_io_kwargs or {}
         _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
         _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
@@ -336,12 +351,14 @@ class RequestBuilder:
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
             if not isinstance(m.content, list):
+                _checked(check_text, m.content or "", f"messages.{i}.content", param=f"messages.{i}.content")
                 out.append({"role": role, "content": m.content or ""})
                 continue
             parts = []
             for j, p in enumerate(m.content):
                 param = f"messages.{i}.content.{j}"
                 if p.type == "text":
+                    _checked(check_text, p.text, param, param=param)
                     parts.append({"type": "text", "text": p.text})
                 elif p.type == "image_url":
                     parts.append({"type": "image", "image": self._image(p.image_url.url, param)})
