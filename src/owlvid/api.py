@@ -9,14 +9,16 @@ Messages are OpenAI/Hugging Face style: `{"role": ..., "content": str | [parts]}
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import CachedVideo, FrameList, VisualCache, content_key, file_identity
+from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
 from .errors import CheckpointError, InputError
@@ -101,12 +103,16 @@ class Model:
 
     def prepare(self, messages: list[dict], *, images: list | None = None, videos: list | None = None,
                 cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
-                sampling: str | None = None) -> tuple[Any, list[int]]:
-        """Render and tokenize a conversation with its media; returns (model inputs, prompt ids)."""
+                sampling: str | None = None, max_new_tokens: int | None = None) -> tuple[Any, list[int]]:
+        """Render and tokenize a conversation with its media; returns (model inputs, prompt ids).
+        With `max_new_tokens`, a prompt that leaves fewer positions than that is refused (as vLLM does)."""
         video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
                       if v is not None}
         msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts)
-        return self.runtime.prepare(msgs, imgs, vids, cut_enable)
+        request, prompt_ids = self.runtime.prepare(msgs, imgs, vids, cut_enable)
+        if max_new_tokens is not None:
+            check_context(len(prompt_ids), max_new_tokens, self.runtime.max_positions)
+        return request, prompt_ids
 
     def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         """TokenEvents as tokens are generated, then the final Generation (used by the server)."""
@@ -138,7 +144,7 @@ class Model:
         batched decoding (Slow-Fast for now) answer them one after another."""
         prep, sampling = _split_kwargs(kwargs)
         if not hasattr(self.runtime, "decode_batch"):  # no batched decoding for this model: one by one
-            return [self.generate(messages, **prep, **vars(sampling)) for messages in conversations]
+            return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
         items = []
         for messages in conversations:
             request, prompt_ids = self.prepare(messages, **prep)
@@ -157,14 +163,57 @@ _PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "samplin
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, SamplingParams]:
+    """(prepare kwargs, SamplingParams) of a call. A `max_new_tokens` the caller gives is also checked
+    against the context left by the prompt, unless `shorten_to_context=True` (a server default: the
+    answer just stops where the context ends)."""
     prep = {k: kwargs.pop(k) for k in list(kwargs) if k in _PREPARE_KEYS}
+    if "max_new_tokens" in kwargs and not kwargs.pop("shorten_to_context", False):
+        prep["max_new_tokens"] = kwargs["max_new_tokens"]
+    kwargs.pop("shorten_to_context", None)
     if kwargs.get("stop") is None:
         kwargs.pop("stop", None)
+    check_seed(kwargs.get("seed"))
+    stop = kwargs.get("stop")
+    for i, text in enumerate([stop] if isinstance(stop, str) else stop or []):
+        check_text(text, f"stop string {i}")
     try:
         sampling = SamplingParams(**kwargs)
     except TypeError as e:
         raise InputError(f"unknown option: {e}") from None
     return prep, sampling
+
+
+# -- request checks shared by the Python API and the server --------------------------------------------
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed: Any) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {type(seed).__name__}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise InputError(f"seed {seed} is out of range: it must be between -2**63 and 2**64-1")
+
+
+def check_text(text: Any, where: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (e.g. JSON "\\ud800") is refused."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                         f"character {e.start}") from None
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
+    """vLLM's rule: the prompt and the longest answer asked for must fit the model's context."""
+    if isinstance(max_new_tokens, int) and prompt_tokens + max_new_tokens > max_positions:
+        raise InputError(f"this model's maximum context length is {max_positions} tokens; the request asks "
+                         f"for {prompt_tokens + max_new_tokens} ({prompt_tokens} in the messages, "
+                         f"{max_new_tokens} in the completion): reduce the messages or max_tokens")
 
 
 def _part_source(part: dict, kind: str) -> Any:
@@ -177,63 +226,123 @@ def _part_source(part: dict, kind: str) -> Any:
     return value
 
 
-def load_video_frames(source: Any, runtime: Any, options: dict) -> Any:
-    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
-    file already encoded with the same settings is not decoded again (the runtime's visual cache)."""
-    from .pipeline import StreamedVideo
+_SPEC_KEYS = ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")
 
-    if isinstance(source, (FrameList, CachedVideo, StreamedVideo)):
+
+def video_sampling_options(runtime: Any, options: dict) -> dict:
+    """The options a video is decoded with: the caller's, then the model's defaults for what they leave
+    open. A frame count or rate the caller gives always wins over a preset default: `num_frames` alone
+    means N evenly spread frames (vLLM's meaning; for mPLUG-Owl3 the official evaluation sampler), `fps`
+    alone on Slow-Fast means that rate (at most the training frame count)."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    counted = "num_frames" in opts or "max_frames" in opts
+    default = runtime.default_video_sampling
+    if "sampling" not in opts:
+        if "num_frames" in opts and default == "owl3":
+            opts["sampling"] = "owl3-eval"
+        elif "fps" in opts and not counted and default == "slowfast":
+            opts["sampling"] = "fps"  # the slowfast preset has a fixed frame count and no rate
+        else:
+            opts["sampling"] = default
+    if not counted and hasattr(runtime, "default_video_options"):
+        for k, v in runtime.default_video_options().items():
+            opts.setdefault(k, v)
+    return opts
+
+
+def cap_indices(indices: list[int], cap: int | None) -> list[int]:
+    """At most `cap` of `indices`, evenly spread (all of them when there are not more)."""
+    if cap is None or len(indices) <= cap:
+        return list(indices)
+    return [indices[int(i * len(indices) / cap)] for i in range(cap)]
+
+
+@functools.cache
+def _capped_sampling_class() -> type:
+    from .media import VideoSampling
+
+    @dataclass(frozen=True)
+    class CappedSampling(VideoSampling):
+        """A VideoSampling that keeps at most `frame_cap` of the frames it selects, before decoding."""
+
+        frame_cap: int | None = None
+
+        def select(self, *args: Any, **kwargs: Any) -> list[int]:
+            return cap_indices(super().select(*args, **kwargs), self.frame_cap)
+
+    return CappedSampling
+
+
+def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
+    """The media layer's VideoSampling for `opts`; with a cap, one that drops frames from the selection
+    before anything is decoded."""
+    from .media import VideoSampling
+
+    capped = _capped_sampling_class()
+    sampling = opts.get("sampling")
+    if isinstance(sampling, VideoSampling):
+        if frame_cap is None:
+            return sampling
+        return capped(**{f.name: getattr(sampling, f.name) for f in fields(VideoSampling)},
+                              frame_cap=frame_cap)
+    if not isinstance(sampling, str):
+        raise InputError(f"sampling must be a preset name, got {sampling!r}")
+    spec = {k: opts[k] for k in _SPEC_KEYS[1:] if k in opts}
+    return capped(preset=sampling, **spec, frame_cap=frame_cap)
+
+
+def load_video_frames(source: Any, runtime: Any, options: dict, *, frame_cap: int | None = None
+                      ) -> PreparedVideo | list:
+    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
+    file already encoded with the same settings is not decoded again (the runtime's visual cache).
+    `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
+    decoding."""
+    if isinstance(source, PreparedVideo):
         return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
     if isinstance(source, (list, tuple)):
         return list(source)
     from .media import load_video
 
-    opts = dict(options)
-    # `num_frames` alone means N evenly spread frames (vLLM's meaning): the official evaluation sampler.
-    opts.setdefault("sampling", "owl3-eval" if "num_frames" in opts and runtime.default_video_sampling == "owl3"
-                    else runtime.default_video_sampling)
-    if hasattr(runtime, "default_video_options"):
-        for k, v in runtime.default_video_options().items():
-            opts.setdefault(k, v)
+    opts = video_sampling_options(runtime, options)
     key = None
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
         try:
-            key = content_key("video-file", file_identity(source), sorted(opts.items()))
+            capped = () if frame_cap is None else (("frame_cap", frame_cap),)
+            key = content_key("video-file", file_identity(source), sorted(opts.items()), *capped)
         except OSError:
             key = None  # missing file: load_video reports it
         if key is not None and hasattr(runtime, "cached_video"):
             cached = runtime.cached_video(key)
             if cached is not None:
                 return cached
-    streamed = plan_streamed_video(source, opts, key) if hasattr(runtime, "supports_streamed_video") else None
+    spec = _sampling_spec(opts, frame_cap)
+    rest = {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
+    streamed = plan_streamed_video(source, spec, rest, key) if hasattr(runtime, "supports_streamed_video") \
+        else None
     if streamed is not None:
         return streamed
-    return FrameList(load_video(source, **opts).frames, key)
+    clip = load_video(source, sampling=spec, **rest)
+    return FrameList(clip.frames, key, clip.indices, clip.timestamps)
 
 
-_SAMPLING_OPTIONS = ("max_frames", "num_frames", "fps", "min_frames")
-
-
-def plan_streamed_video(source: Any, opts: dict, key: str | None) -> Any:
+def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None) -> Any:
     """For a local video file with a plain preset, pick the frame indices now (container metadata only)
     and decode the frames later, chunk by chunk, while the vision tower encodes (see owlvid.pipeline).
     Returns None where the eager path must be used (URLs, time windows, variable frame rate)."""
-    from .media import probe_video, sample_indices
+    from .media import probe_video
     from .pipeline import StreamedVideo
 
     if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source) or key is None:
         return None
-    if set(opts) - {"sampling", *_SAMPLING_OPTIONS, "backend", "skip_bad_frames", "max_bytes"}:
-        return None  # start/end windows, explicit indices or timestamps: let load_video decide
-    if not isinstance(opts.get("sampling"), str):
-        return None
-    info = probe_video(source, backend=opts.get("backend", "pyav"))
+    if set(options) - {"backend", "skip_bad_frames", "max_bytes"}:
+        return None  # decoder options the streamed path does not take: let load_video decide
+    if any(getattr(spec, k) is not None for k in ("start", "end", "indices", "timestamps")):
+        return None  # time windows, explicit indices or timestamps: let load_video decide
+    info = probe_video(source, backend=options.get("backend", "pyav"))
     if info["variable_frame_rate"]:
         return None
-    indices = sample_indices(opts["sampling"], info["total_frames"], info["fps"], duration=info["duration"],
-                             **{k: opts[k] for k in _SAMPLING_OPTIONS if opts.get(k) is not None})
-    passthrough = {k: opts[k] for k in ("backend", "skip_bad_frames", "max_bytes") if k in opts}
-    return StreamedVideo(source, indices, passthrough, key)
+    indices = spec.select(info["total_frames"], info["fps"], None, info["duration"], cap=None)
+    return StreamedVideo(source, indices, dict(options), key)
 
 
 def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,
@@ -254,6 +363,7 @@ def normalize_messages(messages: list[dict], runtime: Any, images: list | None, 
             raise InputError(f"message {i} must be a dict with 'role' and 'content'")
         content = m.get("content")
         if content is None or isinstance(content, str):
+            check_text(content or "", f"message {i} content")
             out.append({"role": m["role"], "content": content or ""})
             continue
         if not isinstance(content, list):
@@ -263,7 +373,10 @@ def normalize_messages(messages: list[dict], runtime: Any, images: list | None, 
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                text += ("\n" if prev_media else "") + str(part.get("text", ""))
+                part_text = part.get("text", "")
+                part_text = part_text if isinstance(part_text, str) else str(part_text)
+                check_text(part_text, f"message {i} text part")
+                text += ("\n" if prev_media else "") + part_text
                 prev_media = False
             elif kind in ("image", "image_url"):
                 out_images.append(_part_source(part, "image"))

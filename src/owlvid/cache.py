@@ -13,7 +13,6 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,20 +43,51 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-class FrameList(list):
-    """Video frames with a cache key describing their source (file identity + sampling settings)."""
+class PreparedVideo:
+    """What every prepared video offers, whatever holds its pixels: decoded frames (`FrameList`), frames
+    decoded later while the model encodes them (`owlvid.pipeline.StreamedVideo`), or embeddings already
+    in the visual cache (`CachedVideo`). Code that handles videos uses these attributes, never `len()`.
 
-    def __init__(self, frames, cache_key: str | None = None) -> None:
+    `num_frames`: frames the model sees; `cache_key`: file identity + sampling settings (None when
+    unknown); `indices` / `timestamps`: source frame numbers and their times in seconds, where known."""
+
+    cache_key: str | None = None
+    indices: list[int] | None = None
+    timestamps: list[float] | None = None
+
+    @property
+    def num_frames(self) -> int:
+        raise NotImplementedError
+
+
+class FrameList(list, PreparedVideo):
+    """Decoded video frames (PIL images) with their cache key and, from a decoder, their source indices."""
+
+    def __init__(self, frames, cache_key: str | None = None, indices: list[int] | None = None,
+                 timestamps: list[float] | None = None) -> None:
         super().__init__(frames)
         self.cache_key = cache_key
+        self.indices = None if indices is None else list(indices)
+        self.timestamps = None if timestamps is None else list(timestamps)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self)
 
 
-@dataclass
-class CachedVideo:
+class CachedVideo(PreparedVideo):
     """A video whose image embeddings are already in the visual cache: nothing to decode or encode."""
 
-    cache_key: str
-    num_frames: int
+    def __init__(self, cache_key: str, num_frames: int) -> None:
+        self.cache_key = cache_key
+        self._num_frames = num_frames
+
+    @property
+    def num_frames(self) -> int:
+        return self._num_frames
+
+    def __repr__(self) -> str:
+        return f"CachedVideo({self.cache_key!r}, num_frames={self._num_frames})"
 
 
 class VisualCache:

@@ -6,8 +6,9 @@
     owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
     owlvid download mPLUG/mPLUG-Owl3-7B-241101
 
-Errors are one line `owlvid: error: ...` on stderr; the exit code is 2 for usage and input errors
-(bad arguments, missing or unreadable media, invalid request) and 1 for anything else.
+Errors are one line `owlvid: error: ...` on stderr (`--debug` shows the traceback); the exit code is 2
+for usage and input errors (bad arguments, missing or unreadable media, invalid request) and 1 for
+anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -374,10 +376,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_shapes
 
-    model = _load_model(args)
-    info = model.describe()
-    folder = Path(model.runtime.folder)
-    shapes = checkpoint_shapes(folder)
+    folder = _checkpoint_without_tokenizer(args)
+    if folder is None:
+        model = _load_model(args)
+        info = model.describe()
+        folder = Path(model.runtime.folder)
+        shapes = checkpoint_shapes(folder)
+    else:  # describe what config.json and the weights say: nothing here needs a tokenizer
+        from .api import _runtime_class
+        from .checkpoint import read_config
+
+        raw = read_config(folder)
+        shapes = checkpoint_shapes(folder)
+        info = {"name": _model_name(args), "folder": str(folder),
+                "architecture": _runtime_class(raw.get("model_type", "")).architecture,
+                "model_type": raw.get("model_type"),
+                "tokenizer": "none in the checkpoint folder (ask/chat/serve need --tokenizer DIR)",
+                "parameters": sum(math.prod(shape) for shape in shapes.values())}
     prefixes: dict[str, int] = {}
     for key in shapes:
         top = key.split(".")[0]
@@ -400,6 +415,22 @@ def cmd_info(args: argparse.Namespace) -> int:
             value = ", ".join(str(v) for v in value)
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _checkpoint_without_tokenizer(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder when it has no tokenizer files and --tokenizer is not given, else None."""
+    from .checkpoint import resolve_checkpoint
+    from .errors import CheckpointError
+    from .tokenizer import QwenTokenizer
+
+    if args.tokenizer:
+        return None
+    folder = resolve_checkpoint(_model_name(args), revision=args.revision)
+    try:
+        QwenTokenizer.from_dir(folder)
+    except CheckpointError:
+        return folder
+    return None
 
 
 def _human(n: float, unit: str = "", base: int = 1000) -> str:
@@ -436,10 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="owlvid", description="Inference for cross-attention video / multi-image LLMs "
                      "(mPLUG-Owl3, Slow-Fast).")
     parser.add_argument("--version", action="version", version=f"owlvid {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("ask", parents=[model_opts, gen_opts], help="answer one question about images/videos",
+    p = sub.add_parser("ask", parents=[model_opts, gen_opts, debug], help="answer one question about images/videos",
                        description="Answer a question about images and videos (paths or URLs, in order); the "
                        "answer is streamed to stdout.")
     p.add_argument("inputs", nargs="+", metavar="MEDIA... QUESTION",
@@ -449,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object with the answer, usage and timings")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("chat", parents=[model_opts, gen_opts], help="interactive multi-turn chat",
+    p = sub.add_parser("chat", parents=[model_opts, gen_opts, debug], help="interactive multi-turn chat",
                        description="Multi-turn chat with streaming answers. " + CHAT_HELP.replace("\n", " "),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("media", nargs="*", metavar="MEDIA", help="images/videos attached to the first message")
@@ -457,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each answer as one JSON line")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", parents=[model_opts, gen_opts], help="OpenAI-compatible HTTP server",
+    p = sub.add_parser("serve", parents=[model_opts, gen_opts, debug], help="OpenAI-compatible HTTP server",
                        description="Serve the model with an OpenAI-compatible API "
                        "(POST /v1/chat/completions, GET /v1/models, GET /health). Generation options set the "
                        "defaults of requests; "
@@ -496,14 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", parents=[model_opts], help="describe a checkpoint",
+    p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "
                        "contents.")
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="checkpoint folder or hub id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("download", help="fetch a checkpoint into the Hugging Face cache",
+    p = sub.add_parser("download", parents=[debug], help="fetch a checkpoint into the Hugging Face cache",
                        description="Download a checkpoint's weights and tokenizer into the Hugging Face "
                        "cache and print its folder; a local folder just prints its path.")
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="hub id (default: owlvid.DEFAULT_MODEL)")
@@ -537,10 +571,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (UsageError, InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        if args.debug:
+            raise
         print(f"owlvid: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (OwlvidError, OSError) as e:
+        if args.debug:
+            raise
         print(f"owlvid: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"owlvid: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .cache import PreparedVideo
+
 _DONE = object()
 _PUT_POLL = 0.05  # seconds between checks for a consumer that has gone away
 
@@ -83,7 +85,7 @@ def _produce(source: Iterable, q: queue.Queue, stop: threading.Event) -> None:
                 pass
 
 
-class StreamedVideo:
+class StreamedVideo(PreparedVideo):
     """A video whose frame selection is known (`indices`) but whose frames are decoded only when the
     model encodes them, chunk by chunk."""
 

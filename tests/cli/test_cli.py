@@ -195,3 +195,59 @@ def test_video_without_extension_is_sniffed(tmp_path):
     target = tmp_path / "clip"
     target.write_bytes(bunny().read_bytes()[:4096])
     assert media_kind(str(target)) == "video"
+
+
+def test_unexpected_errors_are_one_line_with_a_debug_hint(model_dir, tmp_path):
+    """A checkpoint whose config makes the model fail in a way nobody foresaw (issue 10)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["rope_theta"] = "fast"  # a string where a number belongs: a TypeError deep inside torch
+    (broken / "config.json").write_text(json.dumps(config))
+    argv = ["ask", "hi", "--model", str(broken), "--dtype", "float32", "--max-new-tokens", "2"]
+    line = assert_one_line_error(run_cli(*argv), 1, "(run with --debug for the traceback)")
+    assert "TypeError" in line
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        proc = run_cli(*debug_argv)
+        assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr, debug_argv
+        assert "TypeError" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_info_needs_no_tokenizer(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(model_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    proc = run_cli("info", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["architecture"] == "mplug-owl3" and "--tokenizer" in info["tokenizer"]
+    assert info["parameters"] > 0 and info["checkpoint"]["tensors"] > 0
+    with_tokenizer = run_cli("info", str(folder), "--tokenizer", str(model_dir), "--dtype", "float32", "--json")
+    assert with_tokenizer.returncode == 0, with_tokenizer.stderr
+    assert json.loads(with_tokenizer.stdout)["release_family"] == "241101"
+    # answering does need one: a one-line error that says so
+    assert_one_line_error(run_cli("ask", "hi", "--model", str(folder)), 1, "no tokenizer")
+
+
+def test_chat_asks_twice_about_the_same_video(model_dir, model):
+    """The video is decoded once; the second question (and the same video attached again, now from the
+    visual cache) gets the answer of the whole conversation run in-process (issue 10)."""
+    video = bunny()
+    script = f"What happens?\nAnd then?\n/video {video}\nSame video again?\n"
+    proc = run_cli("chat", str(video), "--max-frames", "3", "--json", *common(model_dir), stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    part = {"type": "video", "video": str(video)}
+    kw = dict(max_new_tokens=12, max_frames=3)
+    history: list[dict] = []
+    for got, content in zip(answers, ([part, "What happens?"], ["And then?"], [part, "Same video again?"])):
+        history.append({"role": "user", "content": [c if isinstance(c, dict) else {"type": "text", "text": c}
+                                                    for c in content]})
+        ref = model.generate(history, **kw)
+        assert (got["text"], got["prompt_tokens"]) == (ref.text, ref.prompt_tokens)
+        history.append({"role": "assistant", "content": ref.text})
+    assert len(answers) == 3

