@@ -118,7 +118,8 @@ class RequestStream:
         # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
         self.history = list(prompt_ids) if getattr(runtime, "penalize_prompt", True) else []
         self.generated: list[int] = []
-        self.text = ""
+        self.text = ""  # text emitted so far (the final text once done)
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finish_reason: str | None = None
         self.timings: dict[str, float] = {}
         self.state: Any = None
@@ -134,37 +135,52 @@ class RequestStream:
         token = self.sampler(logits, self.history)
         if token in self.stops:
             self.finish_reason = "stop"
-            return self._flush()
+            return self._finish_text(self.generated[-1] if self.generated else -1)
         self.generated.append(token)
         self.history.append(token)
-        delta = self.decoder.push(token)
-        if self.params.stop and delta:
-            candidate = self.text + delta
-            hits = [candidate.find(s) for s in self.params.stop if s and s in candidate]
-            if hits:
-                cut = min(hits)
-                delta = candidate[len(self.text):cut] if cut > len(self.text) else ""
-                self.text = candidate[:cut]
-                self.finish_reason = "stop"
-                return [TokenEvent(token, delta)]
-        self.text += delta
-        events = [TokenEvent(token, delta)]
-        if len(self.generated) >= self.budget:
+        events = self._emit(token, self.decoder.push(token), final=False)
+        if not self.done and len(self.generated) >= self.budget:
             self.finish_reason = "length"
-            events += self._flush()
+            events += self._finish_text(token)
         return events
 
-    def _flush(self) -> list[TokenEvent]:
-        tail = self.decoder.flush()
-        if not tail:
-            return []
-        self.text += tail
-        return [TokenEvent(self.generated[-1] if self.generated else -1, tail)]
+    def _emit(self, token: int, delta: str, final: bool) -> list[TokenEvent]:
+        """Add decoded text and return the part that is certain. Text that may be the start of a stop
+        string is held back until it cannot be (or the generation ends), so the streamed deltas always
+        join to exactly the final text, which ends before the first stop string."""
+        candidate = self.text + self._held + delta
+        stops = [s for s in self.params.stop if s]
+        if stops:
+            start = max(0, len(self.text) - max(map(len, stops)))  # self.text holds no complete stop string
+            hits = [i for i in (candidate.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                final, candidate = True, candidate[: min(hits)]
+                self.finish_reason = "stop"
+        keep = 0 if final else _stop_prefix_length(candidate, stops, len(self.text))
+        out = candidate[len(self.text): len(candidate) - keep]
+        self._held = candidate[len(candidate) - keep:]
+        self.text += out
+        return [TokenEvent(token, out)]
+
+    def _finish_text(self, token: int) -> list[TokenEvent]:
+        """At the end: the decoder's incomplete tail and the held-back text."""
+        return [e for e in self._emit(token, self.decoder.flush(), final=True) if e.text]
 
     def result(self) -> Generation:
         return Generation(text=self.text, token_ids=list(self.generated), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
                           timings=self.timings)
+
+
+def _stop_prefix_length(text: str, stops: list[str], start: int) -> int:
+    """Length of the longest suffix of text[start:] that is a proper prefix of one of `stops`."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text) - start), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params: SamplingParams
