@@ -205,31 +205,47 @@ def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params
 
 
 class BatchEngine:
-    """Continuous batching: requests are prefilled one by one as they arrive and join the running batch
-    between decoding steps; each step decodes one token for every active request at once.
+    """Continuous batching: requests are prefilled as they arrive and join the running batch between
+    decoding steps; each step decodes one token for every active request at once.
 
-    Padding never changes a request's result: every row attends only to its own keys and media.
+    With `prefill_chunk` tokens per chunk (runtimes with `begin_prefill`/`prefill_step`), a long prompt is
+    prefilled one chunk per `step()`, between decoding steps, so running streams keep flowing while it
+    arrives. Padding and chunking never change a request's result: every row attends only to its own keys
+    and media, at absolute positions.
     """
 
-    def __init__(self, runtime: Any, max_batch: int = 8) -> None:
+    def __init__(self, runtime: Any, max_batch: int = 8, prefill_chunk: int | None = None) -> None:
         if not hasattr(runtime, "decode_batch"):
             raise InputError(f"{type(runtime).__name__} does not support batched decoding")
         self.runtime = runtime
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk if hasattr(runtime, "prefill_step") else None
         self.batch: Any = None
         self.streams: list[RequestStream] = []
+        self.prefilling: list[tuple[RequestStream, Any]] = []  # (stream, runtime prefill state), FIFO
 
     @property
     def active(self) -> int:
-        return len(self.streams)
+        """Requests decoding or being prefilled."""
+        return len(self.streams) + len(self.prefilling)
 
     def add(self, request: Any, prompt_ids: list[int], params: SamplingParams
             ) -> tuple[RequestStream, list[TokenEvent]]:
-        """Prefill a request now; it decodes with the batch from the next `step()` unless already done."""
+        """Take a request. Without chunking it is prefilled now and decodes with the batch from the next
+        `step()` unless already done; with chunking its prefill advances one chunk per `step()` (no events
+        yet: they come from the step that finishes its prefill)."""
         stream = RequestStream(self.runtime, prompt_ids, params)
+        if self.prefill_chunk:
+            t0 = time.perf_counter()
+            self.prefilling.append((stream, self.runtime.begin_prefill(request)))
+            stream.timings["prefill_s"] = time.perf_counter() - t0
+            return stream, []
         t0 = time.perf_counter()
         logits, state = self.runtime.prefill(request)
         stream.timings["prefill_s"] = time.perf_counter() - t0
+        return stream, self._start(stream, logits, state)
+
+    def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
         events = stream.accept(logits)
         if not stream.done:
             newcomer = self.runtime.start_batch([state])
@@ -238,10 +254,11 @@ class BatchEngine:
             else:
                 self.runtime.join_batch(self.batch, newcomer)
             self.streams.append(stream)
-        return stream, events
+        return events
 
     def remove(self, stream: RequestStream) -> None:
-        """Drop a request from the batch (its client went away)."""
+        """Drop a request from the batch or the prefill queue (its client went away)."""
+        self.prefilling = [(s, p) for s, p in self.prefilling if s is not stream]
         if stream not in self.streams:
             return
         keep = [i for i, s in enumerate(self.streams) if s is not stream]
@@ -252,11 +269,22 @@ class BatchEngine:
             self.batch = None
 
     def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
-        """Decode one token for every active request; finished requests leave the batch."""
+        """One chunk of the oldest pending prefill, then one token for every decoding request; finished
+        requests leave the batch. A request whose prefill completes here gets its first token (and decodes
+        its second with the batch): a stream may appear twice in the result, in order."""
+        out = []
+        if self.prefilling:
+            stream, job = self.prefilling[0]
+            t0 = time.perf_counter()
+            logits = self.runtime.prefill_step(job, self.prefill_chunk)
+            stream.timings["prefill_s"] = stream.timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+            if logits is not None:
+                self.prefilling.pop(0)
+                out.append((stream, self._start(stream, logits, job.state)))
         if not self.streams:
-            return []
+            return out
         logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
-        out = [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
+        out += [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
         keep = [i for i, s in enumerate(self.streams) if not s.done]
         if len(keep) != len(self.streams):
             self.streams = [self.streams[i] for i in keep]
@@ -267,10 +295,10 @@ class BatchEngine:
         return out
 
 
-def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8
-              ) -> list[Generation]:
+def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8,
+              prefill_chunk: int | None = None) -> list[Generation]:
     """Generate for several requests together; results in input order."""
-    engine = BatchEngine(runtime, max_batch)
+    engine = BatchEngine(runtime, max_batch, prefill_chunk)
     streams: list[RequestStream] = []
     pending = list(items)
     t0 = time.perf_counter()
