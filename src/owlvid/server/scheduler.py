@@ -288,7 +288,8 @@ class BatchingScheduler(Scheduler):
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self._active: dict[Any, Job] = {}  # RequestStream -> Job (prefilling or decoding)
-        self._ready: queue.Queue = queue.Queue(maxsize=1)  # prepared requests waiting for a batch slot
+        self._ready: queue.Queue = queue.Queue()  # prepared requests waiting for a batch slot
+        self._ahead = threading.Semaphore(1)  # one request prepared ahead of the engine at most
         self._prep_thread: threading.Thread | None = None
         self.peak_batch = 0
 
@@ -348,12 +349,14 @@ class BatchingScheduler(Scheduler):
 
         runtime = self.model.runtime
         while True:
+            self._ahead.acquire()  # released when the engine takes the prepared request
             job = self._queue.get()
             if job is None:
                 self._ready.put(None)
                 return
             self._picked_up(job)
             if self._gone(job, "waiting in the queue"):
+                self._ahead.release()
                 continue
             try:
                 prep, params = _split_kwargs(dict(job.options))
@@ -364,8 +367,9 @@ class BatchingScheduler(Scheduler):
                 log.debug("request %d failed in preparation: %r", job.id, e)
                 job.emit(e)
                 self._finish(job, "failed")
+                self._ahead.release()
                 continue
-            self._ready.put((job, request, prompt_ids, params))  # waits while one is already ready
+            self._ready.put((job, request, prompt_ids, params))
 
     # -- engine thread -----------------------------------------------------------------------------
 
@@ -400,6 +404,7 @@ class BatchingScheduler(Scheduler):
                     item = self._ready.get(block=not self._active)
                 except queue.Empty:
                     break
+                self._ahead.release()
                 if item is None:
                     stopping = True
                     break
