@@ -136,15 +136,19 @@ class Owl3Runtime:
 
     @torch.inference_mode()
     def encode_media(self, inputs: Owl3Inputs) -> Owl3Inputs:
-        """Run the vision tower now (any thread: it only reads the weights) so that the prefill does not:
-        the projector outputs ride along in `inputs`."""
-        if inputs.get("media_starts") and "image_embeds" not in inputs:
-            inputs["image_embeds"] = self.image_embeds(inputs)
+        """Run the vision tower and the hyper layers' visual K/V projection now (any thread: they only read
+        the weights) so that the prefill does not: the results ride along in `inputs`."""
+        if inputs.get("media_starts") and "visual_memory" not in inputs:
+            embeds = self.image_embeds(inputs)
+            inputs["visual_memory"] = self.model.visual_memory(embeds, inputs["media_starts"])
         return inputs
 
-    def _embeds(self, inputs: Owl3Inputs) -> torch.Tensor | None:
-        embeds = inputs.get("image_embeds")
-        return embeds if embeds is not None else self.image_embeds(inputs)
+    def _visual_memory(self, inputs: Owl3Inputs) -> VisualMemory | None:
+        visual = inputs.get("visual_memory")
+        if visual is not None:
+            return visual
+        embeds = self.image_embeds(inputs)
+        return self.model.visual_memory(embeds, inputs["media_starts"]) if embeds is not None else None
 
     @torch.inference_mode()
     def begin_prefill(self, inputs: Owl3Inputs) -> PrefillState:
@@ -156,13 +160,12 @@ class Owl3Runtime:
         starts = inputs["media_starts"]
         state, reuse = self._take_prefix(ids, keys, starts)
         if state is None:
-            embeds = self._embeds(inputs)
-            visual = self.model.visual_memory(embeds, starts) if embeds is not None else None
+            visual = self._visual_memory(inputs)
             cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
                             self.dtype, self.device)
             state = DecodeState(cache, visual, 0, [], keys)
         elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
-            state.visual = self.model.visual_memory(self._embeds(inputs), starts)
+            state.visual = self._visual_memory(inputs)
             state.media_keys = keys
         state.cache.length = reuse
         state.fed_ids = ids[:reuse]
