@@ -52,7 +52,6 @@ class BeforeScheduler(BatchingScheduler):
             if job is None:
                 self._ready.put(None)
                 return
-            self._picked_up(job)
             self._ready.put((job, None, None, None))
 
     def _admit(self, item, engine) -> None:

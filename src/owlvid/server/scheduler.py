@@ -354,8 +354,10 @@ class BatchingScheduler(Scheduler):
             if job is None:
                 self._ready.put(None)
                 return
-            self._picked_up(job)
+            # A prepared request still waits for the engine: its queue slot and media bytes stay taken
+            # until the engine admits it (`_admit`).
             if self._gone(job, "waiting in the queue"):
+                self._picked_up(job)
                 self._ahead.release()
                 continue
             try:
@@ -365,6 +367,7 @@ class BatchingScheduler(Scheduler):
                     request = runtime.encode_media(request)  # the vision tower, beside decoding steps
             except Exception as e:  # bad input of this request only
                 log.debug("request %d failed in preparation: %r", job.id, e)
+                self._picked_up(job)
                 job.emit(e)
                 self._finish(job, "failed")
                 self._ahead.release()
@@ -375,6 +378,7 @@ class BatchingScheduler(Scheduler):
 
     def _admit(self, item: tuple, engine: Any) -> None:
         job, request, prompt_ids, params = item
+        self._picked_up(job)
         if self._gone(job, "waiting in the queue"):
             return
         try:
