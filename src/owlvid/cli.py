@@ -116,6 +116,8 @@ def _generation_options() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 disables it (default: 0)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer before this text (repeatable)")
     g.add_argument("--no-cut", action="store_true", help="do not cut large images into crops")
     return p
 
@@ -149,6 +151,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw[key] = getattr(args, key)
     if args.no_cut:
         kw["cut_enable"] = False
+    if args.stop:
+        kw["stop"] = args.stop
     return kw
 
 
@@ -359,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
         max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
         max_queued_requests=args.max_queued_requests, max_batch=args.max_batch, request_timeout=args.request_timeout,
+        max_pending_media_bytes=args.max_pending_media_bytes,
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
@@ -525,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together (continuous batching; 1 = one at a time)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=64,
                    help="requests waiting for the engine before answering 503 (default: 64)")
+    p.add_argument("--max-pending-media-bytes", type=_positive_int, default=None,
+                   help="decoded media bytes that queued requests may hold before answering 503 (default: no limit)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take in all, queue included (default: 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -118,7 +118,8 @@ class RequestStream:
         # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
         self.history = list(prompt_ids) if getattr(runtime, "penalize_prompt", True) else []
         self.generated: list[int] = []
-        self.text = ""
+        self.text = ""  # text emitted so far (the final text once done)
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finish_reason: str | None = None
         self.timings: dict[str, float] = {}
         self.state: Any = None
@@ -134,37 +135,52 @@ class RequestStream:
         token = self.sampler(logits, self.history)
         if token in self.stops:
             self.finish_reason = "stop"
-            return self._flush()
+            return self._finish_text(self.generated[-1] if self.generated else -1)
         self.generated.append(token)
         self.history.append(token)
-        delta = self.decoder.push(token)
-        if self.params.stop and delta:
-            candidate = self.text + delta
-            hits = [candidate.find(s) for s in self.params.stop if s and s in candidate]
-            if hits:
-                cut = min(hits)
-                delta = candidate[len(self.text):cut] if cut > len(self.text) else ""
-                self.text = candidate[:cut]
-                self.finish_reason = "stop"
-                return [TokenEvent(token, delta)]
-        self.text += delta
-        events = [TokenEvent(token, delta)]
-        if len(self.generated) >= self.budget:
+        events = self._emit(token, self.decoder.push(token), final=False)
+        if not self.done and len(self.generated) >= self.budget:
             self.finish_reason = "length"
-            events += self._flush()
+            events += self._finish_text(token)
         return events
 
-    def _flush(self) -> list[TokenEvent]:
-        tail = self.decoder.flush()
-        if not tail:
-            return []
-        self.text += tail
-        return [TokenEvent(self.generated[-1] if self.generated else -1, tail)]
+    def _emit(self, token: int, delta: str, final: bool) -> list[TokenEvent]:
+        """Add decoded text and return the part that is certain. Text that may be the start of a stop
+        string is held back until it cannot be (or the generation ends), so the streamed deltas always
+        join to exactly the final text, which ends before the first stop string."""
+        candidate = self.text + self._held + delta
+        stops = [s for s in self.params.stop if s]
+        if stops:
+            start = max(0, len(self.text) - max(map(len, stops)))  # self.text holds no complete stop string
+            hits = [i for i in (candidate.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                final, candidate = True, candidate[: min(hits)]
+                self.finish_reason = "stop"
+        keep = 0 if final else _stop_prefix_length(candidate, stops, len(self.text))
+        out = candidate[len(self.text): len(candidate) - keep]
+        self._held = candidate[len(candidate) - keep:]
+        self.text += out
+        return [TokenEvent(token, out)]
+
+    def _finish_text(self, token: int) -> list[TokenEvent]:
+        """At the end: the decoder's incomplete tail and the held-back text."""
+        return [e for e in self._emit(token, self.decoder.flush(), final=True) if e.text]
 
     def result(self) -> Generation:
         return Generation(text=self.text, token_ids=list(self.generated), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
                           timings=self.timings)
+
+
+def _stop_prefix_length(text: str, stops: list[str], start: int) -> int:
+    """Length of the longest suffix of text[start:] that is a proper prefix of one of `stops`."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text) - start), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params: SamplingParams
@@ -189,31 +205,47 @@ def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params
 
 
 class BatchEngine:
-    """Continuous batching: requests are prefilled one by one as they arrive and join the running batch
-    between decoding steps; each step decodes one token for every active request at once.
+    """Continuous batching: requests are prefilled as they arrive and join the running batch between
+    decoding steps; each step decodes one token for every active request at once.
 
-    Padding never changes a request's result: every row attends only to its own keys and media.
+    With `prefill_chunk` tokens per chunk (runtimes with `begin_prefill`/`prefill_step`), a long prompt is
+    prefilled one chunk per `step()`, between decoding steps, so running streams keep flowing while it
+    arrives. Padding and chunking never change a request's result: every row attends only to its own keys
+    and media, at absolute positions.
     """
 
-    def __init__(self, runtime: Any, max_batch: int = 8) -> None:
+    def __init__(self, runtime: Any, max_batch: int = 8, prefill_chunk: int | None = None) -> None:
         if not hasattr(runtime, "decode_batch"):
             raise InputError(f"{type(runtime).__name__} does not support batched decoding")
         self.runtime = runtime
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk if hasattr(runtime, "prefill_step") else None
         self.batch: Any = None
         self.streams: list[RequestStream] = []
+        self.prefilling: list[tuple[RequestStream, Any]] = []  # (stream, runtime prefill state), FIFO
 
     @property
     def active(self) -> int:
-        return len(self.streams)
+        """Requests decoding or being prefilled."""
+        return len(self.streams) + len(self.prefilling)
 
     def add(self, request: Any, prompt_ids: list[int], params: SamplingParams
             ) -> tuple[RequestStream, list[TokenEvent]]:
-        """Prefill a request now; it decodes with the batch from the next `step()` unless already done."""
+        """Take a request. Without chunking it is prefilled now and decodes with the batch from the next
+        `step()` unless already done; with chunking its prefill advances one chunk per `step()` (no events
+        yet: they come from the step that finishes its prefill)."""
         stream = RequestStream(self.runtime, prompt_ids, params)
+        if self.prefill_chunk:
+            t0 = time.perf_counter()
+            self.prefilling.append((stream, self.runtime.begin_prefill(request)))
+            stream.timings["prefill_s"] = time.perf_counter() - t0
+            return stream, []
         t0 = time.perf_counter()
         logits, state = self.runtime.prefill(request)
         stream.timings["prefill_s"] = time.perf_counter() - t0
+        return stream, self._start(stream, logits, state)
+
+    def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
         events = stream.accept(logits)
         if not stream.done:
             newcomer = self.runtime.start_batch([state])
@@ -222,10 +254,11 @@ class BatchEngine:
             else:
                 self.runtime.join_batch(self.batch, newcomer)
             self.streams.append(stream)
-        return stream, events
+        return events
 
     def remove(self, stream: RequestStream) -> None:
-        """Drop a request from the batch (its client went away)."""
+        """Drop a request from the batch or the prefill queue (its client went away)."""
+        self.prefilling = [(s, p) for s, p in self.prefilling if s is not stream]
         if stream not in self.streams:
             return
         keep = [i for i, s in enumerate(self.streams) if s is not stream]
@@ -236,11 +269,22 @@ class BatchEngine:
             self.batch = None
 
     def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
-        """Decode one token for every active request; finished requests leave the batch."""
+        """One chunk of the oldest pending prefill, then one token for every decoding request; finished
+        requests leave the batch. A request whose prefill completes here gets its first token (and decodes
+        its second with the batch): a stream may appear twice in the result, in order."""
+        out = []
+        if self.prefilling:
+            stream, job = self.prefilling[0]
+            t0 = time.perf_counter()
+            logits = self.runtime.prefill_step(job, self.prefill_chunk)
+            stream.timings["prefill_s"] = stream.timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+            if logits is not None:
+                self.prefilling.pop(0)
+                out.append((stream, self._start(stream, logits, job.state)))
         if not self.streams:
-            return []
+            return out
         logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
-        out = [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
+        out += [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
         keep = [i for i, s in enumerate(self.streams) if not s.done]
         if len(keep) != len(self.streams):
             self.streams = [self.streams[i] for i in keep]
@@ -251,10 +295,10 @@ class BatchEngine:
         return out
 
 
-def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8
-              ) -> list[Generation]:
+def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8,
+              prefill_chunk: int | None = None) -> list[Generation]:
     """Generate for several requests together; results in input order."""
-    engine = BatchEngine(runtime, max_batch)
+    engine = BatchEngine(runtime, max_batch, prefill_chunk)
     streams: list[RequestStream] = []
     pending = list(items)
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000
     max_media_per_request: int = 32
     max_queued_requests: int = 64
+    max_pending_media_bytes: int | None = None  # decoded media held by queued requests (None: no budget)
     max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
     request_timeout: float = 600.0
     # defaults of a request that does not say
@@ -429,8 +430,10 @@ class RequestBuilder:
 def create_app(model: Any, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     cfg = config or ServerConfig(served_model_name=getattr(model, "name", "owlvid"))
     if scheduler is None and hasattr(getattr(model, "runtime", None), "decode_batch"):
-        scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch)
-    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests)
+        scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
+                                      max_pending_media_bytes=cfg.max_pending_media_bytes)
+    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests,
+                                   max_pending_media_bytes=cfg.max_pending_media_bytes)
     builder = RequestBuilder(model, cfg)
     started = schemas.now()
 

@@ -22,12 +22,17 @@ import time
 from typing import Any
 
 from ..engine import Generation
+from ..media import MediaTooLargeError
 
 log = logging.getLogger("owlvid.server")
 
 
 class QueueFullError(Exception):
     """Too many requests are already waiting (HTTP 503)."""
+
+
+class PendingMediaTooLargeError(MediaTooLargeError):
+    """One request's decoded media alone is over the pending-media budget (HTTP 413)."""
 
 
 class JobCancelled(Exception):
@@ -39,6 +44,26 @@ class JobTimeout(Exception):
 
 
 _ids = itertools.count(1)
+
+
+def media_nbytes(messages: Any) -> int:
+    """Bytes of decoded media (images, video frames) held by a request's messages. Videos that are only
+    planned (decoded later, while encoding) or already encoded hold nothing yet."""
+    if isinstance(messages, dict):
+        return sum(media_nbytes(v) for v in messages.values())
+    if isinstance(messages, (list, tuple)):
+        return sum(media_nbytes(v) for v in messages)
+    nbytes = getattr(messages, "nbytes", None)  # numpy arrays
+    if isinstance(nbytes, int):
+        return nbytes
+    if hasattr(messages, "element_size") and hasattr(messages, "numel"):  # torch tensors
+        return messages.element_size() * messages.numel()
+    if hasattr(messages, "getbands") and hasattr(messages, "size"):  # PIL images
+        width, height = messages.size
+        return width * height * len(messages.getbands())
+    if isinstance(messages, (bytes, bytearray)):
+        return len(messages)
+    return 0
 
 
 class Job:
@@ -59,6 +84,7 @@ class Job:
         self._cancelled = threading.Event()
         self.done = False
         self.client_checked_at = time.monotonic()  # consumer bookkeeping: last check that the client is there
+        self.media_bytes = media_nbytes(messages)  # held while queued: counted against the pending budget
 
     # -- consumer side (event loop) ----------------------------------------------------------------
 
@@ -89,11 +115,13 @@ class Job:
 class Scheduler:
     """A bounded FIFO in front of a single engine worker thread."""
 
-    def __init__(self, model: Any, max_queued: int = 64) -> None:
+    def __init__(self, model: Any, max_queued: int = 64, max_pending_media_bytes: int | None = None) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self.model = model
         self.max_queued = max_queued
+        self.max_pending_media_bytes = max_pending_media_bytes  # None: no byte budget
+        self._pending_media = 0  # bytes of decoded media held by submitted, not yet started requests
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the reservation count
         self._lock = threading.Lock()
         self._reserved = 0  # admitted, not yet picked up by the worker
@@ -119,20 +147,52 @@ class Scheduler:
             self._reserved = max(self._reserved - 1, 0)
 
     def submit(self, job: Job, *, reserved: bool = False) -> Job:
-        """Queue a job; without a prior `reserve()` this reserves (and may raise QueueFullError)."""
+        """Queue a job; without a prior `reserve()` this reserves (and may raise QueueFullError). Its
+        decoded media count against the pending-media budget: QueueFullError while the budget is taken by
+        other waiting requests, PendingMediaTooLargeError when the job alone is over it. On any error
+        the slot is not kept when this call took it; a caller's own reservation stays the caller's."""
         if not reserved:
             self.reserve()
-        if not self.alive:
-            self.release()
-            raise RuntimeError("the scheduler is not running")
+        try:
+            if not self.alive:
+                raise RuntimeError("the scheduler is not running")
+            self._hold_media(job)
+        except BaseException:
+            if not reserved:
+                self.release()
+            raise
         self._queue.put(job)
         return job
+
+    def _hold_media(self, job: Job) -> None:
+        budget = self.max_pending_media_bytes
+        if budget is None or job.media_bytes == 0:
+            return
+        if job.media_bytes > budget:
+            raise PendingMediaTooLargeError(
+                f"the request's decoded media take {job.media_bytes} bytes, more than this server's budget "
+                f"of {budget} bytes for queued media (--max-pending-media-bytes): send fewer or smaller "
+                "images/frames")
+        with self._lock:
+            if self._pending_media + job.media_bytes > budget:
+                raise QueueFullError(
+                    f"the server is busy: waiting requests already hold {self._pending_media} bytes of decoded "
+                    f"media; this one needs {job.media_bytes} more (limit {budget}, "
+                    "--max-pending-media-bytes); retry later")
+            self._pending_media += job.media_bytes
+
+    def _picked_up(self, job: Job) -> None:
+        """A worker took the job off the queue: its slot and its media bytes are free again."""
+        with self._lock:
+            self._reserved = max(self._reserved - 1, 0)
+            if self.max_pending_media_bytes is not None and job.media_bytes:
+                self._pending_media = max(self._pending_media - job.media_bytes, 0)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"waiting": self._reserved, "running": int(self._running is not None),
-                    "max_queued": self.max_queued, "completed": self.completed, "cancelled": self.cancelled,
-                    "failed": self.failed}
+                    "max_queued": self.max_queued, "pending_media_bytes": self._pending_media,
+                    "completed": self.completed, "cancelled": self.cancelled, "failed": self.failed}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -162,8 +222,8 @@ class Scheduler:
             job = self._queue.get()
             if job is None:
                 return
+            self._picked_up(job)
             with self._lock:
-                self._reserved = max(self._reserved - 1, 0)
                 self._running = job
             outcome = "completed"
             try:
@@ -210,23 +270,57 @@ class Scheduler:
 
 
 class BatchingScheduler(Scheduler):
-    """Continuous batching: new requests are prefilled between decoding steps and join the running
-    batch; every step decodes one token for all active requests at once (same tokens as alone).
+    """Continuous batching: every engine step runs one chunk of a pending prefill, then decodes one token
+    for all active requests at once (same tokens as alone).
+
+    Request preparation (prompt rendering, video decoding, vision encoding) runs on a second thread, one
+    request ahead of the engine: the vision tower only reads the weights, so it may run beside decoding
+    steps. Long prompts are prefilled `prefill_chunk` tokens per step (None: whole prompts at once), so
+    a long request arriving delays running streams by about one chunk per token, not its whole prefill.
 
     Used when the model's runtime supports batched decoding; the admission, cancellation and timeout
     contract is the one of `Scheduler`.
     """
 
-    def __init__(self, model: Any, max_queued: int = 64, max_batch: int = 8) -> None:
-        super().__init__(model, max_queued)
+    def __init__(self, model: Any, max_queued: int = 64, max_batch: int = 8, prefill_chunk: int | None = 512,
+                 max_pending_media_bytes: int | None = None) -> None:
+        super().__init__(model, max_queued, max_pending_media_bytes)
         self.max_batch = max_batch
-        self._active: dict[Any, Job] = {}  # RequestStream -> Job
+        self.prefill_chunk = prefill_chunk
+        self._active: dict[Any, Job] = {}  # RequestStream -> Job (prefilling or decoding)
+        self._ready: queue.Queue = queue.Queue()  # prepared requests waiting for a batch slot
+        self._ahead = threading.Semaphore(1)  # one request prepared ahead of the engine at most
+        self._prep_thread: threading.Thread | None = None
         self.peak_batch = 0
 
     def stats(self) -> dict[str, int]:
         out = super().stats()
         out.update(running=len(self._active), max_batch=self.max_batch, peak_batch=self.peak_batch)
         return out
+
+    # -- lifecycle: a preparation thread feeds the engine thread -----------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return super().alive and self._prep_thread is not None and self._prep_thread.is_alive()
+
+    def start(self) -> None:
+        if self.alive:
+            return
+        self._prep_thread = threading.Thread(target=self._prepare_loop, name="owlvid-prepare", daemon=True)
+        self._prep_thread.start()
+        super().start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the jobs already queued, then stop both threads."""
+        if self._thread is None:
+            return
+        self._queue.put(None)  # the preparation thread passes it on to the engine thread
+        if self._prep_thread is not None:
+            self._prep_thread.join(timeout)
+            self._prep_thread = None
+        self._thread.join(timeout)
+        self._thread = None
 
     def _finish(self, job: Job, outcome: str) -> None:
         job.done = True
@@ -238,20 +332,56 @@ class BatchingScheduler(Scheduler):
             else:
                 self.failed += 1
 
-    def _admit(self, job: Job, engine: Any) -> None:
-        from ..api import _split_kwargs
-
-        with self._lock:
-            self._reserved = max(self._reserved - 1, 0)
+    def _gone(self, job: Job, where: str) -> bool:
+        """Emit the end of a job that was cancelled or passed its deadline; False if it may go on."""
         if job.cancelled:
             job.emit(JobCancelled("the client went away"))
-            return self._finish(job, "cancelled")
+            self._finish(job, "cancelled")
+            return True
         if job.expired():
-            job.emit(JobTimeout("the request timed out while waiting in the queue"))
-            return self._finish(job, "failed")
+            job.emit(JobTimeout(f"the request timed out while {where}"))
+            self._finish(job, "failed")
+            return True
+        return False
+
+    def _prepare_loop(self) -> None:
+        from ..api import _split_kwargs
+
+        runtime = self.model.runtime
+        while True:
+            self._ahead.acquire()  # released when the engine takes the prepared request
+            job = self._queue.get()
+            if job is None:
+                self._ready.put(None)
+                return
+            # A prepared request still waits for the engine: its queue slot and media bytes stay taken
+            # until the engine admits it (`_admit`).
+            if self._gone(job, "waiting in the queue"):
+                self._picked_up(job)
+                self._ahead.release()
+                continue
+            try:
+                prep, params = _split_kwargs(dict(job.options))
+                request, prompt_ids = self.model.prepare(job.messages, **prep)
+                if self.prefill_chunk and hasattr(runtime, "encode_media"):
+                    request = runtime.encode_media(request)  # the vision tower, beside decoding steps
+            except Exception as e:  # bad input of this request only
+                log.debug("request %d failed in preparation: %r", job.id, e)
+                self._picked_up(job)
+                job.emit(e)
+                self._finish(job, "failed")
+                self._ahead.release()
+                continue
+            self._ready.put((job, request, prompt_ids, params))
+
+    # -- engine thread -----------------------------------------------------------------------------
+
+    def _admit(self, item: tuple, engine: Any) -> None:
+        job, request, prompt_ids, params = item
+        self._picked_up(job)
+        if self._gone(job, "waiting in the queue"):
+            return
         try:
-            prep, params = _split_kwargs(dict(job.options))
-            request, prompt_ids = self.model.prepare(job.messages, **prep)
             stream, events = engine.add(request, prompt_ids, params)
         except Exception as e:  # bad input of this request only
             job.emit(e)
@@ -266,19 +396,23 @@ class BatchingScheduler(Scheduler):
     def _work(self) -> None:
         from ..engine import BatchEngine
 
-        engine = BatchEngine(self.model.runtime, self.max_batch)
+        def new_engine() -> BatchEngine:
+            return BatchEngine(self.model.runtime, self.max_batch, self.prefill_chunk)
+
+        engine = new_engine()
         stopping = False
         while True:
-            # Admit waiting requests: block only when nothing is decoding.
-            while len(self._active) < self.max_batch:
+            # Admit prepared requests: block only when nothing is prefilling or decoding.
+            while engine.active < self.max_batch and not stopping:
                 try:
-                    job = self._queue.get(block=not self._active and not stopping)
+                    item = self._ready.get(block=not self._active)
                 except queue.Empty:
                     break
-                if job is None:
+                self._ahead.release()
+                if item is None:
                     stopping = True
-                    continue
-                self._admit(job, engine)
+                    break
+                self._admit(item, engine)
             if not self._active:
                 if stopping:
                     return
@@ -292,19 +426,20 @@ class BatchingScheduler(Scheduler):
                     job.emit(e)
                     self._finish(job, "failed")
                 self._active.clear()
-                engine = BatchEngine(self.model.runtime, self.max_batch)
+                engine = new_engine()
                 continue
             for stream, events in results:
-                job = self._active[stream]
+                job = self._active.get(stream)
+                if job is None:
+                    continue
                 for event in events:
                     job.emit(event)
                 if stream.done:
                     job.emit(stream.result())
                     del self._active[stream]
                     self._finish(job, "completed")
-                elif job.cancelled or job.expired():
+            for stream, job in list(self._active.items()):
+                if job.cancelled or job.expired():
                     engine.remove(stream)
                     del self._active[stream]
-                    job.emit(JobCancelled("the client went away") if job.cancelled
-                             else JobTimeout("the request timed out while generating"))
-                    self._finish(job, "cancelled" if job.cancelled else "failed")
+                    self._gone(job, "generating")

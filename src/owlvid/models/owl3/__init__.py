@@ -30,6 +30,14 @@ class DecodeState:
 
 
 @dataclass
+class PrefillState:
+    """A prefill in progress: `state.position` prompt tokens of `ids` are in the cache."""
+
+    state: DecodeState
+    ids: list[int]
+
+
+@dataclass
 class BatchState:
     """Requests decoding together: ragged text caches and padded visual memories."""
 
@@ -127,30 +135,63 @@ class Owl3Runtime:
         return torch.cat(parts) if parts else None
 
     @torch.inference_mode()
-    def prefill(self, inputs: Owl3Inputs) -> tuple[torch.Tensor, DecodeState]:
+    def encode_media(self, inputs: Owl3Inputs) -> Owl3Inputs:
+        """Run the vision tower and the hyper layers' visual K/V projection now (any thread: they only read
+        the weights) so that the prefill does not: the results ride along in `inputs`."""
+        if inputs.get("media_starts") and "visual_memory" not in inputs:
+            embeds = self.image_embeds(inputs)
+            inputs["visual_memory"] = self.model.visual_memory(embeds, inputs["media_starts"])
+        return inputs
+
+    def _visual_memory(self, inputs: Owl3Inputs) -> VisualMemory | None:
+        visual = inputs.get("visual_memory")
+        if visual is not None:
+            return visual
+        embeds = self.image_embeds(inputs)
+        return self.model.visual_memory(embeds, inputs["media_starts"]) if embeds is not None else None
+
+    @torch.inference_mode()
+    def begin_prefill(self, inputs: Owl3Inputs) -> PrefillState:
+        """Everything before the LLM prefill (prefix reuse, visual memory); `prefill_step` then feeds the
+        prompt chunk by chunk, so that a long prompt can be interleaved with other requests' decoding."""
         cfg = self.cfg.llm
         ids = inputs["input_ids"][0].tolist()
         keys = tuple(item["key"] for item in inputs.get("media_items") or [])
         starts = inputs["media_starts"]
         state, reuse = self._take_prefix(ids, keys, starts)
         if state is None:
-            embeds = self.image_embeds(inputs)
-            visual = self.model.visual_memory(embeds, starts) if embeds is not None else None
+            visual = self._visual_memory(inputs)
             cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
                             self.dtype, self.device)
             state = DecodeState(cache, visual, 0, [], keys)
         elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
-            embeds = self.image_embeds(inputs)
-            state.visual = self.model.visual_memory(embeds, starts)
+            state.visual = self._visual_memory(inputs)
             state.media_keys = keys
         state.cache.length = reuse
         state.fed_ids = ids[:reuse]
+        state.position = reuse
         self.stats["prefix_reused_tokens"] += reuse
-        new = torch.tensor([ids[reuse:]], device=self.device)
-        logits = self._forward(new, reuse, state.cache, state.visual)
-        state.fed_ids.extend(ids[reuse:])
-        state.position = len(ids)
-        return logits[0, -1], state
+        return PrefillState(state, ids)
+
+    @torch.inference_mode()
+    def prefill_step(self, job: PrefillState, max_tokens: int | None = None) -> torch.Tensor | None:
+        """Feed the next `max_tokens` prompt tokens (all if None); the next-token logits after the last
+        chunk, None before. Positions and media visibility are absolute, so chunks give the same result."""
+        state = job.state
+        end = len(job.ids) if max_tokens is None else min(len(job.ids), state.position + max_tokens)
+        chunk = job.ids[state.position: end]
+        logits = self._forward(torch.tensor([chunk], device=self.device), state.position, state.cache,
+                               state.visual)
+        state.fed_ids.extend(chunk)
+        state.position = end
+        return logits[0, -1] if end == len(job.ids) else None
+
+    def prefill(self, inputs: Owl3Inputs, chunk_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+        job = self.begin_prefill(inputs)
+        logits = None
+        while logits is None:
+            logits = self.prefill_step(job, chunk_tokens)
+        return logits, job.state
 
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
