@@ -252,11 +252,11 @@ def bench_decode(model: Model, n: int, tokens: int) -> dict:
     if n:
         embeds = torch.randn(n, 729, cfg.hidden_size).to(runtime.dtype)
         visual = runtime.model.visual_memory(embeds, request["media_starts"])
-    from owlvid.models.owl3 import DecodeState
+    from owlvid.models.owl3.runtime import DecodeState
 
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + tokens + 8,
                     runtime.dtype, "cpu")
-    state = DecodeState(cache, visual, len(ids))
+    state = DecodeState(cache, len(ids), visual)
     runtime._forward(torch.tensor([ids]), 0, cache, visual)
     token = 100
     for _ in range(2):  # warm up

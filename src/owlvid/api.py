@@ -20,8 +20,9 @@ import torch
 
 from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
-from .engine import Generation, SamplingParams, TokenEvent, run_batch, run_generation
+from .engine import Generation, SamplingParams, TokenEvent, check_context, run_batch, run_generation
 from .errors import CheckpointError, InputError
+from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
 DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
@@ -57,7 +58,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     dt = resolve_dtype(dtype, dev)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
     runtime = runtime_cls.load(folder, raw, tok, dev, dt)
-    if cache_bytes > 0 and hasattr(runtime, "visual_cache"):
+    if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))
 
@@ -65,7 +66,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
 class Model:
     """A loaded model. Thread-compatible (not thread-safe): serve concurrent callers through one queue."""
 
-    def __init__(self, runtime: Any, name: str) -> None:
+    def __init__(self, runtime: ModelRuntime, name: str) -> None:
         self.runtime = runtime
         self.name = name
 
@@ -105,13 +106,12 @@ class Model:
                 cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
                 sampling: str | None = None, max_new_tokens: int | None = None) -> tuple[Any, list[int]]:
         """Render and tokenize a conversation with its media; returns (model inputs, prompt ids).
-        With `max_new_tokens`, a prompt that leaves fewer positions than that is refused (as vLLM does)."""
+        A prompt that fills the context, or with `max_new_tokens` leaves less room than that, is refused."""
         video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
                       if v is not None}
         msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts)
         request, prompt_ids = self.runtime.prepare(msgs, imgs, vids, cut_enable)
-        if max_new_tokens is not None:
-            check_context(len(prompt_ids), max_new_tokens, self.runtime.max_positions)
+        check_context(len(prompt_ids), self.runtime.max_positions, max_new_tokens)
         return request, prompt_ids
 
     def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
@@ -143,7 +143,7 @@ class Model:
         Each result is token for token what `generate` gives for that conversation alone. Models without
         batched decoding (Slow-Fast for now) answer them one after another."""
         prep, sampling = _split_kwargs(kwargs)
-        if not hasattr(self.runtime, "decode_batch"):  # no batched decoding for this model: one by one
+        if not self.runtime.supports_batching:  # no batched decoding for this model: one by one
             return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
         items = []
         for messages in conversations:
@@ -208,14 +208,6 @@ def check_text(text: Any, where: str) -> None:
                          f"character {e.start}") from None
 
 
-def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
-    """vLLM's rule: the prompt and the longest answer asked for must fit the model's context."""
-    if isinstance(max_new_tokens, int) and prompt_tokens + max_new_tokens > max_positions:
-        raise InputError(f"this model's maximum context length is {max_positions} tokens; the request asks "
-                         f"for {prompt_tokens + max_new_tokens} ({prompt_tokens} in the messages, "
-                         f"{max_new_tokens} in the completion): reduce the messages or max_tokens")
-
-
 def _part_source(part: dict, kind: str) -> Any:
     value = part.get(kind)
     if value is None and f"{kind}_url" in part:  # OpenAI style {"type": "image_url", "image_url": {"url": ...}}
@@ -227,27 +219,6 @@ def _part_source(part: dict, kind: str) -> Any:
 
 
 _SPEC_KEYS = ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")
-
-
-def video_sampling_options(runtime: Any, options: dict) -> dict:
-    """The options a video is decoded with: the caller's, then the model's defaults for what they leave
-    open. A frame count or rate the caller gives always wins over a preset default: `num_frames` alone
-    means N evenly spread frames (vLLM's meaning; for mPLUG-Owl3 the official evaluation sampler), `fps`
-    alone on Slow-Fast means that rate (at most the training frame count)."""
-    opts = {k: v for k, v in options.items() if v is not None}
-    counted = "num_frames" in opts or "max_frames" in opts
-    default = runtime.default_video_sampling
-    if "sampling" not in opts:
-        if "num_frames" in opts and default == "owl3":
-            opts["sampling"] = "owl3-eval"
-        elif "fps" in opts and not counted and default == "slowfast":
-            opts["sampling"] = "fps"  # the slowfast preset has a fixed frame count and no rate
-        else:
-            opts["sampling"] = default
-    if not counted and hasattr(runtime, "default_video_options"):
-        for k, v in runtime.default_video_options().items():
-            opts.setdefault(k, v)
-    return opts
 
 
 def cap_indices(indices: list[int], cap: int | None) -> list[int]:
@@ -291,7 +262,7 @@ def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
     return capped(preset=sampling, **spec, frame_cap=frame_cap)
 
 
-def load_video_frames(source: Any, runtime: Any, options: dict, *, frame_cap: int | None = None
+def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None
                       ) -> PreparedVideo | list:
     """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
     file already encoded with the same settings is not decoded again (the runtime's visual cache).
@@ -303,7 +274,7 @@ def load_video_frames(source: Any, runtime: Any, options: dict, *, frame_cap: in
         return list(source)
     from .media import load_video
 
-    opts = video_sampling_options(runtime, options)
+    opts = runtime.video_options(options)
     key = None
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
         try:
@@ -311,14 +282,13 @@ def load_video_frames(source: Any, runtime: Any, options: dict, *, frame_cap: in
             key = content_key("video-file", file_identity(source), sorted(opts.items()), *capped)
         except OSError:
             key = None  # missing file: load_video reports it
-        if key is not None and hasattr(runtime, "cached_video"):
+        if key is not None:
             cached = runtime.cached_video(key)
             if cached is not None:
                 return cached
     spec = _sampling_spec(opts, frame_cap)
     rest = {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
-    streamed = plan_streamed_video(source, spec, rest, key) if hasattr(runtime, "supports_streamed_video") \
-        else None
+    streamed = plan_streamed_video(source, spec, rest, key) if runtime.supports_streamed_video else None
     if streamed is not None:
         return streamed
     clip = load_video(source, sampling=spec, **rest)
@@ -345,7 +315,7 @@ def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None) 
     return StreamedVideo(source, indices, dict(options), key)
 
 
-def normalize_messages(messages: list[dict], runtime: Any, images: list | None, videos: list | None,
+def normalize_messages(messages: list[dict], runtime: ModelRuntime, images: list | None, videos: list | None,
                        video_options: dict) -> tuple[list[dict], list, list]:
     """Structured content parts -> string content with the model's placeholders + media lists in
     text order. A media part followed by text renders as `<placeholder>\\n{text}` like the official

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from .errors import InputError
-from .tokenizer import IncrementalDecoder, QwenTokenizer
+from .errors import InputError, UnsupportedError
+from .runtime import ModelRuntime
+from .tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -45,6 +46,17 @@ class SamplingParams:
         return self
 
 
+def check_context(prompt_tokens: int, max_positions: int, max_new_tokens: int | None = None) -> None:
+    """The prompt must leave room for an answer; an explicit `max_new_tokens` must fit the model's context
+    together with the prompt (vLLM's rule)."""
+    if prompt_tokens >= max_positions:
+        raise InputError(f"the prompt has {prompt_tokens} tokens; this model has {max_positions} positions")
+    if max_new_tokens is not None and prompt_tokens + max_new_tokens > max_positions:
+        raise InputError(f"this model's maximum context length is {max_positions} tokens; the request asks "
+                         f"for {prompt_tokens + max_new_tokens} ({prompt_tokens} in the messages, "
+                         f"{max_new_tokens} in the completion): reduce the messages or max_tokens")
+
+
 @dataclass
 class Generation:
     text: str
@@ -53,16 +65,6 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class Runtime(Protocol):
-    tokenizer: QwenTokenizer
-    stop_token_ids: list[int]
-    max_positions: int
-
-    def prefill(self, request: Any) -> tuple[torch.Tensor, Any]: ...
-
-    def decode(self, state: Any, token_id: int) -> torch.Tensor: ...
 
 
 class Sampler:
@@ -104,11 +106,9 @@ class TokenEvent:
 class RequestStream:
     """One request's decoding bookkeeping: sampling, stop tokens and strings, text deltas, result."""
 
-    def __init__(self, runtime: Runtime, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], params: SamplingParams) -> None:
         params.validate()
-        if len(prompt_ids) >= runtime.max_positions:
-            raise InputError(f"the prompt has {len(prompt_ids)} tokens; this model has "
-                             f"{runtime.max_positions} positions")
+        check_context(len(prompt_ids), runtime.max_positions)
         self.params = params
         self.prompt_ids = list(prompt_ids)
         self.budget = min(params.max_new_tokens, runtime.max_positions - len(prompt_ids))
@@ -116,7 +116,7 @@ class RequestStream:
         self.decoder = IncrementalDecoder(runtime.tokenizer)
         self.stops = set(runtime.stop_token_ids)
         # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
-        self.history = list(prompt_ids) if getattr(runtime, "penalize_prompt", True) else []
+        self.history = list(prompt_ids) if runtime.penalize_prompt else []
         self.generated: list[int] = []
         self.text = ""  # text emitted so far (the final text once done)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
@@ -183,7 +183,7 @@ def _stop_prefix_length(text: str, stops: list[str], start: int) -> int:
     return best
 
 
-def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params: SamplingParams
+def run_generation(runtime: ModelRuntime, request: Any, prompt_ids: list[int], params: SamplingParams
                    ) -> Iterator[TokenEvent | Generation]:
     """Yield a TokenEvent per generated token, then the final Generation."""
     stream = RequestStream(runtime, prompt_ids, params)
@@ -196,8 +196,7 @@ def run_generation(runtime: Runtime, request: Any, prompt_ids: list[int], params
             break
         logits = runtime.decode(state, stream.generated[-1])
     t2 = time.perf_counter()
-    if hasattr(runtime, "finish"):
-        runtime.finish(state)
+    runtime.finish(state)
     n = len(stream.generated)
     stream.timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
                       "decode_tokens_per_s": max(n - 1, 0) / max(t2 - t1, 1e-9)}
@@ -214,12 +213,12 @@ class BatchEngine:
     and media, at absolute positions.
     """
 
-    def __init__(self, runtime: Any, max_batch: int = 8, prefill_chunk: int | None = None) -> None:
-        if not hasattr(runtime, "decode_batch"):
-            raise InputError(f"{type(runtime).__name__} does not support batched decoding")
+    def __init__(self, runtime: ModelRuntime, max_batch: int = 8, prefill_chunk: int | None = None) -> None:
+        if not runtime.supports_batching:
+            raise UnsupportedError(f"{runtime.architecture} does not support batched decoding")
         self.runtime = runtime
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk if hasattr(runtime, "prefill_step") else None
+        self.prefill_chunk = prefill_chunk if runtime.supports_chunked_prefill else None
         self.batch: Any = None
         self.streams: list[RequestStream] = []
         self.prefilling: list[tuple[RequestStream, Any]] = []  # (stream, runtime prefill state), FIFO
@@ -295,7 +294,7 @@ class BatchEngine:
         return out
 
 
-def run_batch(runtime: Any, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8,
+def run_batch(runtime: ModelRuntime, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8,
               prefill_chunk: int | None = None) -> list[Generation]:
     """Generate for several requests together; results in input order."""
     engine = BatchEngine(runtime, max_batch, prefill_chunk)

@@ -132,7 +132,7 @@ def test_checkpoint_layout(model):
     assert info["hybrid_layers_0_based"] == [0, 2, 4, 6]
     assert info["vocab_size"] == VOCAB and info["vocab_rows_stored"] == 152064
     assert model.runtime.stop_token_ids[:2] == [151645, 151643]
-    assert model.runtime.default_video_options() == {"max_frames": 64}
+    assert model.runtime.video_options({}) == {"max_frames": 64, "sampling": "slowfast"}
 
 
 # ----------------------------------------------------------------------------------------------- processor

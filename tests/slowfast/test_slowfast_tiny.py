@@ -145,7 +145,7 @@ def test_checkpoint_loads_and_truncates_vocab(model, folder):
     rt = model.runtime
     assert rt.architecture == "slowfast" and rt.video_placeholder == "<image>"
     assert rt.default_video_sampling == "slowfast"
-    assert rt.default_video_options() == {"max_frames": 64}
+    assert rt.video_options({}) == {"max_frames": 64, "sampling": "slowfast"}
     n = len(model.tokenizer)
     stored = json.loads((folder / "config.json").read_text())["vocab_size"]
     assert stored > n and rt.model.llm.embed_tokens.weight.shape[0] == n
@@ -245,7 +245,7 @@ def test_decode_matches_official_full_recompute(model):
     cfg = rt.cfg.llm
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1],
                     rt.dtype, rt.device)
-    h = rt._forward(embeds, 0, cache, SlowMemory(rows, kv))
+    h = rt.run_decoder(embeds, 0, cache, SlowMemory(rows, kv))
     wrong = rt.model.logits(h[0, length - 1:])
     assert (wrong[0] - ref[0]).abs().max().item() <= 1e-5  # the prompt itself is unchanged
     assert (wrong[1:] - ref[1:]).abs().max().item() > 1e-3
@@ -302,7 +302,7 @@ def test_truncation_official_and_disabled(model, monkeypatch):
     cfg = rt.cfg.llm
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, seq.embeds.shape[1],
                     rt.dtype, rt.device)
-    h = rt._forward(seq.embeds, 0, cache, rt.model.slow_memory(seq.slow, seq.text_rows))
+    h = rt.run_decoder(seq.embeds, 0, cache, rt.model.slow_memory(seq.slow, seq.text_rows))
     assert torch.allclose(logits, rt.model.logits(h[0, limit - 1]), atol=1e-5)
     # disabled: the whole prompt is kept, without a warning
     rt.truncation = False

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import check_seed, check_text
+from ..api import Model, check_seed, check_text
 from ..engine import Generation, TokenEvent
 from ..errors import InputError, MediaError, OwlvidError
 from ..media import MediaTooLargeError, NamedPath, UrlPolicy
@@ -109,7 +109,8 @@ def to_api_error(e: BaseException) -> APIError:
     if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
         return APIError(400, str(e), code="invalid_request")
     log.error("internal error", exc_info=(type(e), e, e.__traceback__))
-    return APIError(500, f"internal server error: {type(e).__name__}: {e}", "server_error",
+    # The exception text may carry server paths or internals: the client gets a generic line.
+    return APIError(500, "internal server error (the server log has the details)", "server_error",
                     code="internal_error")
 
 
@@ -427,9 +428,9 @@ class RequestBuilder:
 # -- the app ---------------------------------------------------------------------------------------------
 
 
-def create_app(model: Any, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
-    cfg = config or ServerConfig(served_model_name=getattr(model, "name", "owlvid"))
-    if scheduler is None and hasattr(getattr(model, "runtime", None), "decode_batch"):
+def create_app(model: Model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
+    cfg = config or ServerConfig(served_model_name=model.name)
+    if scheduler is None and model.runtime.supports_batching:
         scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
                                       max_pending_media_bytes=cfg.max_pending_media_bytes)
     sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests,
@@ -484,8 +485,7 @@ def create_app(model: Any, config: ServerConfig | None = None, scheduler: Schedu
 
     @app.get("/v1/models")
     async def models() -> dict:
-        max_len = getattr(getattr(model, "runtime", None), "max_positions", None)
-        card = schemas.model_card(cfg.served_model_name, getattr(model, "name", ""), max_len, started)
+        card = schemas.model_card(cfg.served_model_name, model.name, model.runtime.max_positions, started)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")

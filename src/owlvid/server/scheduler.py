@@ -21,6 +21,10 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from ..engine import Generation
 from ..media import MediaTooLargeError
 
@@ -53,12 +57,11 @@ def media_nbytes(messages: Any) -> int:
         return sum(media_nbytes(v) for v in messages.values())
     if isinstance(messages, (list, tuple)):
         return sum(media_nbytes(v) for v in messages)
-    nbytes = getattr(messages, "nbytes", None)  # numpy arrays
-    if isinstance(nbytes, int):
-        return nbytes
-    if hasattr(messages, "element_size") and hasattr(messages, "numel"):  # torch tensors
+    if isinstance(messages, np.ndarray):
+        return messages.nbytes
+    if isinstance(messages, torch.Tensor):
         return messages.element_size() * messages.numel()
-    if hasattr(messages, "getbands") and hasattr(messages, "size"):  # PIL images
+    if isinstance(messages, Image.Image):
         width, height = messages.size
         return width * height * len(messages.getbands())
     if isinstance(messages, (bytes, bytearray)):
@@ -363,7 +366,7 @@ class BatchingScheduler(Scheduler):
             try:
                 prep, params = _split_kwargs(dict(job.options))
                 request, prompt_ids = self.model.prepare(job.messages, **prep)
-                if self.prefill_chunk and hasattr(runtime, "encode_media"):
+                if self.prefill_chunk and runtime.supports_chunked_prefill:
                     request = runtime.encode_media(request)  # the vision tower, beside decoding steps
             except Exception as e:  # bad input of this request only
                 log.debug("request %d failed in preparation: %r", job.id, e)

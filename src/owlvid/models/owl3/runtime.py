@@ -1,0 +1,277 @@
+"""mPLUG-Owl3 runtime: loading, request preparation, prefix cache, chunked prefill, batched decoding and
+the visual cache (the `owlvid.runtime.ModelRuntime` contract)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ...cache import CachedVideo, VisualCache, content_key
+from ...checkpoint import checkpoint_shapes, load_weights
+from ...errors import InputError
+from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
+from ...runtime import DecodeState as BaseDecodeState
+from ...runtime import ModelRuntime
+from ...tokenizer import QwenTokenizer
+from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
+from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor, frames_to_pixels
+
+
+@dataclass
+class DecodeState(BaseDecodeState):
+    visual: VisualMemory | None = None
+    fed_ids: list[int] = field(default_factory=list)  # every token whose K/V is in `cache`
+    media_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class PrefillState:
+    """A prefill in progress: `state.position` prompt tokens of `ids` are in the cache."""
+
+    state: DecodeState
+    ids: list[int]
+
+
+@dataclass
+class BatchState:
+    """Requests decoding together: ragged text caches and padded visual memories."""
+
+    cache: RaggedKVCache
+    visual: BatchedVisualMemory | None
+    positions: torch.Tensor  # [B]
+    rows: list[DecodeState]
+
+
+class Owl3Runtime(ModelRuntime):
+    architecture = "mplug-owl3"
+    image_placeholder = IMAGE
+    video_placeholder = VIDEO
+    default_video_sampling = "owl3"
+    supports_chunked_prefill = True
+    supports_batching = True
+    supports_streamed_video = True  # video files are decoded chunk by chunk during encoding
+    uses_visual_cache = True
+
+    def __init__(self, model: Owl3, cfg: Owl3Config, tokenizer: QwenTokenizer, folder: Path,
+                 device: torch.device, dtype: torch.dtype, visual_cache: VisualCache | None = None,
+                 prefix_slots: int = 1) -> None:
+        processor = Owl3Processor(tokenizer, image_size=cfg.vision.image_size, cut_style=cfg.cut_prompt,
+                                  media_offset_format=cfg.media_offset_format, video_spans=cfg.cut_prompt == "v3")
+        stop_ids = [tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")]
+        super().__init__(model, tokenizer, processor, folder, device, dtype, stop_ids,
+                         cfg.llm.max_position_embeddings)
+        self.cfg = cfg
+        self.visual_cache = visual_cache
+        self.model_key = content_key("owl3", str(folder.resolve()), str(dtype), sorted(cfg.raw.items()))
+        self.prefix_slots = prefix_slots
+        self._prefixes: OrderedDict[int, DecodeState] = OrderedDict()
+        self.stats = {"encoded_crops": 0, "cached_crops": 0, "prefix_reused_tokens": 0}
+
+    @classmethod
+    def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
+             dtype: torch.dtype, visual_cache: VisualCache | None = None) -> Owl3Runtime:
+        cfg = owl3_config(raw_config, checkpoint_shapes(folder))
+        with torch.device("meta"):
+            model = Owl3(cfg)
+        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device)
+        model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
+        model.eval()
+        return cls(model, cfg, tokenizer, folder, device, dtype, visual_cache)
+
+    def describe(self) -> dict:
+        c = self.cfg
+        return {"architecture": self.architecture, "release_family": c.release_family,
+                "hyper_attention": c.attention, "projector": c.projector, "image_size": c.vision.image_size,
+                "cut_prompt": c.cut_prompt + "_global", "hyper_layers_0_based": c.hyper_layers,
+                "tied_embeddings": c.llm.tie_word_embeddings, "vocab_size": c.llm.vocab_size,
+                "layers": c.llm.num_hidden_layers, "hidden_size": c.llm.hidden_size}
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict], images: list, videos: list[list], cut_enable: bool | None
+                ) -> tuple[Owl3Inputs, list[int]]:
+        inputs = self.processor(messages, images=images, videos=videos,
+                                cut_enable=True if cut_enable is None else cut_enable)
+        return inputs, inputs["input_ids"][0].tolist()
+
+    def video_options(self, requested: dict) -> dict:
+        """`num_frames` alone means N evenly spread frames (vLLM's meaning): the official evaluation sampler."""
+        opts = {k: v for k, v in requested.items() if v is not None}
+        if "num_frames" in opts:
+            opts.setdefault("sampling", "owl3-eval")
+        return super().video_options(opts)
+
+    def cached_video(self, key: str) -> CachedVideo | None:
+        """A video already encoded under `key` (file identity + sampling): skip decoding and encoding."""
+        if self.visual_cache is None:
+            return None
+        embeds = self.visual_cache.get(content_key(self.model_key, key))
+        return CachedVideo(key, embeds.shape[0]) if embeds is not None else None
+
+    @torch.inference_mode()
+    def image_embeds(self, inputs: Owl3Inputs) -> torch.Tensor | None:
+        """Projector outputs of every crop, from the visual cache where possible."""
+        items = inputs.get("media_items")
+        if items is None:  # an official-style dict built elsewhere: just encode its pixels
+            pv = inputs.get("pixel_values")
+            return None if pv is None else self.model.encode_images(pv)
+        parts = []
+        for item in items:
+            key = content_key(self.model_key, item["key"])
+            embeds = self.visual_cache.get(key) if self.visual_cache is not None else None
+            if embeds is None:
+                if item.get("stream") is not None:  # decode the next chunk while this one is encoded
+                    chunks = item["stream"].pixel_chunks(partial(frames_to_pixels, size=self.cfg.vision.image_size))
+                    embeds = torch.cat([self.model.encode_images(chunk) for chunk in chunks])
+                elif item["pixels"] is None:
+                    raise InputError("a cached video was evicted from the visual cache; send it again")
+                else:
+                    embeds = self.model.encode_images(item["pixels"])
+                self.stats["encoded_crops"] += embeds.shape[0]
+                if self.visual_cache is not None:
+                    self.visual_cache.put(key, embeds)
+            else:
+                self.stats["cached_crops"] += embeds.shape[0]
+            parts.append(embeds.to(self.device))
+        return torch.cat(parts) if parts else None
+
+    @torch.inference_mode()
+    def encode_media(self, inputs: Owl3Inputs) -> Owl3Inputs:
+        """Run the vision tower and the hyper layers' visual K/V projection now (any thread: they only read
+        the weights) so that the prefill does not: the results ride along in `inputs`."""
+        if inputs.get("media_starts") and "visual_memory" not in inputs:
+            embeds = self.image_embeds(inputs)
+            inputs["visual_memory"] = self.model.visual_memory(embeds, inputs["media_starts"])
+        return inputs
+
+    def _visual_memory(self, inputs: Owl3Inputs) -> VisualMemory | None:
+        visual = inputs.get("visual_memory")
+        if visual is not None:
+            return visual
+        embeds = self.image_embeds(inputs)
+        return self.model.visual_memory(embeds, inputs["media_starts"]) if embeds is not None else None
+
+    @torch.inference_mode()
+    def begin_prefill(self, inputs: Owl3Inputs) -> PrefillState:
+        """Everything before the LLM prefill (prefix reuse, visual memory); `prefill_step` then feeds the
+        prompt chunk by chunk, so that a long prompt can be interleaved with other requests' decoding."""
+        cfg = self.cfg.llm
+        ids = inputs["input_ids"][0].tolist()
+        keys = tuple(item["key"] for item in inputs.get("media_items") or [])
+        starts = inputs["media_starts"]
+        state, reuse = self._take_prefix(ids, keys, starts)
+        if state is None:
+            visual = self._visual_memory(inputs)
+            cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
+                            self.dtype, self.device)
+            state = DecodeState(cache, 0, visual, [], keys)
+        elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
+            state.visual = self._visual_memory(inputs)
+            state.media_keys = keys
+        state.cache.length = reuse
+        state.fed_ids = ids[:reuse]
+        state.position = reuse
+        self.stats["prefix_reused_tokens"] += reuse
+        return PrefillState(state, ids)
+
+    @torch.inference_mode()
+    def prefill_step(self, job: PrefillState, max_tokens: int | None = None) -> torch.Tensor | None:
+        """Feed the next `max_tokens` prompt tokens (all if None); the next-token logits after the last
+        chunk, None before. Positions and media visibility are absolute, so chunks give the same result."""
+        state = job.state
+        end = len(job.ids) if max_tokens is None else min(len(job.ids), state.position + max_tokens)
+        chunk = job.ids[state.position: end]
+        logits = self._forward(torch.tensor([chunk], device=self.device), state.position, state.cache,
+                               state.visual)
+        state.fed_ids.extend(chunk)
+        state.position = end
+        return logits[0, -1] if end == len(job.ids) else None
+
+    def prefill(self, inputs: Owl3Inputs, chunk_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+        job = self.begin_prefill(inputs)
+        logits = None
+        while logits is None:
+            logits = self.prefill_step(job, chunk_tokens)
+        return logits, job.state
+
+    @torch.inference_mode()
+    def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
+        ids = torch.tensor([[token_id]], device=self.device)
+        logits = self._forward(ids, state.position, state.cache, state.visual)
+        state.position += 1
+        state.fed_ids.append(token_id)
+        return logits[0, -1]
+
+    def finish(self, state: DecodeState) -> None:
+        """Keep a finished conversation's caches so that its next turn only prefills the new tokens."""
+        if self.prefix_slots <= 0:
+            return
+        self._prefixes[id(state)] = state
+        while len(self._prefixes) > self.prefix_slots:
+            self._prefixes.popitem(last=False)
+
+    def _take_prefix(self, ids: list[int], keys: tuple[str, ...], starts: list[int]
+                     ) -> tuple[DecodeState | None, int]:
+        """The stored state sharing the longest token prefix with `ids` (and the same earlier media)."""
+        best, best_len = None, 0
+        for slot, state in self._prefixes.items():
+            if keys[: len(state.media_keys)] != state.media_keys:
+                continue
+            n = 0
+            for a, b in zip(ids, state.fed_ids):
+                if a != b:
+                    break
+                n += 1
+            # Tokens at or after a new media marker must see it: they cannot come from the old cache.
+            for s in starts[len(state.visual.starts) if state.visual is not None else 0:]:
+                n = min(n, s + 1 if self.cfg.strict_visibility else s)
+            n = min(n, len(ids) - 1)  # at least one token to compute logits from
+            if n > best_len:
+                best, best_len = slot, n
+        if best is None or best_len < 16:  # not worth it
+            return None, 0
+        return self._prefixes.pop(best), best_len
+
+    # -- batched decoding --------------------------------------------------------------------------
+
+    def start_batch(self, states: list[DecodeState]) -> BatchState:
+        layers = [h.layer_index for h in self.model.hyper_attentions()]
+        return BatchState(cache=RaggedKVCache.from_caches([s.cache for s in states]),
+                          visual=BatchedVisualMemory.from_memories([s.visual for s in states], layers),
+                          positions=torch.tensor([s.position for s in states], device=self.device),
+                          rows=list(states))
+
+    def join_batch(self, batch: BatchState, newcomers: BatchState) -> None:
+        """Requests prefilled since the last step join the running batch (continuous batching)."""
+        batch.visual = BatchedVisualMemory.concat(batch.visual, len(batch.rows), newcomers.visual,
+                                                  len(newcomers.rows))
+        batch.cache.extend(newcomers.cache)
+        batch.positions = torch.cat([batch.positions, newcomers.positions])
+        batch.rows.extend(newcomers.rows)
+
+    def keep_rows(self, batch: BatchState, rows: list[int]) -> None:
+        batch.cache.keep(rows)
+        batch.visual = batch.visual.keep(rows) if batch.visual is not None else None
+        batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        batch.rows = [batch.rows[i] for i in rows]
+
+    @torch.inference_mode()
+    def decode_batch(self, batch: BatchState, token_ids: list[int]) -> torch.Tensor:
+        """One decoding step for every row: logits [B, vocab]."""
+        model = self.model
+        ids = torch.tensor(token_ids, device=self.device)[:, None]
+        inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
+                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
+        h = model.llm(model.llm.embed_tokens(ids), inputs)
+        batch.cache.advance(1)
+        batch.positions = batch.positions + 1
+        return model.logits(h[:, -1])
+
+    def _forward(self, ids: torch.Tensor, start: int, cache: KVCache, visual: VisualMemory | None,
+                 last_only: bool = True) -> torch.Tensor:
+        h = self.run_decoder(self.model.llm.embed_tokens(ids), start, cache, visual)
+        return self.model.logits(h[:, -1:] if last_only else h)
