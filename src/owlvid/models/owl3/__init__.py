@@ -14,7 +14,9 @@ from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
 from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
-from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
+from .config import Owl3Config, owl3_config
+from .language import BatchedVisualMemory, VisualMemory
+from .model import Owl3, checkpoint_key_map
 from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor, frames_to_pixels
 
 __all__ = ["Owl3Runtime", "Owl3", "Owl3Config", "Owl3Processor", "Owl3Inputs", "IMAGE", "VIDEO"]
