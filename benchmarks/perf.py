@@ -42,7 +42,7 @@ import owlvid
 from owlvid.api import Model
 from owlvid.layers import KVCache, RotaryTable, new_attention_inputs
 from owlvid.models.owl3 import Owl3, Owl3Runtime
-from owlvid.models.owl3.model import owl3_config
+from owlvid.models.owl3.config import owl3_config
 from owlvid.testing import write_tiny_tokenizer
 from owlvid.tokenizer import QwenTokenizer
 

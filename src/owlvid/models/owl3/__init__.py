@@ -1,6 +1,7 @@
 """mPLUG-Owl3 (Alibaba, "hyper attention"): config, SigLIP tower, hyper-attention decoder, processor, runtime."""
 
-from .model import Owl3, Owl3Config
+from .config import Owl3Config
+from .model import Owl3
 from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor
 from .runtime import Owl3Runtime
 

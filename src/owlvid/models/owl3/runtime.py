@@ -17,7 +17,9 @@ from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
 from ...runtime import DecodeState as BaseDecodeState
 from ...runtime import ModelRuntime
 from ...tokenizer import QwenTokenizer
-from .model import BatchedVisualMemory, Owl3, Owl3Config, VisualMemory, checkpoint_key_map, owl3_config
+from .config import Owl3Config, owl3_config
+from .language import BatchedVisualMemory, VisualMemory
+from .model import Owl3, checkpoint_key_map
 from .processor import IMAGE, VIDEO, Owl3Inputs, Owl3Processor, frames_to_pixels
 
 

@@ -1,0 +1,223 @@
+"""mPLUG-Owl3 hyper-attention layers and their visual memory.
+
+Three hyper-attention variants exist across the releases (``Owl3Config.attention``):
+  * ``dynamic_gate`` (7B-240728): causal self-attention, separate masked cross-attention to the visual
+    tokens, mixed per head by ``sigmoid(gate_proj(ctx))``;
+  * ``static_gate`` (1B/2B-241014): the same with a learned vector ``sigmoid(gate)``;
+  * ``fused`` (7B/2B-241101): one softmax over [visual keys ; text keys], no gate.
+Visual keys/values of every hyper layer are computed once per request (``VisualMemory``) and reused at
+every decoding step; the official code recomputes them each step. A decoding batch pads its rows'
+memories into one ``BatchedVisualMemory``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...layers import (
+    AttentionInputs,
+    Qwen2Attention,
+    RotaryTable,
+    apply_rope,
+    causal_mask,
+    merge_heads,
+    sdpa,
+    sdpa_parts,
+)
+from .config import Owl3Config
+
+_PARTS_MAX_ROWS = 16  # query rows up to which fused attention scores visual and text keys without concatenating
+_PREFILL_ROWS = 128  # query rows per fused-attention call at prefill (bounds the [rows, keys] mask)
+
+
+def visible_segments(visible: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(first row, end row, media items seen)] for runs of query rows that see the same media.
+    `visible` [T, N] must be a prefix per row, non-decreasing down the rows (media in text order)."""
+    counts = visible.sum(dim=1)
+    if bool((counts[1:] < counts[:-1]).any()) or not bool(
+            (visible == (torch.arange(visible.shape[1], device=visible.device) < counts[:, None])).all()):
+        raise AssertionError("media visibility is not a prefix of the visual memory")
+    values, lengths = torch.unique_consecutive(counts, return_counts=True)
+    out, row = [], 0
+    for items, n in zip(values.tolist(), lengths.tolist()):
+        out.append((row, row + n, items))
+        row += n
+    return out
+
+
+@dataclass
+class VisualMemory:
+    """Per-request visual state: media start indices and, per hyper layer, the visual keys (MI-RoPE'd)
+    and values [1, Hkv, N*P, D], computed once at prefill."""
+
+    starts: torch.Tensor  # [N] token index s_j of the `<` of each media marker
+    tokens_per_item: int
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    _segments: tuple | None = field(default=None, repr=False, compare=False)  # (positions, strict, result)
+
+    def visible(self, positions: torch.Tensor, strict: bool) -> torch.Tensor:
+        """Bool [T, N]: which media each query token (raw sequence index) may attend."""
+        pos = positions.reshape(-1, 1)
+        return pos > self.starts[None, :] if strict else pos >= self.starts[None, :]
+
+    def segments(self, positions: torch.Tensor, strict: bool) -> list[tuple[int, int, int]]:
+        """`visible_segments` of these positions; every hyper layer of one forward asks with the same
+        positions tensor, so it is computed once per forward."""
+        if self._segments is None or self._segments[0] is not positions or self._segments[1] != strict:
+            self._segments = (positions, strict, visible_segments(self.visible(positions, strict)))
+        return self._segments[2]
+
+
+@dataclass
+class BatchedVisualMemory:
+    """Visual memories of a decoding batch, padded to the longest: K/V [B, Hkv, Nmax, D] per hyper layer,
+    `key_mask` [B, Nmax] (False on padding) and `has_media` [B]. Decode steps see all media of their row."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    key_mask: torch.Tensor
+    has_media: torch.Tensor
+
+    @classmethod
+    def from_memories(cls, memories: list[VisualMemory | None], layers: list[int]) -> BatchedVisualMemory | None:
+        present = [m for m in memories if m is not None]
+        if not present:
+            return None
+        ref_k, _ = present[0].kv[layers[0]]
+        sizes = [m.kv[layers[0]][0].shape[2] if m is not None else 0 for m in memories]
+        n_max = max(sizes)
+        kv = {}
+        for layer in layers:
+            shape = (len(memories), ref_k.shape[1], n_max, ref_k.shape[3])
+            k, v = ref_k.new_zeros(shape), ref_k.new_zeros(shape)
+            for b, m in enumerate(memories):
+                if m is not None:
+                    k[b, :, : sizes[b]], v[b, :, : sizes[b]] = m.kv[layer][0][0], m.kv[layer][1][0]
+            kv[layer] = (k, v)
+        sizes_t = torch.tensor(sizes, device=ref_k.device)
+        key_mask = torch.arange(n_max, device=ref_k.device)[None, :] < sizes_t[:, None]
+        return cls(kv=kv, key_mask=key_mask, has_media=sizes_t > 0)
+
+    @staticmethod
+    def concat(a: BatchedVisualMemory | None, rows_a: int, b: BatchedVisualMemory | None, rows_b: int
+               ) -> BatchedVisualMemory | None:
+        """Rows of `a` then rows of `b`; either may be None (rows without media)."""
+        if a is None and b is None:
+            return None
+        ref = a if a is not None else b
+        n_max = max(m.key_mask.shape[1] for m in (a, b) if m is not None)
+        kv = {}
+        for layer, (k_ref, _) in ref.kv.items():
+            shape = (rows_a + rows_b, k_ref.shape[1], n_max, k_ref.shape[3])
+            k, v = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
+            for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
+                if m is not None:
+                    n = m.key_mask.shape[1]
+                    k[lo:hi, :, :n], v[lo:hi, :, :n] = m.kv[layer]
+            kv[layer] = (k, v)
+        mask = torch.zeros(rows_a + rows_b, n_max, dtype=torch.bool, device=ref.key_mask.device)
+        for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
+            if m is not None:
+                mask[lo:hi, : m.key_mask.shape[1]] = m.key_mask
+        return BatchedVisualMemory(kv=kv, key_mask=mask, has_media=mask.any(dim=1))
+
+    def keep(self, rows: list[int]) -> BatchedVisualMemory | None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.key_mask.device)
+        if not bool(self.has_media[index].any()):
+            return None
+        return BatchedVisualMemory({layer: (k[index], v[index]) for layer, (k, v) in self.kv.items()},
+                                   self.key_mask[index], self.has_media[index])
+
+
+class HyperAttention(Qwen2Attention):
+    """Qwen2 attention plus the hyper-attention path to the visual memory (variant from config)."""
+
+    def __init__(self, cfg: Owl3Config, layer_index: int) -> None:
+        c = cfg.llm
+        super().__init__(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, layer_index)
+        self.variant = cfg.attention
+        self.strict = cfg.strict_visibility
+        self.v_kv_proj = nn.Linear(c.hidden_size, 2 * c.num_key_value_heads * self.head_dim)
+        if self.variant == "dynamic_gate":
+            self.gate_proj = nn.Sequential(nn.Linear(self.head_dim, self.head_dim), nn.Sigmoid())
+        elif self.variant == "static_gate":
+            self.gate = nn.Parameter(torch.zeros(c.hidden_size))
+
+    def visual_kv(self, normed_embeds: torch.Tensor, positions: torch.Tensor, rope: RotaryTable
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """normed_embeds [N, P, hidden] -> K, V [1, Hkv, N*P, D]; K rotated (MI-RoPE, float32) with one
+        position per media item."""
+        n, p, _ = normed_embeds.shape
+        kv = self.v_kv_proj(normed_embeds).view(n * p, self.kv_heads, 2, self.head_dim)
+        k, v = kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [Hkv, N*P, D]
+        pos = positions.repeat_interleave(p)
+        cos, sin = rope.table(pos)
+        k = apply_rope(k.float(), cos, sin).to(v.dtype)
+        return k[None].contiguous(), v[None].contiguous()
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        memory = inputs.visual
+        if memory is None or self.layer_index not in memory.kv:
+            return super().forward(x, inputs)
+        if isinstance(memory, BatchedVisualMemory):
+            return self._batched_decode(x, inputs, memory)
+        q, k, v = self.project(x, inputs)
+        vis_k, vis_v = memory.kv[self.layer_index]
+        p = memory.tokens_per_item
+        # Media starts are in text order and visibility is monotone in the position, so each query row
+        # sees a prefix of the visual memory: rows are grouped by that prefix and attend to it without a
+        # [T, N*P] mask (which SDPA would expand per head into gigabytes for long videos).
+        segments = memory.segments(inputs.positions, self.strict)  # batch 1
+        if self.variant == "fused":
+            text_mask = inputs.causal_mask
+            if text_mask is None:
+                text_mask = causal_mask(q.shape[2], k.shape[2], q.device)
+            text_mask = text_mask.reshape(q.shape[2], -1)
+            pieces = []
+            for lo, hi, items in segments:
+                vk, vv = vis_k[:, :, : items * p], vis_v[:, :, : items * p]
+                if hi - lo <= _PARTS_MAX_ROWS:  # decoding: no per-token copy of the visual memory
+                    pieces.append(sdpa_parts(q[:, :, lo:hi], [(vk, vv, None), (k, v, text_mask[lo:hi])]))
+                    continue
+                keys, values = torch.cat([vk, k], dim=2), torch.cat([vv, v], dim=2)
+                for a in range(lo, hi, _PREFILL_ROWS):  # bounded masks for long prompts
+                    b = min(hi, a + _PREFILL_ROWS)
+                    seen = text_mask.new_ones(b - a, items * p)
+                    pieces.append(sdpa(q[:, :, a:b], keys, values, torch.cat([seen, text_mask[a:b]], dim=-1)))
+            ctx = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+            return self.o_proj(merge_heads(ctx))
+        ctx = self.self_attention(q, k, v, inputs)
+        # Tokens before the first media item get no cross-attention and no gate.
+        pieces = [(lo, sdpa(q[:, :, lo:hi], vis_k[:, :, : items * p], vis_v[:, :, : items * p]))
+                  for lo, hi, items in segments if items > 0]
+        if pieces:
+            first = pieces[0][0]
+            v_ctx = torch.cat([piece for _, piece in pieces], dim=2) if len(pieces) > 1 else pieces[0][1]
+            tail = ctx[:, :, first:]
+            g = self._gate(tail)
+            ctx = torch.cat([ctx[:, :, :first], tail * (1 - g) + v_ctx * g], dim=2)
+        return self.o_proj(merge_heads(ctx))
+
+    def _gate(self, ctx: torch.Tensor) -> torch.Tensor:
+        if self.variant == "dynamic_gate":
+            return self.gate_proj(ctx)
+        return torch.sigmoid(self.gate).view(1, self.heads, 1, self.head_dim)
+
+    def _batched_decode(self, x: torch.Tensor, inputs: AttentionInputs, memory: BatchedVisualMemory
+                        ) -> torch.Tensor:
+        """One new token per row; every row sees all of its own media (none of the padding)."""
+        q, k, v = self.project(x, inputs)
+        vis_k, vis_v = memory.kv[self.layer_index]
+        vis_mask = memory.key_mask[:, None, None, :]
+        if self.variant == "fused":
+            ctx = sdpa_parts(q, [(vis_k, vis_v, vis_mask), (k, v, inputs.causal_mask)])
+            return self.o_proj(merge_heads(ctx))
+        ctx = self.self_attention(q, k, v, inputs)
+        with_media = memory.has_media[:, None, None, None]
+        v_ctx = sdpa(q, vis_k, vis_v, vis_mask | ~with_media)  # rows without media: ignored below
+        g = self._gate(ctx)
+        ctx = torch.where(with_media, ctx * (1 - g) + v_ctx * g, ctx)
+        return self.o_proj(merge_heads(ctx))
