@@ -13,14 +13,9 @@ from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import CheckpointError, InputError
 from ...layers import KVCache, RotaryTable, new_attention_inputs
 from ...tokenizer import QwenTokenizer
-from .model import (
-    IMAGE_TOKEN_INDEX,
-    SlowFast,
-    SlowFastConfig,
-    SlowMemory,
-    checkpoint_key_map,
-    slowfast_config,
-)
+from .config import IMAGE_TOKEN_INDEX, SlowFastConfig, slowfast_config
+from .language import SlowMemory
+from .model import SlowFast, checkpoint_key_map
 from .processor import IMAGE, SlowFastInputs, SlowFastProcessor
 
 __all__ = ["SlowFastRuntime", "SlowFast", "SlowFastConfig", "SlowFastProcessor", "SlowFastInputs", "IMAGE",
@@ -164,23 +159,6 @@ class SlowFastRuntime:
         h = self._forward(self.model.llm.embed_tokens(ids), state.position, state.cache, None)
         state.position += 1
         return self.model.logits(h[:, -1])[0]
-
-    @torch.inference_mode()
-    def reference_logits(self, inputs: SlowFastInputs, generated: list[int]) -> torch.Tensor:
-        """No-cache recompute of prompt + `generated` in one call, with the official token types:
-        generated tokens are text but only the prompt's text tokens query the slow tokens.
-        Returns float32 logits [len(generated) + 1, V] for the last prompt position onwards (tests)."""
-        cfg = self.cfg.llm
-        seq = self.sequence(inputs)
-        embeds = seq.embeds
-        if generated:
-            extra = self.model.llm.embed_tokens(torch.tensor([generated], device=self.device))
-            embeds = torch.cat([embeds, extra], dim=1)
-        memory = self.model.slow_memory(seq.slow, seq.text_rows) if seq.slow is not None else None
-        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1],
-                        self.dtype, self.device)
-        h = self._forward(embeds, 0, cache, memory)
-        return self.model.logits(h[0, seq.embeds.shape[1] - 1:])
 
     def _forward(self, embeds: torch.Tensor, start: int, cache: KVCache, memory: SlowMemory | None
                  ) -> torch.Tensor:
