@@ -1,6 +1,7 @@
 """Slow-Fast video MLLM (SHI-Labs): config, ConvNeXt tower, fast/slow tokens, hybrid decoder, processor, runtime."""
 
-from .model import IMAGE_TOKEN_INDEX, SlowFast, SlowFastConfig
+from .config import IMAGE_TOKEN_INDEX, SlowFastConfig
+from .model import SlowFast
 from .processor import IMAGE, SlowFastInputs, SlowFastProcessor
 from .runtime import SlowFastRuntime
 

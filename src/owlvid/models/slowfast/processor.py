@@ -26,7 +26,8 @@ from PIL import Image
 
 from ...errors import InputError
 from ...tokenizer import QwenTokenizer
-from .model import IMAGE_TOKEN_INDEX, SlowFastConfig, token_counts
+from .config import IMAGE_TOKEN_INDEX, SlowFastConfig
+from .vision import token_counts
 
 IMAGE = "<image>"
 DEFAULT_SYSTEM = "You are a helpful assistant."

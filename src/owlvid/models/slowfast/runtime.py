@@ -14,13 +14,8 @@ from ...errors import CheckpointError, InputError
 from ...layers import KVCache, RotaryTable
 from ...runtime import DecodeState, ModelRuntime
 from ...tokenizer import QwenTokenizer
-from .model import (
-    IMAGE_TOKEN_INDEX,
-    SlowFast,
-    SlowFastConfig,
-    checkpoint_key_map,
-    slowfast_config,
-)
+from .config import IMAGE_TOKEN_INDEX, SlowFastConfig, slowfast_config
+from .model import SlowFast, checkpoint_key_map
 from .processor import IMAGE, SlowFastInputs, SlowFastProcessor
 
 
@@ -158,22 +153,6 @@ class SlowFastRuntime(ModelRuntime):
         state.position += 1
         return self.model.logits(h[:, -1])[0]
 
-    @torch.inference_mode()
-    def reference_logits(self, inputs: SlowFastInputs, generated: list[int]) -> torch.Tensor:
-        """No-cache recompute of prompt + `generated` in one call, with the official token types:
-        generated tokens are text but only the prompt's text tokens query the slow tokens.
-        Returns float32 logits [len(generated) + 1, V] for the last prompt position onwards (tests)."""
-        cfg = self.cfg.llm
-        seq = self.sequence(inputs)
-        embeds = seq.embeds
-        if generated:
-            extra = self.model.llm.embed_tokens(torch.tensor([generated], device=self.device))
-            embeds = torch.cat([embeds, extra], dim=1)
-        memory = self.model.slow_memory(seq.slow, seq.text_rows) if seq.slow is not None else None
-        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1],
-                        self.dtype, self.device)
-        h = self.run_decoder(embeds, 0, cache, memory)
-        return self.model.logits(h[0, seq.embeds.shape[1] - 1:])
 
 
 

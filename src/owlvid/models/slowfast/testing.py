@@ -1,20 +1,28 @@
-"""Tiny random Slow-Fast checkpoints in the official Hugging Face layout (for tests and examples).
+"""Test helpers: tiny random Slow-Fast checkpoints in the official Hugging Face layout, and a no-cache
+reference recompute of the logits.
 
 `make_tiny_slowfast(folder)` writes config.json (the official schema plus the owlvid `convnext_config`
 extension), generation_config.json, a tiny byte-level tokenizer and model.safetensors with every key of
 the official `LlavaQwenSlowFastForCausalLM` state dict (vision tower head included, embedding rows past
-the tokenizer as in the released models).
+the tokenizer as in the released models). `reference_logits(runtime, inputs, generated)` recomputes
+prompt + generated ids in one call, the yardstick of the cached decoding.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
+from ...layers import KVCache
 from ...testing import write_tiny_tokenizer
+from .processor import SlowFastInputs
+
+if TYPE_CHECKING:
+    from .runtime import SlowFastRuntime
 
 
 def _draw(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -133,3 +141,21 @@ def make_tiny_slowfast(folder: str | Path, *, seed: int = 0, hidden: int = 32, l
     generation = {"bos_token_id": endoftext, "eos_token_id": [im_end, endoftext], "pad_token_id": endoftext}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return folder
+
+
+@torch.inference_mode()
+def reference_logits(runtime: SlowFastRuntime, inputs: SlowFastInputs, generated: list[int]) -> torch.Tensor:
+    """No-cache recompute of prompt + `generated` in one call, with the official token types:
+    generated tokens are text but only the prompt's text tokens query the slow tokens.
+    Returns float32 logits [len(generated) + 1, V] for the last prompt position onwards."""
+    cfg = runtime.cfg.llm
+    seq = runtime.sequence(inputs)
+    embeds = seq.embeds
+    if generated:
+        extra = runtime.model.llm.embed_tokens(torch.tensor([generated], device=runtime.device))
+        embeds = torch.cat([embeds, extra], dim=1)
+    memory = runtime.model.slow_memory(seq.slow, seq.text_rows) if seq.slow is not None else None
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1],
+                    runtime.dtype, runtime.device)
+    h = runtime.run_decoder(embeds, 0, cache, memory)
+    return runtime.model.logits(h[0, seq.embeds.shape[1] - 1:])
