@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,13 @@ def assert_close_to_golden_steps(steps: list, gold_tokens: list[int], top_ids, t
         assert diff < atol, f"step {step}: top-k logits differ by {diff:.4f} (tolerance {atol})"
         rank = int((logits > logits[token]).sum())
         assert rank <= max_rank, f"step {step}: golden token {token} ranked {rank} (at most {max_rank})"
+
+
+@pytest.fixture()
+def silent_host():
+    """An http URL of a TCP port that accepts connections (the kernel completes the handshake) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()

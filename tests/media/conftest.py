@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
-import socket
 import threading
 import time
 from pathlib import Path
@@ -164,16 +163,6 @@ def http_server(videos):
     server.shutdown()
     server.server_close()
     time.sleep(0.05)
-
-
-@pytest.fixture()
-def silent_host():
-    """A TCP port that accepts connections (the kernel completes the handshake) and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
 
 
 @pytest.fixture()
