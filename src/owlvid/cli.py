@@ -349,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OwlvidError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'owlvid[server]'") from None
     from .server import serve
-    from .server.app import ServerConfig
+    from .server.requests import ServerConfig
 
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")

@@ -252,7 +252,7 @@ def test_frame_cap_is_applied_before_decoding(local_model, media_root):
     (their source indices say which), for a local file and for a data: URL."""
     from owlvid.api import cap_indices
     from owlvid.media import load_video
-    from owlvid.server.app import RequestBuilder, ServerConfig
+    from owlvid.server.requests import RequestBuilder, ServerConfig
 
     video = _bunny_or_skip(media_root)
     every = load_video(str(video), sampling="slowfast").indices  # the preset's 64 frames

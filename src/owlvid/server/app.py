@@ -6,8 +6,9 @@ Every error is OpenAI's error JSON `{"error": {"message", "type", "param", "code
 422 schema violation, 503 queue full, 504 request timeout, 500 only for bugs.
 
 Media (`image_url` / `video_url`) may be `data:` URLs, http(s) URLs, or local files (`file://` URLs or
-plain paths) under `--allowed-local-media-path` only. They are fetched and decoded outside the engine
-worker, before the request joins the queue, under the configured byte, pixel, frame and time limits.
+plain paths) under `--allowed-local-media-path` only. Requests are parsed by `owlvid.server.requests`;
+media are fetched and decoded outside the engine worker, before the request joins the queue, under the
+configured byte, pixel, frame and time limits.
 """
 
 from __future__ import annotations
@@ -17,15 +18,9 @@ import contextlib
 import hmac
 import json
 import logging
-import os
-import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,61 +28,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import Model, check_seed, check_text
+from ..api import Model
 from ..engine import Generation, TokenEvent
-from ..errors import InputError, MediaError, OwlvidError
-from ..media import MediaTooLargeError, NamedPath, UrlPolicy
+from ..errors import MediaError, OwlvidError
+from ..media import MediaTooLargeError
 from . import schemas
+from .requests import APIError, RequestBuilder, ServerConfig
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
 
+__all__ = ["create_app", "ServerConfig", "APIError", "RequestBuilder", "to_api_error"]
+
 log = logging.getLogger("owlvid.server")
-
-MiB = 1 << 20
-
-
-@dataclass
-class ServerConfig:
-    """Everything the server needs besides the model; the CLI flags map one to one."""
-
-    served_model_name: str = "owlvid"
-    api_key: str | None = None
-    allowed_local_media_path: str | None = None
-    max_request_bytes: int = 100 * MiB
-    max_media_bytes: int = 256 * MiB
-    download_timeout: float = 60.0
-    # http(s) media: only public hosts unless opted in; checked after DNS and on every redirect
-    allowed_media_domains: list[str] | None = None
-    allow_private_media_hosts: bool = False
-    media_connect_timeout: float = 10.0
-    max_frames: int = 128
-    max_image_pixels: int = 40_000_000
-    max_media_per_request: int = 32
-    max_queued_requests: int = 64
-    max_pending_media_bytes: int | None = None  # decoded media held by queued requests (None: no budget)
-    max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
-    request_timeout: float = 600.0
-    # defaults of a request that does not say
-    default_max_tokens: int = 512
-    default_temperature: float = 0.0
-    default_top_p: float = 1.0
-    default_seed: int | None = None
-    video_options: dict[str, Any] = field(default_factory=dict)  # max_frames / fps / sampling
-    cut_enable: bool | None = None
-
-
-class APIError(Exception):
-    """An error answered to the client as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
-                            status_code=self.status, headers=self.headers)
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -183,246 +134,6 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(raw)).encode()), *(extra or [])]})
     await send({"type": "http.response.body", "body": raw})
-
-
-# -- media --------------------------------------------------------------------------------------------
-
-
-_VIDEO_KEYS = {"num_frames", "fps", "max_frames", "sampling", "start", "end"}
-_PROCESSOR_KEYS = _VIDEO_KEYS | {"cut_enable"}
-
-
-class MediaSources:
-    """Checks an `image_url` / `video_url` against the server's policy and returns what to hand to
-    `owlvid.media`: the URL itself for `data:` and http(s) (media enforces the byte limit, the download
-    deadline and `url_policy`), or the resolved path of a local file under the allowed root, named in
-    messages as the client wrote it (errors never show the server's folders or symlink targets)."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        root = config.allowed_local_media_path
-        self.root = Path(root).expanduser().resolve() if root else None
-        domains = config.allowed_media_domains
-        self.url_policy = UrlPolicy(allow_private_hosts=config.allow_private_media_hosts,
-                                    allowed_domains=tuple(domains) if domains is not None else None,
-                                    connect_timeout=config.media_connect_timeout)
-
-    @staticmethod
-    def is_url(source: Any) -> bool:
-        return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
-
-    def resolve(self, url: str, kind: str, param: str) -> str | NamedPath:
-        url = url.strip()
-        match = _SCHEME_RE.match(url)
-        scheme = match.group(1).lower() if match else ""
-        if len(scheme) == 1:  # a Windows drive letter, not a scheme
-            scheme = ""
-        if scheme in ("data", "http", "https"):
-            return url
-        if scheme in ("file", ""):
-            return self._local_path(url, scheme, param)
-        raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local path",
-                       param=param, code="invalid_media")
-
-    def _local_path(self, url: str, scheme: str, param: str) -> str:
-        if self.root is None:
-            raise APIError(400, "local media paths are disabled on this server: send a data: or http(s) "
-                           "URL, or start the server with --allowed-local-media-path", param=param,
-                           code="local_media_disabled")
-        if scheme == "file":
-            parsed = urlparse(url)
-            if parsed.netloc not in ("", "localhost"):
-                raise APIError(400, f"file URL with a remote host {parsed.netloc!r} is not supported",
-                               param=param, code="invalid_media")
-            raw = url2pathname(unquote(parsed.path))
-        else:
-            raw = url
-        path = Path(raw).expanduser()
-        if not path.is_absolute():
-            path = self.root / path
-        name = self._client_name(path, raw)
-        try:
-            real = path.resolve()  # symlinks and '..' resolved before the check
-            inside = real == self.root or self.root in real.parents
-            found = inside and real.is_file()
-            size = real.stat().st_size if found else 0
-        except (OSError, RuntimeError) as e:  # symlink loop, permission denied: the OS message names the path
-            reason = getattr(e, "strerror", None) or "symlink loop"
-            raise APIError(400, f"cannot access media file {name} ({reason})", param=param,
-                           code="invalid_media") from None
-        if not inside:
-            raise APIError(400, f"{name} is outside the allowed local media path (--allowed-local-media-path)",
-                           param=param, code="local_media_forbidden")
-        if not found:
-            raise APIError(400, f"media file not found: {name}", param=param, code="invalid_media")
-        if size > self.config.max_media_bytes:
-            limit = self.config.max_media_bytes
-            raise MediaTooLargeError(f"{name}: {size} bytes is more than the limit of {limit} bytes "
-                                     "(--max-media-bytes)")
-        return NamedPath(real, name)
-
-    def _client_name(self, path: Path, raw: str) -> str:
-        """The path as the client wrote it, relative to the root where it lies there (lexically: a
-        symlink's target is never shown), else just the file name."""
-        assert self.root is not None
-        try:
-            return Path(os.path.normpath(path)).relative_to(self.root).as_posix() or "."
-        except ValueError:
-            return raw if not Path(raw).is_absolute() else Path(raw).name or "file"
-
-
-_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-
-
-# -- request conversion --------------------------------------------------------------------------------
-
-
-def _check_keys(options: dict, allowed: set[str], param: str) -> dict:
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise APIError(400, f"unsupported option(s) {', '.join(unknown)} in {param}; supported: "
-                       f"{', '.join(sorted(allowed))}", param=param, code="unsupported_option")
-    return dict(options)
-
-
-def _checked(check: Any, *args: Any, param: str) -> None:
-    """Run a shared request check (owlvid.api); its InputError becomes a 400 naming the field."""
-    try:
-        check(*args)
-    except InputError as e:
-        raise APIError(400, str(e), param=param, code="invalid_value") from None
-
-
-def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
-    if body.n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name,
-                           code="unsupported_option")
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_option")
-    for name in ("tools", "functions", "logit_bias"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} is not supported", param=name, code="unsupported_option")
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none", "auto"):
-            raise APIError(400, f"{name} is not supported", param=name, code="unsupported_option")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                       code="unsupported_option")
-
-
-class RequestBuilder:
-    """Validated request -> (owlvid messages with decoded media, generation options)."""
-
-    def __init__(self, model: Any, config: ServerConfig) -> None:
-        self.model = model
-        self.config = config
-        self.sources = MediaSources(config)
-
-    def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict]:
-        """(generation kwargs, video options) of a request; cheap, runs first."""
-        cfg = self.config
-        _refuse_unsupported(body)
-        asked = body.max_completion_tokens or body.max_tokens
-        gen: dict[str, Any] = {
-            # an explicit max_tokens must fit the context (400 otherwise, as vLLM); the default just stops there
-            "max_new_tokens": asked or cfg.default_max_tokens,
-            "shorten_to_context": not asked,
-            "temperature": cfg.default_temperature if body.temperature is None else body.temperature,
-            "top_p": cfg.default_top_p if body.top_p is None else body.top_p,
-            "top_k": max(body.top_k or 0, 0),
-            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            "seed": cfg.default_seed if body.seed is None else body.seed,
-        }
-        if body.stop:
-            gen["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        _checked(check_seed, gen["seed"], param="seed")
-        for i, text in enumerate(gen.get("stop", [])):
-            _checked(check_text, text, f"stop string {i}", param="stop")
-        io_kwargs = body.media_io_kwargs or {}
-        _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
-        _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
-        requested = _check_keys(io_kwargs.get("video") or {}, _VIDEO_KEYS, "media_io_kwargs.video")
-        proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
-        cut = proc.pop("cut_enable", cfg.cut_enable)
-        requested.update(proc)
-        # the server's defaults apply where the request says nothing: a frame count or rate in the request
-        # replaces the server's (never both, which presets refuse as disagreeing)
-        framing = {"num_frames", "max_frames", "fps"}
-        video = {k: v for k, v in cfg.video_options.items() if not (k in framing and framing & set(requested))}
-        video.update(requested)
-        for key in ("num_frames", "max_frames"):
-            value = video.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise APIError(400, f"{key} must be a positive integer", param=key, code="invalid_value")
-            if value > cfg.max_frames:
-                raise APIError(400, f"{key}={value} is over this server's limit of {cfg.max_frames} frames "
-                               "per video (--max-frames)", param=key, code="too_many_frames")
-        fps = video.get("fps")
-        if fps is not None and (not isinstance(fps, int | float) or isinstance(fps, bool) or fps <= 0):
-            raise APIError(400, "fps must be a positive number", param="fps", code="invalid_value")
-        if cut is not None:
-            if not isinstance(cut, bool):
-                raise APIError(400, "cut_enable must be true or false", param="cut_enable",
-                               code="invalid_value")
-            gen["cut_enable"] = cut
-        return gen, video
-
-    def messages(self, body: schemas.ChatCompletionRequest, video_options: dict) -> list[dict]:
-        """Convert messages and fetch/decode their media (blocking: run in a thread)."""
-        count = sum(1 for m in body.messages if isinstance(m.content, list)
-                    for p in m.content if p.type != "text")
-        if count > self.config.max_media_per_request:
-            raise APIError(400, f"the request has {count} images/videos; this server accepts at most "
-                           f"{self.config.max_media_per_request} (--max-media-per-request)", param="messages",
-                           code="too_many_media")
-        out = []
-        for i, m in enumerate(body.messages):
-            role = "system" if m.role == "developer" else m.role
-            if not isinstance(m.content, list):
-                _checked(check_text, m.content or "", f"messages.{i}.content", param=f"messages.{i}.content")
-                out.append({"role": role, "content": m.content or ""})
-                continue
-            parts = []
-            for j, p in enumerate(m.content):
-                param = f"messages.{i}.content.{j}"
-                if p.type == "text":
-                    _checked(check_text, p.text, param, param=param)
-                    parts.append({"type": "text", "text": p.text})
-                elif p.type == "image_url":
-                    parts.append({"type": "image", "image": self._image(p.image_url.url, param)})
-                else:
-                    frames = self._video(p.video_url.url, video_options, param)
-                    parts.append({"type": "video", "video": frames})
-            out.append({"role": role, "content": parts})
-        return out
-
-    def _image(self, url: str, param: str):
-        from ..media import load_image
-
-        cfg = self.config
-        source = self.sources.resolve(url, "image", param)
-        return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
-                          timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
-
-    def _video(self, url: str, options: dict, param: str) -> Any:
-        """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding."""
-        from ..api import load_video_frames
-
-        cfg = self.config
-        opts = dict(options)
-        if opts.get("sampling") in ("fps", "all"):
-            opts.setdefault("max_frames", cfg.max_frames)  # fps spreads, all refuses, past the cap
-        opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
-                    max_pixels=cfg.max_image_pixels)
-        source = self.sources.resolve(url, "video", param)
-        if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
-            opts["url_policy"] = self.sources.url_policy
-        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames)
 
 
 # -- the app ---------------------------------------------------------------------------------------------
