@@ -8,7 +8,8 @@ submitted. "before" runs B's preparation (prompt, frame pixels), vision encoding
 engine thread, as owlvid did; "chunked" is the BatchingScheduler as it is: preparation and vision
 encoding on the preparation thread, the LLM prefill `--chunk` tokens per engine step between decode
 steps. Reported: A's normal per-token time, A's largest inter-token gap while B arrives (target: under
-2x the normal time plus one chunk), the time of one prefill chunk, and the throughput of the whole run.
+2x the normal time plus the largest chunk), the time of the largest prefill chunk, and the throughput of
+the whole run.
 Random weights at real (1b) or small shapes; the numbers are about scheduling, not answers.
 """
 
@@ -73,7 +74,8 @@ def cpu_model() -> str:
 
 async def scenario(sched: BatchingScheduler, frames: int, warm_tokens: int, seed: int) -> dict:
     a_msgs = [{"role": "user", "content": "Write a long story about owls in the forest at night."}]
-    stream_a = sched.submit(Job(a_msgs, {"max_new_tokens": 100000}))
+    # A runs until cancelled: as long as the context allows (the server-default rule, not a 400)
+    stream_a = sched.submit(Job(a_msgs, {"max_new_tokens": 100000, "shorten_to_context": True}))
     times: list[float] = []
     t_start = time.perf_counter()
 
@@ -138,11 +140,17 @@ def main() -> None:
     model.runtime.visual_cache = None  # every run encodes its frames
     request, ids = model.prepare(perf.video_messages(args.frames))
     chunks = math.ceil(len(ids) / args.chunk)
-    job = model.runtime.begin_prefill(request)  # warm-up and the time of one chunk, measured alone
-    t0 = time.perf_counter()
-    while model.runtime.prefill_step(job, args.chunk) is None:
-        pass
-    chunk_s = (time.perf_counter() - t0) / chunks
+    # Warm-up and the chunk times, measured alone. Chunks differ: rows after the video also attend to
+    # its visual memory, so the target uses the largest chunk (what one engine step may have to run).
+    job = model.runtime.begin_prefill(request)
+    chunk_times = []
+    while True:
+        t0 = time.perf_counter()
+        done = model.runtime.prefill_step(job, args.chunk) is not None
+        chunk_times.append(time.perf_counter() - t0)
+        if done:
+            break
+    chunk_s = max(chunk_times)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, float32; "
           f"model {args.model} (random weights); B: {args.frames} frames, {len(ids)} prompt tokens, "
           f"{chunks} chunk(s) of {args.chunk}")
@@ -155,7 +163,7 @@ def main() -> None:
             res = asyncio.run(scenario(sched, args.frames, args.warm_tokens, seed=len(rows) + 1))
         finally:
             sched.stop()
-        res["chunk_s"] = chunk_s if mode != "before" else None
+        res["largest_chunk_s"] = chunk_s if mode != "before" else None
         target = 2 * res["normal_token_s"] + chunk_s
         rows.append({"mode": mode, **res, "target_s": target, "ok": res["max_gap_s"] < target})
     perf.table("stall of a running stream while a long video request arrives", rows)

@@ -222,11 +222,12 @@ class BatchEngine:
         self.batch: Any = None
         self.streams: list[RequestStream] = []
         self.prefilling: list[tuple[RequestStream, Any]] = []  # (stream, runtime prefill state), FIFO
+        self.joining: list[tuple[RequestStream, Any]] = []  # prefilled last step, join the batch next step
 
     @property
     def active(self) -> int:
         """Requests decoding or being prefilled."""
-        return len(self.streams) + len(self.prefilling)
+        return len(self.streams) + len(self.prefilling) + len(self.joining)
 
     def add(self, request: Any, prompt_ids: list[int], params: SamplingParams
             ) -> tuple[RequestStream, list[TokenEvent]]:
@@ -247,17 +248,21 @@ class BatchEngine:
     def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
         events = stream.accept(logits)
         if not stream.done:
-            newcomer = self.runtime.start_batch([state])
-            if self.batch is None:
-                self.batch = newcomer
-            else:
-                self.runtime.join_batch(self.batch, newcomer)
-            self.streams.append(stream)
+            self._join(stream, state)
         return events
+
+    def _join(self, stream: RequestStream, state: Any) -> None:
+        newcomer = self.runtime.start_batch([state])
+        if self.batch is None:
+            self.batch = newcomer
+        else:
+            self.runtime.join_batch(self.batch, newcomer)
+        self.streams.append(stream)
 
     def remove(self, stream: RequestStream) -> None:
         """Drop a request from the batch or the prefill queue (its client went away)."""
         self.prefilling = [(s, p) for s, p in self.prefilling if s is not stream]
+        self.joining = [(s, p) for s, p in self.joining if s is not stream]
         if stream not in self.streams:
             return
         keep = [i for i, s in enumerate(self.streams) if s is not stream]
@@ -268,18 +273,26 @@ class BatchEngine:
             self.batch = None
 
     def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
-        """One chunk of the oldest pending prefill, then one token for every decoding request; finished
-        requests leave the batch. A request whose prefill completes here gets its first token (and decodes
-        its second with the batch): a stream may appear twice in the result, in order."""
+        """Either one chunk of the oldest pending prefill or the joining of requests prefilled in the
+        previous step (joining copies their visual memory into the batch: kept out of a chunk's step so
+        that no step costs more than the largest chunk), then one token for every decoding request;
+        finished requests leave the batch. A request whose prefill completes here gets its first token."""
         out = []
-        if self.prefilling:
+        if self.joining:
+            for stream, state in self.joining:
+                self._join(stream, state)
+            self.joining = []
+        elif self.prefilling:
             stream, job = self.prefilling[0]
             t0 = time.perf_counter()
             logits = self.runtime.prefill_step(job, self.prefill_chunk)
             stream.timings["prefill_s"] = stream.timings.get("prefill_s", 0.0) + time.perf_counter() - t0
             if logits is not None:
                 self.prefilling.pop(0)
-                out.append((stream, self._start(stream, logits, job.state)))
+                events = stream.accept(logits)
+                if not stream.done:
+                    self.joining.append((stream, job.state))
+                out.append((stream, events))
         if not self.streams:
             return out
         logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
