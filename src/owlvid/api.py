@@ -9,10 +9,9 @@ Messages are OpenAI/Hugging Face style: `{"role": ..., "content": str | [parts]}
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -221,45 +220,18 @@ def _part_source(part: dict, kind: str) -> Any:
 _SPEC_KEYS = ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")
 
 
-def cap_indices(indices: list[int], cap: int | None) -> list[int]:
-    """At most `cap` of `indices`, evenly spread (all of them when there are not more)."""
-    if cap is None or len(indices) <= cap:
-        return list(indices)
-    return [indices[int(i * len(indices) / cap)] for i in range(cap)]
-
-
-@functools.cache
-def _capped_sampling_class() -> type:
-    from .media import VideoSampling
-
-    @dataclass(frozen=True)
-    class CappedSampling(VideoSampling):
-        """A VideoSampling that keeps at most `frame_cap` of the frames it selects, before decoding."""
-
-        frame_cap: int | None = None
-
-        def select(self, *args: Any, **kwargs: Any) -> list[int]:
-            return cap_indices(super().select(*args, **kwargs), self.frame_cap)
-
-    return CappedSampling
-
-
 def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
-    """The media layer's VideoSampling for `opts`; with a cap, one that drops frames from the selection
-    before anything is decoded."""
+    """The media layer's VideoSampling for `opts`; with a cap, at most `frame_cap` of the frames it selects
+    are kept (evenly), before anything is decoded."""
     from .media import VideoSampling
 
-    capped = _capped_sampling_class()
     sampling = opts.get("sampling")
     if isinstance(sampling, VideoSampling):
-        if frame_cap is None:
-            return sampling
-        return capped(**{f.name: getattr(sampling, f.name) for f in fields(VideoSampling)},
-                              frame_cap=frame_cap)
+        return sampling if frame_cap is None else dataclasses.replace(sampling, frame_cap=frame_cap)
     if not isinstance(sampling, str):
         raise InputError(f"sampling must be a preset name, got {sampling!r}")
     spec = {k: opts[k] for k in _SPEC_KEYS[1:] if k in opts}
-    return capped(preset=sampling, **spec, frame_cap=frame_cap)
+    return VideoSampling(preset=sampling, **spec, frame_cap=frame_cap)
 
 
 def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None

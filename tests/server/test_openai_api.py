@@ -250,8 +250,7 @@ def test_same_video_twice_and_with_other_sampling(server, local_model, media_roo
 def test_frame_cap_is_applied_before_decoding(local_model, media_root):
     """A preset that picks more frames than --max-frames: only `cap` evenly spread frames are decoded
     (their source indices say which), for a local file and for a data: URL."""
-    from owlvid.api import cap_indices
-    from owlvid.media import load_video
+    from owlvid.media import cap_indices, load_video
     from owlvid.server.requests import RequestBuilder, ServerConfig
 
     video = _bunny_or_skip(media_root)

@@ -6,7 +6,7 @@ See ``docs/media.md`` for sources, sampling presets, options and errors.
 from __future__ import annotations
 
 from .image import DEFAULT_MAX_PIXELS, load_image
-from .sampling import MAX_FRAMES_HARD_CAP, PRESETS, VideoSampling, frame_at_times, sample_indices
+from .sampling import MAX_FRAMES_HARD_CAP, PRESETS, VideoSampling, cap_indices, frame_at_times, sample_indices
 from .sources import (
     DEFAULT_IMAGE_MAX_BYTES,
     DEFAULT_IMAGE_TIMEOUT,
@@ -52,6 +52,7 @@ __all__ = [
     "VideoClip",
     "UrlPolicy",
     "VideoSampling",
+    "cap_indices",
     "frame_at_times",
     "iter_video_chunks",
     "list_frame_files",

@@ -15,7 +15,7 @@ import numpy as np
 
 from owlvid.errors import MediaError
 
-__all__ = ["PRESETS", "MAX_FRAMES_HARD_CAP", "VideoSampling", "sample_indices", "frame_at_times"]
+__all__ = ["PRESETS", "MAX_FRAMES_HARD_CAP", "VideoSampling", "cap_indices", "sample_indices", "frame_at_times"]
 
 PRESETS = ("owl3", "owl3-eval", "slowfast", "fps", "all")
 # load_video refuses to materialise more frames than this in one call (iter_video_chunks streams and
@@ -58,6 +58,13 @@ def uniform_sample(seq: Sequence[int], n: int) -> list[int]:
     """mPLUG-Owl3 README ``uniform_sample``: the middle element of each of ``n`` equal slices."""
     gap = len(seq) / n
     return [seq[int(i * gap + gap / 2)] for i in range(n)]
+
+
+def cap_indices(indices: Sequence[int], cap: int | None) -> list[int]:
+    """At most ``cap`` of ``indices``, evenly spread from the first (all of them when there are not more)."""
+    if cap is None or len(indices) <= cap:
+        return list(indices)
+    return [indices[int(i * len(indices) / cap)] for i in range(cap)]
 
 
 def frame_at_times(
@@ -195,6 +202,7 @@ class VideoSampling:
     timestamps: tuple[float, ...] | None = None
     start: float | None = None
     end: float | None = None
+    frame_cap: int | None = None  # keep at most this many of the selected frames, evenly (a server limit)
 
     def __post_init__(self) -> None:
         if self.indices is not None and self.timestamps is not None:
@@ -311,6 +319,7 @@ class VideoSampling:
             picked = sample_indices(self.preset, n, avg_fps, max_frames=self.max_frames,
                                     num_frames=self.num_frames, fps=self.fps, min_frames=self.min_frames,
                                     frame_times=sub_ft, duration=sub_dur)
+        picked = cap_indices(picked, self.frame_cap)
         if cap is not None and len(picked) > cap:
             raise MediaError(f"{len(picked)} frames requested, more than the limit of {cap} per call "
                              "(set max_frames, or use iter_video_chunks)")
