@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
 from .errors import InputError, OwlvidError
 
@@ -154,8 +157,21 @@ def _first_video(body: Any) -> str | None:
         if isinstance(message.content, list):
             for part in message.content:
                 if part.type == "video_url":
-                    return part.video_url.url.strip()
+                    return _video_key(part.video_url.url)
     return None
+
+
+def _video_key(url: str) -> str:
+    """The same local video however it is written (path, file:// URL); other URLs as they are."""
+    url = url.strip()
+    if url[:7].lower() == "file://":
+        url = url2pathname(unquote(urlparse(url).path))
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url):  # data:, http(s): (one letter is a drive)
+        return url
+    try:
+        return str(Path(url).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return url
 
 
 class _Output:
