@@ -204,6 +204,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     """
     if max_batch < 1:
         raise InputError("max_batch must be at least 1")
+    if not Path(output_path).expanduser().parent.is_dir():
+        raise InputError(f"the folder of the output file {output_path} does not exist")
     requests = read_requests(input_path)
     done = read_done(output_path)
     todo = job_order([r for r in requests if r.custom_id not in done])
