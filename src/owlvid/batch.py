@@ -206,6 +206,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
         raise InputError("max_batch must be at least 1")
     if not Path(output_path).expanduser().parent.is_dir():
         raise InputError(f"the folder of the output file {output_path} does not exist")
+    root = Path(allowed_local_media_path).expanduser() if allowed_local_media_path is not None else Path("/")
+    if not root.is_dir():
+        raise InputError(f"allowed local media path {allowed_local_media_path} is not a directory")
     requests = read_requests(input_path)
     done = read_done(output_path)
     todo = job_order([r for r in requests if r.custom_id not in done])
@@ -217,13 +220,10 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     if callable(model) and not hasattr(model, "runtime"):
         model = model()
     _, server = _server_modules()
-    root = Path(allowed_local_media_path).expanduser() if allowed_local_media_path is not None else Path("/")
-    if not root.is_dir():
-        raise InputError(f"allowed local media path {allowed_local_media_path} is not a directory")
     config = server.ServerConfig(served_model_name=model.name, allowed_local_media_path=str(root),
                                  allow_private_media_hosts=True, max_batch=max_batch)
     out = _Output(output_path)
-    bar = _progress(len(todo), summary, progress)
+    bar = _progress(len(todo), progress)
     try:
         for custom_id, status, body in _answers(model, config, todo):
             out.write(custom_id, status, body)
@@ -236,7 +236,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     return summary
 
 
-def _progress(total: int, summary: dict, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="req", dynamic_ncols=True,
