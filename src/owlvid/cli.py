@@ -1,8 +1,9 @@
-"""The `owlvid` command line: ask, chat, serve, info, download.
+"""The `owlvid` command line: ask, chat, serve, batch, info, download.
 
     owlvid ask photo.jpg clip.mp4 "What happens after the photo was taken?"
     owlvid chat --model mPLUG/mPLUG-Owl3-7B-241101 clip.mp4
     owlvid serve --port 8000 --api-key SECRET --allowed-local-media-path /data
+    owlvid batch -i requests.jsonl -o answers.jsonl --model mPLUG/mPLUG-Owl3-7B-241101
     owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
     owlvid download mPLUG/mPLUG-Owl3-7B-241101
 
@@ -378,6 +379,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from . import batch
+
+    if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
+        raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
+    if Path(args.input).expanduser().resolve() == Path(args.output).expanduser().resolve():
+        raise UsageError("the output file must not be the input file")
+    summary = batch.run(Path(args.input).expanduser(), Path(args.output).expanduser(), lambda: _load_model(args),
+                        allowed_local_media_path=args.allowed_local_media_path, max_batch=args.max_batch,
+                        progress=not args.no_progress)
+    print(f"owlvid: batch: {summary['requests']} request(s): {summary['completed']} answered, "
+          f"{summary['failed']} failed, {summary['skipped']} already in {summary['output']}", file=sys.stderr)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_shapes
 
@@ -536,6 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take in all, queue included (default: 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", parents=[model_opts, debug], help="answer a file of OpenAI batch requests",
+                       description="Answer every line of an OpenAI batch input file (POST /v1/chat/completions "
+                       "requests) into an OpenAI batch output file. The whole input is checked first; each answer "
+                       "is written as it completes; a rerun skips the custom_ids already in the output.")
+    p.add_argument("-i", "--input", required=True, metavar="INPUT.jsonl", help="request lines")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
+                   help="output lines (appended to: an existing file resumes the job)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="requests decoded together (continuous batching; 1 = one at a time)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow local paths and file:// URLs only under DIR (default: anywhere)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "

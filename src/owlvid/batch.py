@@ -1,0 +1,320 @@
+"""Offline batch jobs on one machine: OpenAI batch request lines in, OpenAI batch output lines out.
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...chat completion...}}
+ -> {"id": "batch_req_...", "custom_id": "q1", "response": {"status_code": 200, "request_id": "...",
+     "body": {...chat.completion...}}, "error": null}
+
+Bodies are parsed and checked by the server's own code (`server.schemas`, `server.requests.RequestBuilder`),
+so a line answers what `POST /v1/chat/completions` would. The whole input is checked before any work; a
+request that fails (bad media, over a limit) gets its 4xx line and the job goes on. Each output line is
+flushed and fsync'd as its request completes; a rerun skips the custom_ids already in the output (a torn
+last line, from a killed run, is cut away first), so an interrupted job resumes without duplicates or losses.
+
+Requests decode together (continuous batching, `engine.BatchEngine`) where the model supports it, one by
+one otherwise; those sharing a video run next to each other, so the visual cache decodes and encodes it once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+from .errors import InputError, OwlvidError
+
+CHAT_COMPLETIONS_URL = "/v1/chat/completions"
+
+
+def _server_modules() -> tuple[Any, Any]:
+    """(server.schemas, server.requests): batch jobs parse bodies with the server's code."""
+    try:
+        import fastapi  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError as e:
+        raise OwlvidError(f"batch jobs need pydantic and FastAPI ({e.name} is missing): "
+                          "pip install 'owlvid[server]'") from None
+    from .server import requests, schemas
+
+    return schemas, requests
+
+
+@dataclass
+class BatchRequest:
+    line: int  # 1-based line number in the input
+    custom_id: str
+    body: Any  # server.schemas.ChatCompletionRequest
+
+
+def _schema_error(e: Any) -> str:
+    """A pydantic ValidationError as one line naming the first offending field (as the server's 422)."""
+    errors = e.errors()
+    first = errors[0] if errors else {}
+    param = ".".join(str(x) for x in first.get("loc", ())) or "body"
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return f"body.{param}: {first.get('msg', 'invalid request')}{more}"
+
+
+def read_requests(input_path: str | os.PathLike) -> list[BatchRequest]:
+    """Every request line of the input, checked; the first problem is an InputError naming its line.
+    Blank lines are ignored."""
+    schemas, _ = _server_modules()
+    from pydantic import ValidationError
+
+    path = Path(input_path)
+    name = str(input_path)
+    out: list[BatchRequest] = []
+    seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    for number, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+
+        def fail(message: str, number: int = number) -> InputError:
+            return InputError(f"{name} line {number}: {message}")
+
+        try:
+            item = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise fail(f"not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(item, dict):
+            raise fail("a request line must be a JSON object")
+        custom_id = item.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise fail("custom_id must be a non-empty string")
+        if custom_id in seen:
+            raise fail(f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
+        seen[custom_id] = number
+        if item.get("method") != "POST":
+            raise fail(f"method must be POST, got {item.get('method')!r}")
+        if item.get("url") != CHAT_COMPLETIONS_URL:
+            raise fail(f"url must be {CHAT_COMPLETIONS_URL!r}, got {item.get('url')!r}")
+        if not isinstance(item.get("body"), dict):
+            raise fail("body must be a JSON object (a chat completions request)")
+        try:
+            body = schemas.ChatCompletionRequest.model_validate(item["body"])
+        except ValidationError as e:
+            raise fail(_schema_error(e)) from None
+        out.append(BatchRequest(number, custom_id, body))
+    return out
+
+
+def read_done(output_path: str | os.PathLike) -> set[str]:
+    """custom_ids already answered in an existing output. A torn last line (no newline, or not JSON: the
+    run was killed while writing it) is truncated away; damage anywhere else is an InputError."""
+    path = Path(output_path)
+    if not path.exists():
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    done: set[str] = set()
+    good = 0  # bytes of the file made of complete, valid lines
+    *complete, tail = data.split(b"\n")  # tail: text after the last newline (a torn line when not empty)
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
+            good += len(raw) + 1
+            continue
+        try:
+            item = json.loads(raw)
+            custom_id = item.get("custom_id") if isinstance(item, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            custom_id = None
+        if not isinstance(custom_id, str):
+            if number == len(complete) and not tail.strip():
+                break  # the last line, torn: cut below
+            raise InputError(f"{output_path} line {number}: not a batch output line; refusing to append to it "
+                             "(move it away to start over)")
+        done.add(custom_id)
+        good += len(raw) + 1
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    return done
+
+
+def job_order(requests: list[BatchRequest]) -> list[BatchRequest]:
+    """Input order, except that requests about the same video follow the first one that asks about it
+    (the visual cache then decodes and encodes that video once, while it is still cached)."""
+    groups: dict[Any, list[BatchRequest]] = {}
+    for r in requests:
+        key = _first_video(r.body) or ("request", r.line)
+        groups.setdefault(key, []).append(r)
+    return [r for group in groups.values() for r in group]
+
+
+def _first_video(body: Any) -> str | None:
+    for message in body.messages:
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.type == "video_url":
+                    return _video_key(part.video_url.url)
+    return None
+
+
+def _video_key(url: str) -> str:
+    """The same local video however it is written (path, file:// URL); other URLs as they are."""
+    url = url.strip()
+    if url[:7].lower() == "file://":
+        url = url2pathname(unquote(urlparse(url).path))
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url):  # data:, http(s): (one letter is a drive)
+        return url
+    try:
+        return str(Path(url).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return url
+
+
+class _Output:
+    """The output file, appended one complete line at a time, each flushed and fsync'd."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.file = open(path, "ab")  # noqa: SIM115 (closed by close())
+
+    def write(self, custom_id: str, status: int, body: dict) -> None:
+        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+        self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: Any | Callable[[], Any], *,
+        allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8,
+        progress: bool = True) -> dict[str, Any]:
+    """Answer every request line of `input_path` into `output_path` (appending; resumable).
+
+    `model` is an `owlvid.Model`, or a function returning one (called only after the input is checked and
+    only if something is left to do). Local paths and file:// URLs are allowed anywhere unless
+    `allowed_local_media_path` restricts them to a folder (relative paths are taken under that folder,
+    `/` by default); http(s) media may come from private hosts too (it is the user's own job).
+    Returns {"requests", "skipped" (already in the output), "completed", "failed", "output"}.
+    """
+    if max_batch < 1:
+        raise InputError("max_batch must be at least 1")
+    if not Path(output_path).expanduser().parent.is_dir():
+        raise InputError(f"the folder of the output file {output_path} does not exist")
+    root = Path(allowed_local_media_path).expanduser() if allowed_local_media_path is not None else Path("/")
+    if not root.is_dir():
+        raise InputError(f"allowed local media path {allowed_local_media_path} is not a directory")
+    requests = read_requests(input_path)
+    done = read_done(output_path)
+    todo = job_order([r for r in requests if r.custom_id not in done])
+    summary = {"requests": len(requests), "skipped": len(requests) - len(todo), "completed": 0, "failed": 0,
+               "output": str(output_path)}
+    if not todo:
+        Path(output_path).touch()
+        return summary
+    if callable(model) and not hasattr(model, "runtime"):
+        model = model()
+    _, server = _server_modules()
+    config = server.ServerConfig(served_model_name=model.name, allowed_local_media_path=str(root),
+                                 allow_private_media_hosts=True, max_batch=max_batch)
+    out = _Output(output_path)
+    bar = _progress(len(todo), progress)
+    try:
+        for custom_id, status, body in _answers(model, config, todo):
+            out.write(custom_id, status, body)
+            summary["completed" if status == 200 else "failed"] += 1
+            bar.set_postfix(done=summary["completed"], failed=summary["failed"], refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        out.close()
+    return summary
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="req", dynamic_ncols=True,
+                desc="owlvid batch", postfix={"done": 0, "failed": 0})
+
+
+def _answers(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tuple[str, int, dict]]:
+    """(custom_id, status, response body) of each request as it completes."""
+    from .api import _split_kwargs
+    from .engine import BatchEngine, run_generation
+    from .server import schemas
+    from .server.requests import RequestBuilder
+
+    builder = RequestBuilder(model, config)
+    runtime = model.runtime
+    created = schemas.now()
+
+    def answer(g: Any) -> dict:
+        return schemas.completion(schemas.new_completion_id(), created, config.served_model_name, g.text,
+                                  g.finish_reason, g.prompt_tokens, g.completion_tokens)
+
+    def prepared(r: BatchRequest) -> tuple[Any, list[int], Any]:
+        gen, video = builder.options(r.body)
+        messages = builder.messages(r.body, video)
+        prep, params = _split_kwargs(dict(gen))
+        request, prompt_ids = model.prepare(messages, **prep)
+        return request, prompt_ids, params
+
+    pending = list(todo)
+    if not runtime.supports_batching:  # one by one
+        for r in pending:
+            try:
+                request, prompt_ids, params = prepared(r)
+                *_, result = run_generation(runtime, request, prompt_ids, params)  # the last event: Generation
+                yield r.custom_id, 200, answer(result)
+            except Exception as e:
+                yield (r.custom_id, *_error(e))
+        return
+
+    engine = BatchEngine(runtime, config.max_batch)
+    active: dict[Any, str] = {}  # RequestStream -> custom_id
+    while pending or active:
+        # continuous batching: a freed slot takes the next request at once
+        while pending and engine.active < config.max_batch:
+            r = pending.pop(0)
+            try:
+                stream, _ = engine.add(*prepared(r))
+            except Exception as e:  # this request's input only
+                yield (r.custom_id, *_error(e))
+                continue
+            if stream.done:
+                yield r.custom_id, 200, answer(stream.result())
+            else:
+                active[stream] = r.custom_id
+        if not active:
+            continue
+        try:
+            results = engine.step()
+        except Exception as e:  # a bug: fail the running requests, go on with a fresh engine
+            for custom_id in active.values():
+                yield (custom_id, *_error(e))
+            active.clear()
+            engine = BatchEngine(runtime, config.max_batch)
+            continue
+        for stream, _ in results:
+            if stream.done and stream in active:
+                yield active.pop(stream), 200, answer(stream.result())
+
+
+def _error(e: BaseException) -> tuple[int, dict]:
+    """(status, OpenAI error JSON) of a failed request, as the server would answer it; never a traceback."""
+    from .server import schemas
+    from .server.app import to_api_error
+    from .server.requests import APIError
+
+    if isinstance(e, APIError | OwlvidError):
+        api = to_api_error(e)
+    else:  # an unforeseen failure: the user's own job, so the message is shown
+        text = " ".join(str(e).split()) or type(e).__name__
+        api = APIError(500, f"{type(e).__name__}: {text}", "server_error", code="internal_error")
+    return api.status, schemas.error_body(api.message, api.type, api.param, api.code)
