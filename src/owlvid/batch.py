@@ -152,6 +152,23 @@ def job_order(requests: list[BatchRequest]) -> list[BatchRequest]:
     return [r for group in groups.values() for r in group]
 
 
+def _anchor_relative_paths(body: Any, base: Path) -> None:
+    """Plain relative media paths of a request become absolute under `base` (in place)."""
+    for message in body.messages:
+        if isinstance(message.content, list):
+            for part in message.content:
+                ref = part.video_url if part.type == "video_url" else part.image_url if part.type == "image_url" \
+                    else None
+                if ref is None:
+                    continue
+                url = ref.url.strip()
+                if not _SCHEME_RE.match(url) and not Path(url).expanduser().is_absolute():
+                    ref.url = str(base / url)
+
+
+_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # data:, http(s):, file: (one letter is a drive)
+
+
 def _first_video(body: Any) -> str | None:
     for message in body.messages:
         if isinstance(message.content, list):
@@ -166,7 +183,7 @@ def _video_key(url: str) -> str:
     url = url.strip()
     if url[:7].lower() == "file://":
         url = url2pathname(unquote(urlparse(url).path))
-    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url):  # data:, http(s): (one letter is a drive)
+    elif _SCHEME_RE.match(url):
         return url
     try:
         return str(Path(url).expanduser().resolve())
@@ -198,8 +215,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
 
     `model` is an `owlvid.Model`, or a function returning one (called only after the input is checked and
     only if something is left to do). Local paths and file:// URLs are allowed anywhere unless
-    `allowed_local_media_path` restricts them to a folder (relative paths are taken under that folder,
-    `/` by default); http(s) media may come from private hosts too (it is the user's own job).
+    `allowed_local_media_path` restricts them to a folder (relative paths are then taken under that
+    folder; without it, under the working directory); http(s) media may come from private hosts too (it
+    is the user's own job).
     Returns {"requests", "skipped" (already in the output), "completed", "failed", "output"}.
     """
     if max_batch < 1:
@@ -210,6 +228,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     if not root.is_dir():
         raise InputError(f"allowed local media path {allowed_local_media_path} is not a directory")
     requests = read_requests(input_path)
+    if allowed_local_media_path is None:  # unrestricted: relative paths are the user's, from here
+        for r in requests:
+            _anchor_relative_paths(r.body, Path.cwd())
     done = read_done(output_path)
     todo = job_order([r for r in requests if r.custom_id not in done])
     summary = {"requests": len(requests), "skipped": len(requests) - len(todo), "completed": 0, "failed": 0,
@@ -217,7 +238,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     if not todo:
         Path(output_path).touch()
         return summary
-    if callable(model) and not hasattr(model, "runtime"):
+    from .api import Model
+
+    if not isinstance(model, Model):
         model = model()
     _, server = _server_modules()
     config = server.ServerConfig(served_model_name=model.name, allowed_local_media_path=str(root),

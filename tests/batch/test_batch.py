@@ -292,3 +292,21 @@ def test_killed_job_resumes_to_the_uninterrupted_answers(model, model_dir, media
         assert line["response"]["status_code"] == 200
         assert line["response"]["body"]["choices"] == expected[custom_id]["response"]["body"]["choices"]
         assert line["response"]["body"]["usage"] == expected[custom_id]["response"]["body"]["usage"]
+
+
+def test_relative_paths_are_taken_from_the_working_directory(tmp_path, media, model, monkeypatch):
+    """Unrestricted, a relative media path means what it means in the user's shell; with
+    --allowed-local-media-path it is taken under that folder."""
+    part = [{"type": "image_url", "image_url": {"url": media["image"].name}}, {"type": "text", "text": "What?"}]
+    requests = write_jsonl(tmp_path / "in.jsonl", [request_line("rel", part)])
+    monkeypatch.chdir(media["folder"])
+    output = tmp_path / "out.jsonl"
+    batch.run(requests, output, model, progress=False)
+    assert read_output(output)["rel"]["response"]["status_code"] == 200
+    monkeypatch.chdir(tmp_path)  # the image is not here, but under the allowed folder
+    restricted = tmp_path / "restricted.jsonl"
+    batch.run(requests, restricted, model, allowed_local_media_path=media["folder"], progress=False)
+    assert read_output(restricted)["rel"]["response"]["status_code"] == 200
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    batch.run(requests, elsewhere, model, progress=False)  # not in the working directory: a 400 line
+    assert read_output(elsewhere)["rel"]["response"]["status_code"] == 400
