@@ -56,10 +56,10 @@ class BeforeScheduler(BatchingScheduler):
             self._ready.put((job, None, None, None))
 
     def _admit(self, item, engine) -> None:
-        from owlvid.api import _split_kwargs
+        from owlvid.api import split_options
 
         job = item[0]
-        prep, params = _split_kwargs(dict(job.options))
+        prep, params = split_options(dict(job.options))
         request, prompt_ids = self.model.prepare(job.messages, **prep)
         super()._admit((job, request, prompt_ids, params), engine)
 

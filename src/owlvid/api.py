@@ -115,7 +115,7 @@ class Model:
 
     def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         """TokenEvents as tokens are generated, then the final Generation (used by the server)."""
-        prep, sampling = _split_kwargs(kwargs)
+        prep, sampling = split_options(kwargs)
         request, prompt_ids = self.prepare(messages, **prep)
         yield from run_generation(self.runtime, request, prompt_ids, sampling)
 
@@ -141,7 +141,7 @@ class Model:
         """Answer several conversations together (decoded as one batch); results in input order.
         Each result is token for token what `generate` gives for that conversation alone. Models without
         batched decoding (Slow-Fast for now) answer them one after another."""
-        prep, sampling = _split_kwargs(kwargs)
+        prep, sampling = split_options(kwargs)
         if not self.runtime.supports_batching:  # no batched decoding for this model: one by one
             return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
         items = []
@@ -152,7 +152,7 @@ class Model:
 
     def next_token_logits(self, messages: list[dict], **kwargs: Any) -> torch.Tensor:
         """float32 logits [vocab] of the token after the prompt (scoring, multiple-choice evaluation)."""
-        prep, _ = _split_kwargs(kwargs)
+        prep, _ = split_options(kwargs)
         request, _ = self.prepare(messages, **prep)
         logits, _ = self.runtime.prefill(request)
         return logits.float().cpu()
@@ -161,7 +161,7 @@ class Model:
 _PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling"}
 
 
-def _split_kwargs(kwargs: dict) -> tuple[dict, SamplingParams]:
+def split_options(kwargs: dict) -> tuple[dict, SamplingParams]:
     """(prepare kwargs, SamplingParams) of a call. A `max_new_tokens` the caller gives is also checked
     against the context left by the prompt, unless `shorten_to_context=True` (a server default: the
     answer just stops where the context ends)."""

@@ -268,7 +268,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def _answers(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tuple[str, int, dict]]:
     """(custom_id, status, response body) of each request as it completes."""
-    from .api import _split_kwargs
+    from .api import split_options
     from .engine import BatchEngine, run_generation
     from .server import schemas
     from .server.requests import RequestBuilder
@@ -284,7 +284,7 @@ def _answers(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tupl
     def prepared(r: BatchRequest) -> tuple[Any, list[int], Any]:
         gen, video = builder.options(r.body)
         messages = builder.messages(r.body, video)
-        prep, params = _split_kwargs(dict(gen))
+        prep, params = split_options(dict(gen))
         request, prompt_ids = model.prepare(messages, **prep)
         return request, prompt_ids, params
 

@@ -348,7 +348,7 @@ class BatchingScheduler(Scheduler):
         return False
 
     def _prepare_loop(self) -> None:
-        from ..api import _split_kwargs
+        from ..api import split_options
 
         runtime = self.model.runtime
         while True:
@@ -364,7 +364,7 @@ class BatchingScheduler(Scheduler):
                 self._ahead.release()
                 continue
             try:
-                prep, params = _split_kwargs(dict(job.options))
+                prep, params = split_options(dict(job.options))
                 request, prompt_ids = self.model.prepare(job.messages, **prep)
                 if self.prefill_chunk and runtime.supports_chunked_prefill:
                     request = runtime.encode_media(request)  # the vision tower, beside decoding steps
