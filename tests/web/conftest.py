@@ -76,7 +76,8 @@ def _web_servers(web_checkpoint, tmp_path_factory):
     common = ("--tokenizer", str(tokenizer), "--max-media-bytes", str(MAX_MEDIA_BYTES), "--max-new-tokens", "24")
     # the request body limit is below the real video's size: uploads must not go through it
     open_ = ServerProcess(folder, logs, *common, "--upload-dir", str(uploads), "--max-request-bytes", "400000")
-    keyed = ServerProcess(folder, logs, *common, "--api-key", API_KEY, "--allow-private-media-hosts")
+    keyed = ServerProcess(folder, logs, *common, "--api-key", API_KEY, "--allow-private-media-hosts",
+                          "--max-queued-requests", "1", "--max-batch", "1")
     try:
         open_.wait_ready()
         keyed.wait_ready()
@@ -95,7 +96,8 @@ def web_server(_web_servers) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def keyed_server(_web_servers) -> ServerProcess:
-    """Needs API_KEY; may fetch media URLs from this machine (for the paste-a-URL test)."""
+    """Needs API_KEY; may fetch media URLs from this machine (for the paste-a-URL test); one request at a
+    time, and one waiting at most (for the server-busy test)."""
     return _web_servers["keyed"]
 
 

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -218,6 +219,12 @@ def test_upload_from_url_follows_the_media_policy(web_server, keyed_server, vide
 # -- the store on its own: time-to-live and the storage budget ------------------------------------------------
 
 
+def run(coroutine):
+    """asyncio.run on a thread of its own: Playwright's sync API may hold this thread's event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 async def _body(data: bytes):
     for i in range(0, len(data), 1000):
         yield data[i:i + 1000]
@@ -226,8 +233,8 @@ async def _body(data: bytes):
 def test_store_deletes_uploads_after_their_ttl(tmp_path, videos):
     store = UploadStore(ServerConfig(upload_dir=str(tmp_path), upload_ttl=0.5))
     try:
-        kept = asyncio.run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
-        used = asyncio.run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
+        kept = run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
+        used = run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
         assert kept.path.parent == store.directory and store.directory.parent == tmp_path
         time.sleep(0.35)
         store.get(used.id)  # using an upload starts its time-to-live again
@@ -246,13 +253,13 @@ def test_store_refuses_past_its_storage_budget(tmp_path, videos):
     data = videos["clip"].read_bytes()
     store = UploadStore(ServerConfig(upload_dir=str(tmp_path), max_upload_storage_bytes=len(data) * 2 - 1))
     try:
-        first = asyncio.run(store.receive(_body(data), "a.mp4", None))
+        first = run(store.receive(_body(data), "a.mp4", None))
         with pytest.raises(APIError) as e:
-            asyncio.run(store.receive(_body(data), "b.mp4", None))
+            run(store.receive(_body(data), "b.mp4", None))
         assert e.value.status == 503
         assert [p.name for p in store.directory.iterdir()] == [first.id]  # the refused one is not kept
         store.delete(first.id)
-        asyncio.run(store.receive(_body(data), "c.mp4", None))  # its room is free again
+        run(store.receive(_body(data), "c.mp4", None))  # its room is free again
     finally:
         store.close()
 
@@ -269,8 +276,8 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
     builder = RequestBuilder(local_model, config, store)
     previewer = FramePreviewer(store, builder)
     try:
-        upload_ = asyncio.run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
-        shown = asyncio.run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))
+        upload_ = run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
+        shown = run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))
         video, _ = builder.video_options(None, {"num_frames": 5})
         handed = builder._video(upload_.url, video, "messages.0.content.0")
         assert isinstance(handed, FrameList) and handed.indices == [f["index"] for f in shown["frames"]]
@@ -278,9 +285,9 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
         assert (handed[0].width, handed[0].height) == (128, 96)
         assert builder._video(upload_.url, video, "p") is not handed  # handed over once: decoded anew
         assert store.take_frames(handed.cache_key) is None
-        asyncio.run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))  # answer kept:
+        run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))  # answer kept:
         assert store.take_frames(handed.cache_key) is None  # no second decode for the same settings
-        four = asyncio.run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 4}}))
+        four = run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 4}}))
         other, _ = builder.video_options(None, {"num_frames": 4})
         key = builder._video(upload_.url, other, "p").cache_key  # handed over: nothing kept under it now
         assert key != handed.cache_key and store.take_frames(key) is None

@@ -306,8 +306,13 @@ function addEntry(role, text) {
     li.textContent = text;
   }
   $("log").append(li);
-  li.scrollIntoView({ block: "end" });
+  scrollLog();
   return li;
+}
+
+function scrollLog() {
+  const log = $("log");
+  log.scrollTop = log.scrollHeight; // only the conversation scrolls, never the page under the pointer
 }
 
 function setBusy(busy) {
@@ -403,7 +408,7 @@ async function ask(question) {
         if (tFirst === null) tFirst = performance.now();
         text += delta;
         bubble.textContent = text;
-        entry.scrollIntoView({ block: "end" });
+        scrollLog();
       }
     }
   } catch (err) {
