@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -265,9 +266,11 @@ def test_store_refuses_past_its_storage_budget(tmp_path, videos):
 
 
 def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model, videos):
-    """In-process, with the server's own parts: the preview decodes once, the chat request gets those frames
-    (no second decode), and the turn after that is answered from the visual cache."""
+    """In-process, with the server's own parts: the chat request after a preview gets the frames the preview
+    decoded. Proof: the stored file is then overwritten with zeros (same size and time, so the same cache
+    key), which no decoder could read, and the request still gets the right frames; once."""
     from owlvid.cache import FrameList
+    from owlvid.errors import MediaError
     from owlvid.server.preview import FramePreviewer
     from owlvid.server.requests import RequestBuilder
 
@@ -278,19 +281,17 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
     try:
         upload_ = run(store.receive(_body(videos["clip"].read_bytes()), "clip.mp4", None))
         shown = run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))
+        stat = upload_.path.stat()
+        upload_.path.write_bytes(bytes(stat.st_size))
+        os.utime(upload_.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         video, _ = builder.video_options(None, {"num_frames": 5})
         handed = builder._video(upload_.url, video, "messages.0.content.0")
         assert isinstance(handed, FrameList) and handed.indices == [f["index"] for f in shown["frames"]]
         assert [read_index(f) for f in handed] == handed.indices  # full-size frames, not thumbnails
         assert (handed[0].width, handed[0].height) == (128, 96)
-        assert builder._video(upload_.url, video, "p") is not handed  # handed over once: decoded anew
-        assert store.take_frames(handed.cache_key) is None
-        run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))  # answer kept:
-        assert store.take_frames(handed.cache_key) is None  # no second decode for the same settings
-        four = run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 4}}))
-        other, _ = builder.video_options(None, {"num_frames": 4})
-        key = builder._video(upload_.url, other, "p").cache_key  # handed over: nothing kept under it now
-        assert key != handed.cache_key and store.take_frames(key) is None
-        assert [f["index"] for f in four["frames"]] == [8, 27, 46, 65]
+        with pytest.raises(MediaError):  # handed over once: the next request decodes (and here cannot)
+            builder._video(upload_.url, video, "messages.0.content.0")
+        again = run(previewer.preview(upload_.id, {"mm_processor_kwargs": {"num_frames": 5}}))
+        assert again == shown  # the preview's answer is kept: the same settings are not decoded again
     finally:
         store.close()
