@@ -7,8 +7,11 @@ Browsers cannot be downloaded here: the tests use the system Chromium (`apt-get 
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ pytest.importorskip("httpx")
 
 from ..conftest import fixtures_or_skip  # noqa: E402
 from ..media.synth import write_video  # noqa: E402
-from ..server.helpers import API_KEY, ServerProcess  # noqa: E402
+from ..server.helpers import API_KEY, ServerProcess, running_servers  # noqa: E402
 
 # As root Chromium needs --no-sandbox; on a closed network the other flags keep it from stalling on
 # connections it would open for updates, sync and field trials.
@@ -78,14 +81,9 @@ def _web_servers(web_checkpoint, tmp_path_factory):
     open_ = ServerProcess(folder, logs, *common, "--upload-dir", str(uploads), "--max-request-bytes", "400000")
     keyed = ServerProcess(folder, logs, *common, "--api-key", API_KEY, "--allow-private-media-hosts",
                           "--max-queued-requests", "1", "--max-batch", "1")
-    try:
-        open_.wait_ready()
-        keyed.wait_ready()
-        open_.upload_dir = uploads
-        yield {"open": open_, "keyed": keyed}
-    finally:
-        open_.stop()
-        keyed.stop()
+    open_.upload_dir = uploads
+    with running_servers(open=open_, keyed=keyed) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +97,19 @@ def keyed_server(_web_servers) -> ServerProcess:
     """Needs API_KEY; may fetch media URLs from this machine (for the paste-a-URL test); one request at a
     time, and one waiting at most (for the server-busy test)."""
     return _web_servers["keyed"]
+
+
+@pytest.fixture(scope="session")
+def media_host(videos):
+    """http://127.0.0.1:PORT serving the `videos` folder (for the URL uploads)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(videos["clip"].parent))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -195,26 +195,15 @@ def test_uploads_need_the_api_key(keyed_server, videos):
     assert page.status_code == 200 and 'data-testid="media-input"' in page.text
 
 
-def test_upload_from_url_follows_the_media_policy(web_server, keyed_server, videos):
-    import functools
-    import http.server
-    import threading
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(videos["clip"].parent))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4"
-        refused = httpx.post(f"{web_server.url}/v1/uploads/url", json={"url": url}, timeout=30)
-        assert refused.status_code == 400 and "private" in refused.json()["error"]["message"]
-        good = {"Authorization": f"Bearer {API_KEY}"}
-        fetched = httpx.post(f"{keyed_server.url}/v1/uploads/url", json={"url": url}, headers=good, timeout=30)
-        assert fetched.status_code == 200, fetched.text
-        assert fetched.json()["kind"] == "video" and fetched.json()["total_frames"] == 75
-        assert fetched.json()["filename"] == "clip.mp4"
-    finally:
-        httpd.shutdown()
+def test_upload_from_url_follows_the_media_policy(web_server, keyed_server, media_host):
+    url = f"{media_host}/clip.mp4"
+    refused = httpx.post(f"{web_server.url}/v1/uploads/url", json={"url": url}, timeout=30)
+    assert refused.status_code == 400 and "private" in refused.json()["error"]["message"]
+    good = {"Authorization": f"Bearer {API_KEY}"}
+    fetched = httpx.post(f"{keyed_server.url}/v1/uploads/url", json={"url": url}, headers=good, timeout=30)
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["kind"] == "video" and fetched.json()["total_frames"] == 75
+    assert fetched.json()["filename"] == "clip.mp4"
 
 
 # -- the store on its own: time-to-live and the storage budget ------------------------------------------------

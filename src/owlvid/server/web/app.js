@@ -72,10 +72,10 @@ function uploadFile(file, onProgress) {
 function plainWords(err) {
   if (!(err instanceof ApiError)) return `Something went wrong: ${err.message || err}`;
   const m = err.message;
+  if (err.code === "upload_not_found") return "The uploaded file is gone (it expired). Choose it again.";
   switch (err.status) {
     case 0: return "The server cannot be reached. Is it still running?";
     case 401: return "The server needs a valid API key. Enter it above.";
-    case 404: return err.code === "upload_not_found" ? "The uploaded file is gone (it expired). Choose it again." : m;
     case 413: return `The file is too large for this server. (${m})`;
     case 415: return `This type of file is not supported: choose a video or images. (${m})`;
     case 503: return "The server is busy right now. Please try again in a moment.";
@@ -106,11 +106,11 @@ function askForKey() {
 
 async function connect() {
   try {
-    const models = await api("/v1/models");
+    const [models, limits] = await Promise.all([api("/v1/models"), api("/v1/uploads")]);
     state.model = models.data[0].id;
-    $("model-name").textContent = state.model;
-    state.limits = await api("/v1/uploads");
+    state.limits = limits;
     $("key-form").hidden = true;
+    $("model-name").textContent = state.model; // last: the page is ready
     return true;
   } catch (err) {
     if (err.status === 401) {
