@@ -1,0 +1,13 @@
+"""The protocol interface the runner uses (h-evalproto's protocols/scoring; a stand-in until they land)."""
+
+from __future__ import annotations
+
+try:
+    from .protocols import BENCHMARKS, MVBENCH_TASKS, PROTOCOLS, VIDEO, Protocol, get_protocol
+    from .scoring import Score, score_response
+except ImportError:  # TEMPORARY: removed when protocols.py lands on main
+    from ._standin_protocols import (  # noqa: F401
+        BENCHMARKS, MVBENCH_TASKS, PROTOCOLS, VIDEO, Protocol, Score, get_protocol, score_response)
+
+__all__ = ["BENCHMARKS", "MVBENCH_TASKS", "PROTOCOLS", "VIDEO", "Protocol", "Score", "get_protocol",
+           "score_response"]
