@@ -7,7 +7,15 @@ try:
     from .scoring import Score, score_response
 except ImportError:  # TEMPORARY: removed when protocols.py lands on main
     from ._standin_protocols import (  # noqa: F401
-        BENCHMARKS, MVBENCH_TASKS, PROTOCOLS, VIDEO, Protocol, Score, get_protocol, score_response)
+        BENCHMARKS,
+        MVBENCH_TASKS,
+        PROTOCOLS,
+        VIDEO,
+        Protocol,
+        Score,
+        get_protocol,
+        score_response,
+    )
 
 __all__ = ["BENCHMARKS", "MVBENCH_TASKS", "PROTOCOLS", "VIDEO", "Protocol", "Score", "get_protocol",
            "score_response"]

@@ -75,7 +75,8 @@ class Protocol:
 
     def messages(self, question: str, options: list[str], **fields) -> list[dict]:
         lettered = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(options))
-        text = f"Question: {question}\nOptions:\n{lettered}\nAnswer with the option’s letter from the given choices directly."
+        text = (f"Question: {question}\nOptions:\n{lettered}\n"
+                "Answer with the option’s letter from the given choices directly.")
         return [{"role": "user", "content": [{"type": "video", "video": VIDEO}, {"type": "text", "text": text}]}]
 
     def score(self, response: str, options: list[str], answer: str, rng: random.Random | None = None) -> Score:

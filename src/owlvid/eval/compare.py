@@ -60,6 +60,6 @@ def compare_table(outdirs: Sequence[str | os.PathLike]) -> str:
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
     if any("of " in c for row in rows for c in row[1:]):
-        lines.append("'of s/n': s questions scored of the n selected; a partial run (--limit, --tasks, failures) is not "
-                     "comparable with a published number")
+        lines.append("'of s/n': s questions scored of the n selected; a partial run (--limit, --tasks, failures) "
+                     "is not comparable with a published number")
     return "\n".join(lines)

@@ -228,7 +228,11 @@ def load_longvideobench(root: Path, tasks: set[str] | None) -> list[Question]:
 
 
 def load_mlvu(root: Path, tasks: set[str] | None) -> list[Question]:
-    files = sorted((root / "json").glob("*.json"), key=lambda p: (len(p.stem), p.stem))
+    def number(path: Path) -> tuple[int, str]:  # 1_plotQA ... 9_summary, by their number
+        m = re.match(r"(\d+)_", path.stem)
+        return (int(m.group(1)) if m else 1 << 30), path.stem
+
+    files = sorted((root / "json").glob("*.json"), key=number)
     if not files:
         raise _layout_error(root, "mlvu")
     out = []

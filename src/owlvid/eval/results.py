@@ -57,9 +57,11 @@ def summarize(questions: Sequence[Question], records: Sequence[dict], run_info: 
             cell = table.setdefault(str(r.get(f"category_{name}", "")), [0, 0])
             cell[0] += bool(r["correct"])
             cell[1] += 1
-        categories[name] = {k: {"accuracy": _pct(c, n), "correct": c, "total": n} for k, (c, n) in sorted(table.items())}
+        categories[name] = {k: {"accuracy": _pct(c, n), "correct": c, "total": n}
+                            for k, (c, n) in sorted(table.items())}
     score, rule = headline(benchmark, protocol, scored, categories)
-    return {**run_info, "selection": selection, "questions": len(questions), "scored": len(scored), "failed": len(failed),
+    return {**run_info, "selection": selection, "questions": len(questions), "scored": len(scored),
+            "failed": len(failed),
             "not_run": len(selected) - len(latest), "correct": correct, "accuracy": _pct(correct, len(scored)),
             "score": score, "score_rule": rule, "unparsed": sum(not r.get("parsed", False) for r in scored),
             "categories": categories,
