@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from owlvid.errors import InputError, MediaError
+from owlvid.eval import get_protocol
 from owlvid.eval.datasets import load_questions
-from owlvid.eval.frames import decode_frames, official_bounded_indices, official_frame_folder_indices
+from owlvid.eval.frames import decode_frames
 from tests.eval.layouts import MAKERS, frame_numbers
 
 pytest.importorskip("pyarrow")
@@ -56,7 +55,6 @@ def test_nextqa_videomme_longvideobench_mlvu_layouts(data):
     v = by_id(load_questions("videomme", data["videomme"]))
     q = v["001-1"]
     assert (q.options, q.answer, q.task) == (("1.", "2.", "8.", "9."), "C", "short")
-    assert q.fields["lettered_options"] == ["A. 1.", "B. 2.", "C. 8.", "D. 9."]
     assert q.categories == {"duration": "short", "domain": "Knowledge", "sub_category": "Astronomy",
                             "task_type": "Counting Problem"}
     assert q.video == data["videomme"] / "data/fFjv93ACGo8.mp4"
@@ -89,44 +87,35 @@ def test_wrong_data_folder_is_one_line_saying_what_was_expected(tmp_path, benchm
 # -- frame choice ---------------------------------------------------------------------------------------------
 
 
+def official(benchmark: str, n: int):
+    return get_protocol(benchmark, "official", "owl3", num_frames=n)
+
+
 def test_official_middle_of_the_whole_video_decoded_exactly(data):
     q = by_id(load_questions("mvbench", data["mvbench"]))["action_antonym/0"]
-    d = decode_frames(q, "middle", 8)
+    d = decode_frames(q, official("mvbench", 8))
     # 40 frames in 8 segments [0,4], [5,9], ...: (a + b) // 2
     assert d.indices == [2, 7, 12, 17, 22, 27, 32, 37]
     assert frame_numbers(d.frames) == d.indices
     assert d.timestamps == pytest.approx([i / 10 for i in d.indices])
-    assert d.decoder == "pyav"
+    assert d.decoder == "pyav" and d.audit()["total_frames"] == 40
     # more frames asked than the video has: every frame, padded with the last (get_frame_indices)
-    d = decode_frames(q, "middle", 44)
-    assert d.indices == list(range(40)) + [39] * 4
+    assert decode_frames(q, official("mvbench", 44)).indices == list(range(40)) + [39] * 4
 
 
-def test_official_bounded_draw_is_a_seeded_random_frame_per_segment():
-    # the official get_frame_indices_start_end: segments of [int(fps*start), min(int(fps*end), vlen))
-    picks = official_bounded_indices(4, 40, 10.0, 1.0, 3.0, random.Random(1), np.random.RandomState(1))
-    for pick, (a, b) in zip(picks, [(10, 14), (15, 19), (20, 24), (25, 29)]):
-        assert a <= pick < b  # random.choice(range(a, b - 1 + 1 - 1)): the segment's last frame is never drawn
-    assert picks == official_bounded_indices(4, 40, 10.0, 1.0, 3.0, random.Random(1), np.random.RandomState(1))
-    draws = {tuple(official_bounded_indices(4, 40, 10.0, 1.0, 3.0, random.Random(s), np.random.RandomState(s)))
-             for s in range(20)}
-    assert len(draws) > 1
-    # 16 segments of 20 frames: some segment holds one frame, so the official fallback (a sorted random
-    # permutation of the bound's frames) runs
-    picks = official_bounded_indices(16, 40, 10.0, 1.0, 3.0, random.Random(0), np.random.RandomState(0))
-    assert picks == sorted(picks) and len(set(picks)) == 16 and all(10 <= p < 30 for p in picks)
-    with pytest.raises(MediaError, match="holds no frame"):
-        official_bounded_indices(4, 40, 10.0, 5.0, 6.0, random.Random(0), np.random.RandomState(0))
-
-
-def test_official_bound_in_the_pipeline_and_a_bound_starting_at_zero_is_the_whole_video(data):
+def test_official_bound_draws_seeded_random_frames_and_a_zero_start_is_the_whole_video(data):
     qs = by_id(load_questions("mvbench", data["mvbench"]))
-    d = decode_frames(qs["action_sequence/0"], "middle", 16, seed=5)
-    assert all(10 <= i < 30 for i in d.indices) and frame_numbers(d.frames) == d.indices
-    assert d.audit()["seed"] == decode_frames(qs["action_sequence/0"], "middle", 16, seed=5).audit()["seed"]
-    assert decode_frames(qs["action_sequence/0"], "middle", 16, seed=5).indices == d.indices
-    # start 0: the official `if start_time and end_time` is false: middles of the whole video
-    d0 = decode_frames(qs["action_sequence/1"], "middle", 8)
+    proto = official("mvbench", 4)
+    d = decode_frames(qs["action_sequence/0"], proto, seed=5)  # bound [1, 3] s at 10 fps: frames 10..29
+    for pick, (a, b) in zip(d.indices, [(10, 14), (15, 19), (20, 24), (25, 29)]):
+        assert a <= pick < b  # random.choice(range(a, b)): a segment's last frame is never drawn
+    assert frame_numbers(d.frames) == d.indices
+    assert d.audit()["seed"] == decode_frames(qs["action_sequence/0"], proto, seed=5).audit()["seed"]
+    assert decode_frames(qs["action_sequence/0"], proto, seed=5).indices == d.indices  # reproducible
+    draws = {tuple(decode_frames(qs["action_sequence/0"], proto, seed=s).indices) for s in range(8)}
+    assert len(draws) > 1
+    # start 0: the official `if start_time and end_time` is false: middles of the whole video, no draw
+    d0 = decode_frames(qs["action_sequence/1"], official("mvbench", 8))
     assert d0.indices == [2, 7, 12, 17, 22, 27, 32, 37] and "seed" not in d0.audit()
 
 
@@ -134,23 +123,23 @@ def test_official_frame_folder_get_index(data):
     q = by_id(load_questions("mvbench", data["mvbench"]))["episodic_reasoning/0"]
     # get_index(bound=(2, 8), fps=3, max_frame=30 files, first_idx=1): start 6, end 24, segments of 18/16
     expected = [6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23]
-    assert official_frame_folder_indices(16, 30, (2.0, 8.0), 3.0) == expected
-    d = decode_frames(q, "middle", 16)
-    assert d.indices == expected and d.decoder == "frames"
+    d = decode_frames(q, official("mvbench", 16))
+    assert d.decoder == "frames"
     assert frame_numbers(d.frames) == expected  # file 0000k.jpg shows k
-    assert d.audit()["files"][:2] == ["00006.jpg", "00007.jpg"]
+    assert d.audit()["files"] == [f"{k:05d}.jpg" for k in expected]
 
 
-def test_linspace_over_the_video_and_inside_the_bound(data):
+def test_slowfast_pyav_rule_and_the_lmms_eval_clip(data):
     qs = by_id(load_questions("mvbench", data["mvbench"]))
-    d = decode_frames(qs["action_antonym/0"], "linspace", 8)
-    assert d.indices == [0, 5, 11, 16, 22, 27, 33, 39]  # np.linspace(0, 39, 8).astype(int)
-    assert frame_numbers(d.frames) == d.indices
-    d = decode_frames(qs["action_sequence/0"], "linspace", 5)  # window [1, 3) s = frames 10..29
-    assert d.indices == [10 + int(x) for x in np.linspace(0, 19, 5)]
-    assert frame_numbers(d.frames) == d.indices
-    d = decode_frames(qs["episodic_reasoning/0"], "linspace", 4)  # window [2, 8) s at 3 fps: files 7..24
-    assert frame_numbers(d.frames) == [7 + int(x) for x in np.linspace(0, 17, 4)]
+    sf = get_protocol("mvbench", "slowfast", "slowfast", num_frames=4)
+    # read_video_pyav2(target_fps=2) on 10 fps: every 5th frame (8 candidates), candidate round(2(i+1) - 1)
+    d = decode_frames(qs["action_antonym/0"], sf)
+    assert d.indices == [5, 15, 25, 35] and frame_numbers(d.frames) == d.indices
+    assert decode_frames(qs["action_sequence/0"], sf).indices == [5, 15, 25, 35]  # the fork ignores bounds
+    # lmms-eval on the main-revision layout: the bound is cut out ([1, 3] s = frames 10..29), middles inside
+    lm = get_protocol("mvbench", "lmms_eval", "owl3", num_frames=4)
+    d = decode_frames(qs["action_sequence/0"], lm)
+    assert d.indices == [12, 17, 22, 27] and frame_numbers(d.frames) == d.indices
 
 
 def test_missing_video_is_a_media_error_naming_it(data, tmp_path):
@@ -159,4 +148,4 @@ def test_missing_video_is_a_media_error_naming_it(data, tmp_path):
     q = by_id(load_questions("nextqa_mc", data["nextqa_mc"]))["5325126093_1"]
     gone = replace(q, video=tmp_path / "nope.mp4")
     with pytest.raises(MediaError, match="video not found: .*nope.mp4"):
-        decode_frames(gone, "middle", 8)
+        decode_frames(gone, official("nextqa_mc", 8))

@@ -18,7 +18,6 @@ import pytest
 import owlvid
 from owlvid.errors import InputError
 from owlvid.eval import get_protocol, load_questions, run
-from owlvid.eval._protocol_api import VIDEO
 from owlvid.media import load_video
 from owlvid.models.slowfast.testing import make_tiny_slowfast
 from tests.eval.layouts import MAKERS
@@ -61,21 +60,6 @@ def by_qid(outdir: Path) -> dict[str, dict]:
     return {r["qid"]: r for r in records}
 
 
-def with_frames(template: list[dict], frames, as_images: bool) -> list[dict]:
-    """The protocol's messages with the frames in place of its video placeholder (built here by hand)."""
-    out = []
-    for m in template:
-        parts = []
-        for part in m["content"]:
-            if part.get("video") is VIDEO:
-                parts += [{"type": "image", "image": f} for f in frames] if as_images else \
-                    [{"type": "video", "video": list(frames)}]
-            else:
-                parts.append(part)
-        out.append({**m, "content": parts})
-    return out
-
-
 def test_mvbench_official_owl3_answers_as_generate_with_the_official_frames(owl3, data, tmp_path):
     out = tmp_path / "mv"
     results = run("mvbench", data["mvbench"], owl3, out, progress=False)
@@ -89,13 +73,13 @@ def test_mvbench_official_owl3_answers_as_generate_with_the_official_frames(owl3
     assert (r["category_task"], r["answer"], r["options"]) == ("action_antonym", "B", ["opening", "closing", "none"])
     q = load_questions("mvbench", data["mvbench"], tasks=["action_antonym"])[0]
     frames = load_video(q.video, indices=MIDDLES_16_OF_40).frames
-    expected = owl3.generate(with_frames(proto.messages(q.question, list(q.options), **q.fields), frames, True),
-                             cut_enable=False, **proto.generation)
+    expected = owl3.generate(proto.with_frames(proto.messages(q.question, list(q.options), **q.fields), frames),
+                             **proto.generation)
     assert r["response"] == expected.text
     score = proto.score(expected.text, list(q.options), "B")
     assert (r["predicted"], r["correct"], r["parsed"]) == (score.predicted, score.correct, score.parsed)
-    assert records["episodic_reasoning/0"]["frames"]["indices"] == [6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 20,
-                                                                     21, 22, 23]
+    assert records["episodic_reasoning/0"]["frames"]["files"] == [
+        f"{k:05d}.jpg" for k in (6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23)]
     assert records["action_sequence/0"]["frames"]["seed"] > 0
     # results.json agrees with the lines
     saved = json.loads((out / "results.json").read_text())
@@ -151,12 +135,13 @@ def test_slowfast_defaults_to_the_authors_settings_with_linspace_frames(slowfast
     proto = get_protocol("longvideobench", None, "slowfast")
     assert results["protocol"] == "slowfast" and results["settings"]["frames_as"] == "video"
     records = by_qid(out)
-    expected_indices = [int(i * 39 / (proto.num_frames - 1)) for i in range(proto.num_frames)]
+    # the fork's read_video_pyav2: every 5th frame at 10 fps; fewer candidates (8) than 64 frames: all of them
+    expected_indices = [0, 5, 10, 15, 20, 25, 30, 35]
     r = records["86Cx_0"]
     assert r["frames"]["indices"] == expected_indices
     q = load_questions("longvideobench", data["longvideobench"])[0]
     frames = load_video(q.video, indices=expected_indices).frames
-    expected = slowfast.generate(with_frames(proto.messages(q.question, list(q.options), **q.fields), frames, False),
+    expected = slowfast.generate(proto.with_frames(proto.messages(q.question, list(q.options), **q.fields), frames),
                                  **proto.generation)
     assert r["response"] == expected.text
     assert set(results["categories"]["question_category"]) == {"TOS", "S2E"}

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OwlvidError
-from ._protocol_api import MVBENCH_TASKS
+from ._protocol_api import MVBENCH_FRAME_FPS, MVBENCH_TASKS, unletter_option
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # NExT-QA question types and the official groups (TP is counted with TN, as the official accuracy_metric)
 NEXTQA_TYPE_GROUP = {"CW": "CW", "CH": "CH", "TN": "TN", "TP": "TN", "TC": "TC", "DC": "DC", "DL": "DL", "DO": "DO"}
 # MLVU dev multiple-choice tasks (8_sub_scene and 9_summary are open-ended: not multiple choice)
 MLVU_GENERATION_TASKS = ("sub_scene", "summary")
-TVQA_FRAME_FPS = 3.0  # MVBench episodic_reasoning: TVQA frames extracted at 3 fps
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Question:
     bound: tuple[float, float] | None = None
     frame_fps: float | None = None
     categories: dict[str, str] = field(default_factory=dict)
-    fields: dict[str, Any] = field(default_factory=dict)  # extra dataset fields the protocol's prompt may use
+    fields: dict[str, Any] = field(default_factory=dict)  # dataset fields for Protocol.messages (raw_question)
 
 
 def load_questions(benchmark: str, data_dir: str | os.PathLike, tasks: Sequence[str] | None = None) -> list[Question]:
@@ -128,11 +127,11 @@ def _mvbench_answer(candidates: Sequence[str], answer: str) -> str:
 
 def load_mvbench(root: Path, tasks: set[str] | None) -> list[Question]:
     json_dir = root / "json"
-    if not json_dir.is_dir() or not any((json_dir / spec[0]).is_file() for spec in MVBENCH_TASKS.values()):
+    if not json_dir.is_dir() or not any((json_dir / spec.json_file).is_file() for spec in MVBENCH_TASKS.values()):
         raise _layout_error(root, "mvbench")
     out: list[Question] = []
-    for task, (json_name, prefix, kind, bounded) in MVBENCH_TASKS.items():
-        path = json_dir / json_name
+    for task, spec in MVBENCH_TASKS.items():  # the official task order
+        path, bounded = json_dir / spec.json_file, spec.bounded
         if (tasks and task not in tasks) or not path.is_file():
             continue
         rows = _read_json(path, "mvbench")
@@ -140,14 +139,13 @@ def load_mvbench(root: Path, tasks: set[str] | None) -> list[Question]:
             where = f"{path} item {i}"
             _require(row, ("video", "question", "candidates", "answer", *(("start", "end") if bounded else ())),
                      where)
-            frames = kind == "frame"
+            frames = spec.kind == "frame"
             out.append(Question(
                 qid=f"{task}/{i}", benchmark="mvbench", task=task, question=row["question"],
                 options=tuple(row["candidates"]), answer=_mvbench_answer(row["candidates"], row["answer"]),
-                video=root / "video" / prefix / row["video"], video_kind="frames" if frames else "video",
+                video=root / "video" / spec.video_folder / row["video"], video_kind="frames" if frames else "video",
                 bound=(float(row["start"]), float(row["end"])) if bounded else None,
-                frame_fps=TVQA_FRAME_FPS if frames else None, categories={"task": task},
-                fields={"answer_text": row["answer"]}))
+                frame_fps=float(MVBENCH_FRAME_FPS) if frames else None, categories={"task": task}))
     return out
 
 
@@ -172,12 +170,6 @@ def load_nextqa_mc(root: Path, tasks: set[str] | None) -> list[Question]:
 # -- Video-MME -------------------------------------------------------------------------------------------
 
 
-def _unletter(option: str, index: int) -> str:
-    """ "A. text" -> "text" (Video-MME options carry their letters)."""
-    prefix = f"{LETTERS[index]}. "
-    return option[len(prefix):] if option.startswith(prefix) else option
-
-
 def _first_existing(candidates: Sequence[Path]) -> Path:
     return next((p for p in candidates if p.exists()), candidates[0])
 
@@ -194,11 +186,10 @@ def load_videomme(root: Path, tasks: set[str] | None) -> list[Question]:
         lettered = list(row["options"])
         out.append(Question(
             qid=str(row.get("question_id") or f"{row['videoID']}-{i}"), benchmark="videomme", task=row["duration"],
-            question=row["question"], options=tuple(_unletter(o, k) for k, o in enumerate(lettered)),
+            question=row["question"], options=tuple(unletter_option(o, k) for k, o in enumerate(lettered)),
             answer=row["answer"], video=video,
             categories={"duration": row["duration"], "domain": row["domain"], "sub_category": row["sub_category"],
-                        "task_type": row["task_type"]},
-            fields={"lettered_options": lettered}))
+                        "task_type": row["task_type"]}))
     return out
 
 
@@ -219,8 +210,7 @@ def load_longvideobench(root: Path, tasks: set[str] | None) -> list[Question]:
             options=tuple(row["candidates"]), answer=LETTERS[int(row["correct_choice"])],
             # the official loader's bound [0, duration] starts at 0, so it reads the whole video: no bound
             video=root / "videos" / row["video_path"],
-            categories={"question_category": category, "duration_group": str(row.get("duration_group", ""))},
-            fields={k: row[k] for k in ("subtitle_path", "starting_timestamp_for_subtitles") if k in row}))
+            categories={"question_category": category, "duration_group": str(row.get("duration_group", ""))}))
     return out
 
 
@@ -247,7 +237,7 @@ def load_mlvu(root: Path, tasks: set[str] | None) -> list[Question]:
             out.append(Question(
                 qid=f"{task}/{i}", benchmark="mlvu", task=task, question=row["question"], options=tuple(candidates),
                 answer=chr(ord("A") + idx), video=root / "video" / path.stem / row["video"],
-                categories={"task": task}, fields={"duration": row.get("duration")}))
+                categories={"task": task}))
     return out
 
 

@@ -1,9 +1,9 @@
 """Accuracy from prediction lines: overall, per category, the protocol's headline score, and the table.
 
-The headline score is the number each protocol reports: the share of correct answers, except
-lmms-eval's MVBench (answers that are empty are left out of the count) and MLVU (the mean of the task
-accuracies, "M-Avg", as published). Questions that failed (a missing video ...) are not scored; their
-number is reported next to the accuracy.
+The headline score is the number the protocol reports (`Protocol.overall_accuracy`: the share of correct
+answers, except lmms-eval's MVBench, which leaves empty answers out, and MLVU, the mean of the task
+accuracies). Questions that failed (a missing video ...) are not scored; their number is reported next to
+the accuracy.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._protocol_api import Protocol, Score
 from .datasets import Question
 
 # the categories reported per benchmark (fields of Question.categories)
@@ -37,7 +38,7 @@ def _pct(correct: int, total: int) -> float | None:
     return round(100.0 * correct / total, 2) if total else None
 
 
-def summarize(questions: Sequence[Question], records: Sequence[dict], run_info: dict[str, Any],
+def summarize(proto: Protocol, questions: Sequence[Question], records: Sequence[dict], run_info: dict[str, Any],
               selection: dict[str, Any]) -> dict[str, Any]:
     """results.json for the selected `questions` from the prediction `records` (the last line of a question
     counts: a failed question answered on a later run is scored)."""
@@ -48,7 +49,7 @@ def summarize(questions: Sequence[Question], records: Sequence[dict], run_info: 
             latest[r["qid"]] = r
     scored = [r for r in latest.values() if r.get("error") is None]
     failed = [r for r in latest.values() if r.get("error") is not None]
-    benchmark, protocol = run_info["benchmark"], run_info["protocol"]
+    benchmark = run_info["benchmark"]
     correct = sum(bool(r["correct"]) for r in scored)
     categories: dict[str, dict[str, dict]] = {}
     for name in CATEGORY_FIELDS[benchmark]:
@@ -59,26 +60,20 @@ def summarize(questions: Sequence[Question], records: Sequence[dict], run_info: 
             cell[1] += 1
         categories[name] = {k: {"accuracy": _pct(c, n), "correct": c, "total": n}
                             for k, (c, n) in sorted(table.items())}
-    score, rule = headline(benchmark, protocol, scored, categories)
+    scores = [Score(r["predicted"], bool(r["correct"]), bool(r["parsed"])) for r in scored]
+    score = round(proto.overall_accuracy(scores, [r["response"] for r in scored], [r["task"] for r in scored]), 2) \
+        if scored else None
     return {**run_info, "selection": selection, "questions": len(questions), "scored": len(scored),
             "failed": len(failed),
             "not_run": len(selected) - len(latest), "correct": correct, "accuracy": _pct(correct, len(scored)),
-            "score": score, "score_rule": rule, "unparsed": sum(not r.get("parsed", False) for r in scored),
+            "score": score, "score_rule": _RULES[proto.overall],
+            "unparsed": sum(not r.get("parsed", False) for r in scored),
             "categories": categories,
             "failures": [{"qid": r["qid"], "error": r["error"]} for r in failed][:50]}
 
 
-def headline(benchmark: str, protocol: str, scored: Sequence[dict], categories: dict[str, dict]
-             ) -> tuple[float | None, str]:
-    """(score, how it is computed) as the protocol reports it."""
-    lmms = protocol in ("lmms_eval", "slowfast")  # the Slow-Fast authors ran a fork of lmms-eval
-    if benchmark == "mlvu":
-        accs = [c["accuracy"] for c in categories["task"].values() if c["accuracy"] is not None]
-        return (round(sum(accs) / len(accs), 2) if accs else None), "mean of the task accuracies (M-Avg)"
-    if benchmark == "mvbench" and lmms:
-        kept = [r for r in scored if r.get("response")]
-        return _pct(sum(bool(r["correct"]) for r in kept), len(kept)), "accuracy over non-empty answers (lmms-eval)"
-    return _pct(sum(bool(r["correct"]) for r in scored), len(scored)), "accuracy over scored questions"
+_RULES = {"micro": "accuracy over the scored questions", "answered": "accuracy over non-empty answers",
+          "task_mean": "mean of the task accuracies"}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -104,6 +99,7 @@ def format_table(results: dict[str, Any]) -> str:
         width = max(len(k) for k in table)
         lines += ["", f"{name:<{width}}  accuracy  correct/total"]
         lines += [f"{k:<{width}}  {_num(v['accuracy']):>8}  {v['correct']}/{v['total']}" for k, v in table.items()]
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     for f in results["failures"][:5]:
         lines.append(f"failed {f['qid']}: {f['error']}")
     return "\n".join(lines)

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, OwlvidError
 from . import results as results_mod
-from ._protocol_api import VIDEO, Protocol, get_protocol
+from ._protocol_api import Protocol, get_protocol
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
 
@@ -85,7 +85,7 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], A
     if todo:
         _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress)
         records = _read_predictions(out / PREDICTIONS)
-    summary = results_mod.summarize(questions, records, run_info,
+    summary = results_mod.summarize(proto, questions, records, run_info,
                                     {"limit": limit, "tasks": sorted(tasks) if tasks else None})
     _write_json(out / RESULTS, summary)
     return summary
@@ -100,8 +100,9 @@ def _run_info(proto: Protocol, model: Any, seed: int) -> dict[str, Any]:
     folder = Path(model.runtime.folder)
     return {"benchmark": proto.benchmark, "protocol": proto.name, "protocol_source": proto.source,
             "settings": {"num_frames": proto.num_frames, "frame_choice": proto.frame_choice,
-                         "generation": dict(proto.generation), "seed": seed,
-                         "frames_as": _frames_as(proto, model)},
+                         "frames_as": proto.frames_as, "bound": proto.bound, "generation": dict(proto.generation),
+                         "seed": seed},
+            "notes": list(proto.notes),
             "model": {"name": model.name, "folder": str(folder), "architecture": model.runtime.architecture,
                       "fingerprint": checkpoint_fingerprint(folder), "dtype": str(model.dtype).replace("torch.", ""),
                       "device": str(model.device)},
@@ -155,33 +156,8 @@ def _video_order(questions: list[Question]) -> list[Question]:
 # -- answering ---------------------------------------------------------------------------------------------
 
 
-def _frames_as(proto: Protocol, model: Any) -> str:
-    """"images" where the official mPLUG-Owl3 evaluation passes the frames as images (its dataset turns
-    `<|video|>` into one `<|image|>` per frame, no cutting), "video" otherwise."""
-    return "images" if proto.name == "official" and model_family(model) == "owl3" else "video"
-
-
-def model_messages(template: list[dict], frames: Any, as_images: bool) -> list[dict]:
-    """The protocol's conversation with its video placeholder replaced by the frames (a video part, or
-    one image part per frame)."""
-    out = []
-    for message in template:
-        content = message["content"]
-        if isinstance(content, list):
-            parts: list[dict] = []
-            for part in content:
-                if part.get("type") == "video" and part.get("video") is VIDEO:
-                    parts.extend({"type": "image", "image": f} for f in frames) if as_images \
-                        else parts.append({**part, "video": frames})
-                else:
-                    parts.append(part)
-            content = parts
-        out.append({**message, "content": content})
-    return out
-
-
 def prompt_text(template: list[dict], runtime: Any, n_frames: int, as_images: bool) -> list[dict]:
-    """The conversation as the model's processor receives it (placeholders of the model), for the record."""
+    """The conversation as the model's processor receives it (the model's placeholders), for the record."""
     media = runtime.image_placeholder * n_frames if as_images else runtime.video_placeholder
     out = []
     for message in template:
@@ -209,25 +185,28 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
     from ..cache import FrameList, content_key, file_identity
     from ..jobs import generate_each
 
-    as_images = _frames_as(proto, model) == "images"
-    options = dict(proto.generation) | ({"cut_enable": False} if as_images else {})
+    as_images = proto.frames_as == "images"
     audits: dict[str, dict] = {}
     last: list[Any] = [None, None]  # (reuse key, DecodedFrames): questions on one video decode it once
 
     def job(q: Question) -> Callable[[], tuple[list[dict], dict]]:
         def build() -> tuple[list[dict], dict]:
-            key = reuse_key(q, proto.frame_choice, proto.num_frames)
+            key = reuse_key(q, proto)
             if last[0] != key:
                 last[:] = [None, None]  # free the previous video's frames before decoding the next
-                last[:] = [key, decode_frames(q, proto.frame_choice, proto.num_frames, seed=seed)]
+                last[:] = [key, decode_frames(q, proto, seed=seed)]
             decoded: DecodedFrames = last[1]
             audits[q.qid] = decoded.audit()
-            frames: Any = decoded.frames
-            if not as_images:
+            messages = proto.with_frames(_question_text(q, proto), decoded.frames)
+            if not as_images:  # the frames with their identity: the visual cache encodes a shared video once
                 cache_key = content_key("eval-frames", file_identity(decoded.source), decoded.indices,
                                         decoded.decoder)
                 frames = FrameList(decoded.frames, cache_key, decoded.indices, decoded.timestamps)
-            return model_messages(_question_text(q, proto), frames, as_images), dict(options)
+                for message in messages:
+                    for part in message["content"]:
+                        if part.get("type") == "video":
+                            part["video"] = frames
+            return messages, dict(proto.generation)
 
         return build
 
@@ -237,7 +216,7 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
     try:
         with open(path, "ab") as f:
             for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch):
-                record = _record(by_id[qid], proto, model.runtime, result, audits.pop(qid, None), seed, as_images)
+                record = _record(by_id[qid], proto, model.runtime, result, audits.pop(qid, None), seed)
                 f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -255,22 +234,27 @@ def _progress(total: int, enabled: bool, benchmark: str) -> Any:
                 desc=f"owlvid eval {benchmark}")
 
 
-def _record(q: Question, proto: Protocol, runtime: Any, result: Any, audit: dict | None, seed: int,
-            as_images: bool) -> dict[str, Any]:
+def _record(q: Question, proto: Protocol, runtime: Any, result: Any, audit: dict | None, seed: int
+            ) -> dict[str, Any]:
     """One predictions.jsonl line."""
     base = {"qid": q.qid, "task": q.task, **{f"category_{k}": v for k, v in q.categories.items()},
             "video": str(q.video), "answer": q.answer, "options": list(q.options)}
     n_frames = len(audit["indices"]) if audit else proto.num_frames
-    base["prompt"] = prompt_text(_question_text(q, proto), runtime, n_frames, as_images)
+    base["prompt"] = prompt_text(_question_text(q, proto), runtime, n_frames, proto.frames_as == "images")
     if isinstance(result, Exception):
         reason = " ".join(str(result).split()) or type(result).__name__
         return {**base, "response": None, "predicted": None, "correct": False, "parsed": False,
                 "frames": audit, "error": f"{type(result).__name__}: {reason}"}
     rng = random.Random(question_seed(q.qid, seed))  # the lmms-eval random fallback, the same on every run
-    score = proto.score(result.text, list(q.options), q.answer, rng=rng)
-    return {**base, "response": result.text, "predicted": score.predicted, "correct": bool(score.correct),
-            "parsed": bool(score.parsed), "finish_reason": result.finish_reason,
-            "completion_tokens": result.completion_tokens, "frames": audit, "error": None}
+    answered = {"response": result.text, "finish_reason": result.finish_reason,
+                "completion_tokens": result.completion_tokens, "frames": audit}
+    try:
+        score = proto.score(result.text, list(q.options), q.answer, rng=rng)
+    except OwlvidError as e:  # e.g. a ground truth that is not among the options: the question cannot be scored
+        return {**base, **answered, "predicted": None, "correct": False, "parsed": False,
+                "error": f"cannot score: {e}"}
+    return {**base, **answered, "predicted": score.predicted, "correct": bool(score.correct),
+            "parsed": bool(score.parsed), "note": getattr(score, "note", ""), "error": None}
 
 
 def iter_records(outdir: str | os.PathLike) -> Iterator[dict]:
