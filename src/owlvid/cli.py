@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import add_parser as add_eval_parser
 
-    add_eval_parser(sub, [model_opts], _load_model, debug)
+    add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int)
 
     p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "

@@ -9,19 +9,10 @@ from typing import Any
 from ._protocol_api import BENCHMARKS, PROTOCOLS
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Callable[[argparse.Namespace], Any],
-               debug: argparse.ArgumentParser) -> None:
-    """The `eval` command under `sub` (the owlvid subparsers); `parents` carry the model options."""
+               debug: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
+    """The `eval` command under `sub` (the owlvid subparsers); `parents` carry the model options; `load_model`
+    and `positive_int` are owlvid.cli's model loader and argument type."""
     p = sub.add_parser("eval", parents=[debug], help="evaluate on a video benchmark under its published protocol",
                        description="Evaluate a model on MVBench, NExT-QA (MC), Video-MME, LongVideoBench or MLVU "
                        "read from the dataset folder as downloaded, under the official mPLUG-Owl3 protocol, "
@@ -38,12 +29,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
                        help="official (mPLUG-Owl3 evaluation code), lmms_eval, or slowfast (the Slow-Fast authors' "
                        "settings); default: official for mPLUG-Owl3 (lmms_eval for mlvu), slowfast for Slow-Fast")
         b.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
-        b.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
+        b.add_argument("--limit", type=positive_int, default=None, metavar="N",
                        help="only the first N questions (after --tasks), for a quick look")
         b.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                        help="only these tasks (MVBench/MLVU task, NExT-QA type, Video-MME duration, "
                        "LongVideoBench question category)")
-        b.add_argument("--max-batch", type=_at_least_one, default=8, help="questions decoded together (default: 8)")
+        b.add_argument("--max-batch", type=positive_int, default=8, help="questions decoded together (default: 8)")
         b.add_argument("--seed", type=int, default=0,
                        help="seeds the official random frame draw of bounded MVBench questions and lmms-eval's "
                        "random fallback answers (default: 0)")
