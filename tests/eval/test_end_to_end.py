@@ -129,7 +129,7 @@ def test_missing_video_is_a_recorded_failure_and_a_rerun_answers_it(owl3, data, 
     assert by_qid(out)["601-1"]["error"] is None
 
 
-def test_slowfast_defaults_to_the_authors_settings_with_linspace_frames(slowfast, data, tmp_path):
+def test_slowfast_defaults_to_the_authors_settings_and_their_pyav_frames(slowfast, data, tmp_path):
     out = tmp_path / "lvb"
     results = run("longvideobench", data["longvideobench"], slowfast, out, progress=False)
     proto = get_protocol("longvideobench", None, "slowfast")
