@@ -32,8 +32,8 @@ Where the frames come from (``Protocol.frame_choice``; :meth:`Protocol.frame_ind
   candidate ``round((i+1)·len/N - 1)``. N = the command line's TEST_FRAMES: 64 for the frame64
   checkpoint, 96 for frame96 (``get_protocol(..., num_frames=96)``). Frame images (MVBench
   ``episodic_reasoning`` frame folder) are all loaded, then ``np.linspace(0, len-1, N).astype(int)``
-  of them when there are more than N. The fork's owlvid-side ``slowfast`` preset (``np.linspace``) is
-  the README demo's rule, not the evaluation's.
+  of them when there are more than N. (owlvid's ``slowfast`` sampling preset, ``np.linspace`` over all
+  frames, is the README demo's rule and the fork's decord backend — not what the published runs used.)
 * lmms-eval itself leaves frame sampling to the model wrapper, and has no mPLUG-Owl3 wrapper. owlvid's
   wrapper samples as the model family's own evaluation does: ``"middle"`` with the official counts for
   mPLUG-Owl3 (MLVU, which the official code lacks, gets Video-MME's 128), ``"slowfast_pyav"`` with 64
