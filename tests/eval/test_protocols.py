@@ -175,6 +175,9 @@ def test_slowfast_protocol_settings(benchmark):
     assert get_protocol(benchmark, "slowfast", num_frames=96).num_frames == 96
     lmms = get_protocol(benchmark, "lmms_eval", family="slowfast")
     assert (lmms.num_frames, lmms.frame_choice) == (64, "slowfast_pyav")
+    if benchmark != "mlvu":  # the official prompts on a Slow-Fast model: frames as its one video, no cutting flag
+        official = get_protocol(benchmark, "official", family="slowfast")
+        assert (official.frames_as, official.generation) == ("video", {"max_new_tokens": 100, "temperature": 0.0})
 
 
 def test_defaults_and_errors():

@@ -486,12 +486,15 @@ _NOTES = {
 def _build(benchmark: str, protocol: str, family: str) -> Protocol:
     notes = _NOTES.get((benchmark, protocol), ())
     if protocol == "official":
+        # general_task_pipeline2.py: max_new_tokens 100, do_sample True with top_k 1 (= greedy), batch size 1;
+        # frames handed over as images with cut_enable False (no cut_cfg). A Slow-Fast model gets them as
+        # its one video: it has no per-image placeholder form of a video.
+        owl3 = family == "owl3"
         return Protocol(
             benchmark=benchmark, name=protocol, family=family, num_frames=_OFFICIAL_FRAMES[benchmark],
-            frame_choice="middle", frames_as="images", bound="official_random", strips_response=True,
-            # general_task_pipeline2.py: max_new_tokens 100, do_sample True with top_k 1 (= greedy),
-            # cut_enable False for video tasks (no cut_cfg), batch size 1.
-            generation={"max_new_tokens": 100, "temperature": 0.0, "cut_enable": False},
+            frame_choice="middle", frames_as="images" if owl3 else "video", bound="official_random",
+            strips_response=True,
+            generation={"max_new_tokens": 100, "temperature": 0.0} | ({"cut_enable": False} if owl3 else {}),
             source=_OFFICIAL_SOURCE + _OFFICIAL_FILES[benchmark] + ", tasks/plans/all.yaml, "
             "tasks/task_define/{base.py, video_utils.py}, tasks/general_task_pipeline2.py", notes=notes)
     if protocol == "lmms_eval":
