@@ -13,6 +13,7 @@ import pytest
 from owlvid.errors import InputError
 from owlvid.eval.protocols import (
     MLVU_DEV_TASK_TYPES,
+    MVBENCH_LMMS_EVAL_FOLDERS,
     MVBENCH_TASKS,
     VIDEO,
     get_protocol,
@@ -296,6 +297,10 @@ def test_mvbench_task_table():
     assert (episodic.kind, episodic.video_folder) == ("frame", "tvqa/frames_fps3_hq/")
     assert all(task.json_file == f"{name}.json" for name, task in MVBENCH_TASKS.items())
     assert {task.kind for task in MVBENCH_TASKS.values()} == {"video", "frame"}
+    json_file, folder, kind, bounded = MVBENCH_TASKS["action_localization"]  # unpacks as the official 4-tuple
+    assert (json_file, folder, kind, bounded) == ("action_localization.json", "sta/sta_video/", "video", True)
+    assert set(MVBENCH_LMMS_EVAL_FOLDERS) == set(MVBENCH_TASKS)
+    assert MVBENCH_LMMS_EVAL_FOLDERS["action_localization"] == "sta/sta_video_segment"
 
 
 # --------------------------------------------------------------------- through the models' templates

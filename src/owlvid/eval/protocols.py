@@ -53,7 +53,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,7 +70,8 @@ from owlvid.eval.scoring import (
 
 __all__ = [
     "BENCHMARKS", "PROTOCOLS", "FAMILIES", "VIDEO", "Protocol", "get_protocol", "MVBenchTask", "MVBENCH_TASKS",
-    "MVBENCH_FRAME_FPS", "MLVU_DEV_TASK_TYPES", "unletter_option", "mlvu_question_text", "split_mlvu_question",
+    "MVBENCH_LMMS_EVAL_FOLDERS", "MVBENCH_FRAME_FPS", "MLVU_DEV_TASK_TYPES", "unletter_option",
+    "mlvu_question_text", "split_mlvu_question",
 ]
 
 FAMILIES = ("owl3", "slowfast")
@@ -90,60 +91,61 @@ VIDEO = _VideoPlaceholder()
 MVBENCH_FRAME_FPS = 3  # official MVBench_dataset.read_frame / __getitem__: TVQA frame folders are 3 fps
 
 
-@dataclass(frozen=True)
-class MVBenchTask:
-    """One MVBench task as the official ``data_list`` (mvbench.py) defines it.
+class MVBenchTask(NamedTuple):
+    """One MVBench task as the official ``data_list`` (mvbench.py) defines it; unpacks as the 4-tuple
+    ``(json_file, video_folder, kind, bounded)``.
 
     ``json_file``: under ``json/`` of HF ``OpenGVLab/MVBench``. ``video_folder``: the official prefix under
     ``video/`` (``dataset/mvbench/video/`` + the ``your_data_path/...`` folder), joined with the row's
-    ``video`` field. ``kind``: ``"video"`` (a file) or ``"frame"`` (a folder of ``{k:05d}.jpg`` at 3 fps,
-    numbered from 1). ``bounded``: rows carry ``start``/``end`` seconds. ``lmms_eval_folder``: lmms-eval's
-    folder in the HF ``video`` revision (pre-cut segments for the bounded tasks; ``episodic_reasoning`` is
-    a video there). The Slow-Fast fork uses ``video_folder`` (main revision) and ignores the bounds."""
+    ``video`` field; the Slow-Fast fork uses the same folders (and ignores the bounds). ``kind``:
+    ``"video"`` (a file) or ``"frame"`` (a folder of ``{k:05d}.jpg`` at :data:`MVBENCH_FRAME_FPS`, numbered
+    from 1). ``bounded``: rows carry ``start``/``end`` seconds."""
 
-    name: str
     json_file: str
     video_folder: str
     kind: str
     bounded: bool
-    lmms_eval_folder: str
 
 
 # Official data_list order (the ConcatDataset order of the official run), names lowercased with "_".
-MVBENCH_TASKS: dict[str, MVBenchTask] = {t.name: t for t in (
-    MVBenchTask("action_sequence", "action_sequence.json", "star/Charades_v1_480/", "video", True,
-                "star/Charades_segment"),
-    MVBenchTask("action_prediction", "action_prediction.json", "star/Charades_v1_480/", "video", True,
-                "star/Charades_segment"),
-    MVBenchTask("action_antonym", "action_antonym.json", "ssv2_video/", "video", False, "ssv2_video_mp4"),
-    MVBenchTask("fine_grained_action", "fine_grained_action.json", "Moments_in_Time_Raw/videos/", "video", False,
-                "Moments_in_Time_Raw/videos"),
-    MVBenchTask("unexpected_action", "unexpected_action.json", "FunQA_test/test/", "video", False,
-                "FunQA_test/test"),
-    MVBenchTask("object_existence", "object_existence.json", "clevrer/video_validation/", "video", False,
-                "clevrer/video_validation"),
-    MVBenchTask("object_interaction", "object_interaction.json", "star/Charades_v1_480/", "video", True,
-                "star/Charades_segment"),
-    MVBenchTask("object_shuffle", "object_shuffle.json", "perception/videos/", "video", False, "perception/videos"),
-    MVBenchTask("moving_direction", "moving_direction.json", "clevrer/video_validation/", "video", False,
-                "clevrer/video_validation"),
-    MVBenchTask("action_localization", "action_localization.json", "sta/sta_video/", "video", True,
-                "sta/sta_video_segment"),
-    MVBenchTask("scene_transition", "scene_transition.json", "scene_qa/video/", "video", False, "scene_qa/video"),
-    MVBenchTask("action_count", "action_count.json", "perception/videos/", "video", False, "perception/videos"),
-    MVBenchTask("moving_count", "moving_count.json", "clevrer/video_validation/", "video", False,
-                "clevrer/video_validation"),
-    MVBenchTask("moving_attribute", "moving_attribute.json", "clevrer/video_validation/", "video", False,
-                "clevrer/video_validation"),
-    MVBenchTask("state_change", "state_change.json", "perception/videos/", "video", False, "perception/videos"),
-    MVBenchTask("fine_grained_pose", "fine_grained_pose.json", "nturgbd/", "video", False, "nturgbd_convert"),
-    MVBenchTask("character_order", "character_order.json", "perception/videos/", "video", False, "perception/videos"),
-    MVBenchTask("egocentric_navigation", "egocentric_navigation.json", "vlnqa/", "video", False, "vlnqa"),
-    MVBenchTask("episodic_reasoning", "episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True,
-                "tvqa/video_fps3_hq_segment"),
-    MVBenchTask("counterfactual_inference", "counterfactual_inference.json", "clevrer/video_validation/", "video",
-                False, "clevrer/video_validation"),
-)}
+MVBENCH_TASKS: dict[str, MVBenchTask] = {
+    "action_sequence": MVBenchTask("action_sequence.json", "star/Charades_v1_480/", "video", True),
+    "action_prediction": MVBenchTask("action_prediction.json", "star/Charades_v1_480/", "video", True),
+    "action_antonym": MVBenchTask("action_antonym.json", "ssv2_video/", "video", False),
+    "fine_grained_action": MVBenchTask("fine_grained_action.json", "Moments_in_Time_Raw/videos/", "video", False),
+    "unexpected_action": MVBenchTask("unexpected_action.json", "FunQA_test/test/", "video", False),
+    "object_existence": MVBenchTask("object_existence.json", "clevrer/video_validation/", "video", False),
+    "object_interaction": MVBenchTask("object_interaction.json", "star/Charades_v1_480/", "video", True),
+    "object_shuffle": MVBenchTask("object_shuffle.json", "perception/videos/", "video", False),
+    "moving_direction": MVBenchTask("moving_direction.json", "clevrer/video_validation/", "video", False),
+    "action_localization": MVBenchTask("action_localization.json", "sta/sta_video/", "video", True),
+    "scene_transition": MVBenchTask("scene_transition.json", "scene_qa/video/", "video", False),
+    "action_count": MVBenchTask("action_count.json", "perception/videos/", "video", False),
+    "moving_count": MVBenchTask("moving_count.json", "clevrer/video_validation/", "video", False),
+    "moving_attribute": MVBenchTask("moving_attribute.json", "clevrer/video_validation/", "video", False),
+    "state_change": MVBenchTask("state_change.json", "perception/videos/", "video", False),
+    "fine_grained_pose": MVBenchTask("fine_grained_pose.json", "nturgbd/", "video", False),
+    "character_order": MVBenchTask("character_order.json", "perception/videos/", "video", False),
+    "egocentric_navigation": MVBenchTask("egocentric_navigation.json", "vlnqa/", "video", False),
+    "episodic_reasoning": MVBenchTask("episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True),
+    "counterfactual_inference": MVBenchTask("counterfactual_inference.json", "clevrer/video_validation/", "video",
+                                            False),
+}
+
+# lmms-eval mvbench/utils.py DATA_LIST: its folders in the HF ``video`` revision of MVBench, where the bounded
+# tasks are pre-cut segments and episodic_reasoning is a video (for users who downloaded that revision).
+MVBENCH_LMMS_EVAL_FOLDERS = {
+    "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
+    "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
+    "moving_count": "clevrer/video_validation", "fine_grained_pose": "nturgbd_convert",
+    "character_order": "perception/videos", "object_shuffle": "perception/videos", "egocentric_navigation": "vlnqa",
+    "moving_direction": "clevrer/video_validation", "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+    "fine_grained_action": "Moments_in_Time_Raw/videos", "scene_transition": "scene_qa/video",
+    "state_change": "perception/videos", "moving_attribute": "clevrer/video_validation",
+    "action_antonym": "ssv2_video_mp4", "unexpected_action": "FunQA_test/test",
+    "counterfactual_inference": "clevrer/video_validation", "object_existence": "clevrer/video_validation",
+    "action_count": "perception/videos",
+}
 
 # lmms-eval mlvu_aggregate_results_dev: the overall score is the mean over these task types.
 MLVU_DEV_TASK_TYPES = ("anomaly_reco", "count", "ego", "needle", "order", "plotQA", "topic_reasoning")
