@@ -141,10 +141,10 @@ def test_videomme_options_round_trip_through_unletter():
 
 FRAMES_AND_GENERATION = {
     # official: plans/all.yaml counts, general_task_pipeline2.py generation (top_k=1 sampling = greedy)
-    ("mvbench", "official"): (16, "middle", {"max_new_tokens": 100, "temperature": 0.0, "cut_enable": False}),
-    ("nextqa_mc", "official"): (8, "middle", {"max_new_tokens": 100, "temperature": 0.0, "cut_enable": False}),
-    ("videomme", "official"): (128, "middle", {"max_new_tokens": 100, "temperature": 0.0, "cut_enable": False}),
-    ("longvideobench", "official"): (64, "middle", {"max_new_tokens": 100, "temperature": 0.0, "cut_enable": False}),
+    ("mvbench", "official"): (16, "middle", {"max_new_tokens": 100, "temperature": 0.0}),
+    ("nextqa_mc", "official"): (8, "middle", {"max_new_tokens": 100, "temperature": 0.0}),
+    ("videomme", "official"): (128, "middle", {"max_new_tokens": 100, "temperature": 0.0}),
+    ("longvideobench", "official"): (64, "middle", {"max_new_tokens": 100, "temperature": 0.0}),
     # lmms-eval yaml generation_kwargs + until ["\n\n"]; frames: owlvid's mPLUG-Owl3 wrapper
     ("mvbench", "lmms_eval"): (16, "middle", {"max_new_tokens": 16, "temperature": 0.0, "stop": ["\n\n"]}),
     ("nextqa_mc", "lmms_eval"): (8, "middle", {"max_new_tokens": 1024, "temperature": 0.0, "stop": ["\n\n"]}),
@@ -176,7 +176,7 @@ def test_slowfast_protocol_settings(benchmark):
     assert get_protocol(benchmark, "slowfast", num_frames=96).num_frames == 96
     lmms = get_protocol(benchmark, "lmms_eval", family="slowfast")
     assert (lmms.num_frames, lmms.frame_choice) == (64, "slowfast_pyav")
-    if benchmark != "mlvu":  # the official prompts on a Slow-Fast model: frames as its one video, no cutting flag
+    if benchmark != "mlvu":  # the official prompts on a Slow-Fast model: the frames as its one video
         official = get_protocol(benchmark, "official", family="slowfast")
         assert (official.frames_as, official.generation) == ("video", {"max_new_tokens": 100, "temperature": 0.0})
 
@@ -325,7 +325,7 @@ def test_official_prompt_tokens_equal_the_official_pipeline(tiny_owl3_models, re
     model = tiny_owl3_models[release]
     protocol = get_protocol(benchmark, "official")
     messages = protocol.with_frames(protocol.messages("Why?", ["x y", "z"]), FRAMES)
-    _, ids = model.prepare(messages, **{k: v for k, v in protocol.generation.items() if k == "cut_enable"})
+    _, ids = model.prepare(messages, cut_enable=False)  # frames_as == "images": no cutting, as the official run
     images = "<|image|>" * len(FRAMES)
     body = "Why?\nOptions:\nA. x y\nB. z" if benchmark == "mvbench" else "Why?\nOptions: A. x y\nB. z"
     text = (f"{images}\nQuestion: {body}" if benchmark == "mvbench" else f"Question: {images}\n{body}")

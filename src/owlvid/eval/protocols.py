@@ -305,9 +305,9 @@ class Protocol:
 
     * ``num_frames`` / ``frame_choice`` (``"middle"`` or ``"slowfast_pyav"``, see the module docstring) /
       ``frames_as`` (``"images"``: the official pipeline writes ``<|image|>`` × T and hands the frames
-      over as images with ``cut_enable=False`` — no video span tokens even on 241101; ``"video"``: one
-      video) / ``bound`` (what MVBench's ``start``/``end`` do: ``"official_random"``, ``"clip"``,
-      ``"ignored"``). :meth:`frame_indices` computes them.
+      over as images with ``cut_enable=False``, which the runner passes with them — no video span tokens
+      even on 241101; ``"video"``: one video) / ``bound`` (what MVBench's ``start``/``end`` do:
+      ``"official_random"``, ``"clip"``, ``"ignored"``). :meth:`frame_indices` computes them.
     * ``generation``: keyword arguments for ``Model.generate`` (max_new_tokens, temperature, stop, ...).
     * ``strips_response``: the protocol's generation path strips the decoded answer before scoring
       (applied inside :meth:`score`; record the raw text, score it as is).
@@ -491,12 +491,11 @@ def _build(benchmark: str, protocol: str, family: str) -> Protocol:
         # general_task_pipeline2.py: max_new_tokens 100, do_sample True with top_k 1 (= greedy), batch size 1;
         # frames handed over as images with cut_enable False (no cut_cfg). A Slow-Fast model gets them as
         # its one video: it has no per-image placeholder form of a video.
-        owl3 = family == "owl3"
         return Protocol(
             benchmark=benchmark, name=protocol, family=family, num_frames=_OFFICIAL_FRAMES[benchmark],
-            frame_choice="middle", frames_as="images" if owl3 else "video", bound="official_random",
+            frame_choice="middle", frames_as="images" if family == "owl3" else "video", bound="official_random",
             strips_response=True,
-            generation={"max_new_tokens": 100, "temperature": 0.0} | ({"cut_enable": False} if owl3 else {}),
+            generation={"max_new_tokens": 100, "temperature": 0.0},
             source=_OFFICIAL_SOURCE + _OFFICIAL_FILES[benchmark] + ", tasks/plans/all.yaml, "
             "tasks/task_define/{base.py, video_utils.py}, tasks/general_task_pipeline2.py", notes=notes)
     if protocol == "lmms_eval":
