@@ -4,11 +4,12 @@
     owlvid.eval.score_response(benchmark="mvbench", protocol="official", response="B.", options=[...], answer="B")
 """
 
-from ._protocol_api import BENCHMARKS, PROTOCOLS, Protocol, Score, get_protocol, score_response
 from .compare import compare_table
 from .datasets import Question, load_questions
+from .protocols import BENCHMARKS, PROTOCOLS, Protocol, get_protocol
 from .results import format_table
 from .runner import run
+from .scoring import Score, score_response
 
 __all__ = ["BENCHMARKS", "PROTOCOLS", "Protocol", "Question", "Score", "compare_table", "format_table",
            "get_protocol", "load_questions", "run", "score_response"]

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from ._protocol_api import BENCHMARKS, PROTOCOLS
+from .protocols import BENCHMARKS, PROTOCOLS
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Callable[[argparse.Namespace], Any],

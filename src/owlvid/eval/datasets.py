@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OwlvidError
-from ._protocol_api import MVBENCH_FRAME_FPS, MVBENCH_TASKS, unletter_option
+from .protocols import MVBENCH_FRAME_FPS, MVBENCH_TASKS, unletter_option
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # NExT-QA question types and the official groups (TP is counted with TN, as the official accuracy_metric)

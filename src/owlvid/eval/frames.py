@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import MediaError
 from ..media import list_frame_files, load_video, probe_video
-from ._protocol_api import Protocol
 from .datasets import Question
+from .protocols import Protocol
 
 
 @dataclass

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._protocol_api import Protocol, Score
 from .datasets import Question
+from .protocols import Protocol
+from .scoring import Score
 
 # the categories reported per benchmark (fields of Question.categories)
 CATEGORY_FIELDS = {

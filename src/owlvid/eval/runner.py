@@ -25,9 +25,9 @@ from typing import Any
 
 from ..errors import InputError, OwlvidError
 from . import results as results_mod
-from ._protocol_api import Protocol, get_protocol
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
+from .protocols import Protocol, get_protocol
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -186,6 +186,8 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
     from ..jobs import generate_each
 
     as_images = proto.frames_as == "images"
+    # the official pipeline hands the frames over as images without cutting (no cut_cfg for video tasks)
+    options = dict(proto.generation) | ({"cut_enable": False} if as_images else {})
     audits: dict[str, dict] = {}
     last: list[Any] = [None, None]  # (reuse key, DecodedFrames): questions on one video decode it once
 
@@ -206,7 +208,7 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
                     for part in message["content"]:
                         if part.get("type") == "video":
                             part["video"] = frames
-            return messages, dict(proto.generation)
+            return messages, dict(options)
 
         return build
 
