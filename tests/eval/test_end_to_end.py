@@ -46,7 +46,9 @@ def owl3(owl3_dir):
 
 @pytest.fixture(scope="module")
 def slowfast(tmp_path_factory):
-    return owlvid.load(make_tiny_slowfast(tmp_path_factory.mktemp("sf") / "tiny-sf"), device="cpu", dtype="float32")
+    # trained with 6 frames: its authors' evaluation uses that many (their TEST_FRAMES = 64 / 96 for the real ones)
+    return owlvid.load(make_tiny_slowfast(tmp_path_factory.mktemp("sf") / "tiny-sf", training_frames=6),
+                       device="cpu", dtype="float32")
 
 
 def lines(outdir: Path) -> list[dict]:
@@ -132,11 +134,12 @@ def test_missing_video_is_a_recorded_failure_and_a_rerun_answers_it(owl3, data, 
 def test_slowfast_defaults_to_the_authors_settings_and_their_pyav_frames(slowfast, data, tmp_path):
     out = tmp_path / "lvb"
     results = run("longvideobench", data["longvideobench"], slowfast, out, progress=False)
-    proto = get_protocol("longvideobench", None, "slowfast")
+    proto = get_protocol("longvideobench", None, "slowfast", num_frames=6)
     assert results["protocol"] == "slowfast" and results["settings"]["frames_as"] == "video"
+    assert results["settings"]["num_frames"] == 6
     records = by_qid(out)
-    # the fork's read_video_pyav2: every 5th frame at 10 fps; fewer candidates (8) than 64 frames: all of them
-    expected_indices = [0, 5, 10, 15, 20, 25, 30, 35]
+    # the fork's read_video_pyav2: every 5th frame at 10 fps (8 candidates), candidate round((i + 1) * 8/6 - 1)
+    expected_indices = [0, 10, 15, 20, 30, 35]
     r = records["86Cx_0"]
     assert r["frames"]["indices"] == expected_indices
     q = load_questions("longvideobench", data["longvideobench"])[0]
@@ -145,6 +148,11 @@ def test_slowfast_defaults_to_the_authors_settings_and_their_pyav_frames(slowfas
                                  **proto.generation)
     assert r["response"] == expected.text
     assert set(results["categories"]["question_category"]) == {"TOS", "S2E"}
+    # --num-frames: more than the video has candidates at 2 fps: the fork's reader returns all 8
+    results = run("longvideobench", data["longvideobench"], slowfast, tmp_path / "lvb64", num_frames=64,
+                  progress=False)
+    assert results["settings"]["num_frames"] == 64
+    assert by_qid(tmp_path / "lvb64")["86Cx_1"]["frames"]["indices"] == [0, 5, 10, 15, 20, 25, 30, 35]
 
 
 def test_a_folder_holds_one_run_and_official_mlvu_is_refused(owl3, data, tmp_path):

@@ -34,6 +34,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
         b.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                        help="only these tasks (MVBench/MLVU task, NExT-QA type, Video-MME duration, "
                        "LongVideoBench question category)")
+        b.add_argument("--num-frames", type=positive_int, default=None, metavar="N",
+                       help="frames per video instead of the protocol's (default: the protocol's; Slow-Fast: the "
+                       "checkpoint's training frame count, as its authors evaluated)")
         b.add_argument("--max-batch", type=positive_int, default=8, help="questions decoded together (default: 8)")
         b.add_argument("--seed", type=int, default=0,
                        help="seeds the official random frame draw of bounded MVBench questions and lmms-eval's "
@@ -51,7 +54,8 @@ def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace]
     from .runner import run
 
     results = run(args.benchmark, args.data, lambda: load_model(args), args.output, protocol=args.protocol,
-                  limit=args.limit, tasks=args.tasks, max_batch=args.max_batch, seed=args.seed,
+                  limit=args.limit, tasks=args.tasks, num_frames=args.num_frames, max_batch=args.max_batch,
+                  seed=args.seed,
                   progress=not args.no_progress)
     print(format_table(results))
     return 0

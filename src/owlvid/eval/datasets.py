@@ -236,7 +236,10 @@ def load_mlvu(root: Path, tasks: set[str] | None) -> list[Question]:
             idx = candidates.index(row["answer"]) if row["answer"] in candidates else -1
             out.append(Question(
                 qid=f"{task}/{i}", benchmark="mlvu", task=task, question=row["question"], options=tuple(candidates),
-                answer=chr(ord("A") + idx), video=root / "video" / path.stem / row["video"],
+                answer=chr(ord("A") + idx),
+                # video/<n>_<task>/ as the MLVU download; video/<task>/ as some copies
+                video=_first_existing([root / "video" / path.stem / row["video"],
+                                       root / "video" / task / row["video"]]),
                 categories={"task": task}))
     return out
 

@@ -56,13 +56,15 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
 
 def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any], outdir: str | os.PathLike, *,
         protocol: str | None = None, limit: int | None = None, tasks: Sequence[str] | None = None,
-        max_batch: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        num_frames: int | None = None, max_batch: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate `model` (an `owlvid.Model`, or a function returning one, called only once the data is found)
     on `benchmark` read from `data_dir`; writes OUTDIR files and returns the results dict.
 
     `protocol`: "official" | "lmms_eval" | "slowfast" (default: the model family's). `limit`: the first N
-    questions (after `tasks`). `seed`: seeds the official random frame draw of bounded MVBench questions and
-    the lmms-eval random fallback answers."""
+    questions (after `tasks`). `num_frames`: overrides the protocol's frame count (default: the protocol's;
+    for a Slow-Fast model under its authors' settings or lmms-eval, the frame count it was trained with, as
+    their scripts' TEST_FRAMES: 64 or 96). `seed`: seeds the official random frame draw of bounded MVBench
+    questions and the lmms-eval random fallback answers."""
     if limit is not None and limit < 1:
         raise InputError("--limit must be at least 1")
     if max_batch < 1:
@@ -75,7 +77,10 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], A
 
     if not isinstance(model, Model):
         model = model()
-    proto = get_protocol(benchmark, protocol, model_family(model))
+    family = model_family(model)
+    if num_frames is None and family == "slowfast" and protocol != "official":
+        num_frames = model.runtime.describe().get("training_frames")
+    proto = get_protocol(benchmark, protocol, family, num_frames=num_frames)
     out.mkdir(parents=True, exist_ok=True)
     run_info = _run_info(proto, model, seed)
     _check_same_run(out / RUN, run_info)
