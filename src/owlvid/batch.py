@@ -107,9 +107,10 @@ def read_requests(input_path: str | os.PathLike) -> list[BatchRequest]:
     return out
 
 
-def read_done(output_path: str | os.PathLike) -> set[str]:
-    """custom_ids already answered in an existing output. A torn last line (no newline, or not JSON: the
-    run was killed while writing it) is truncated away; damage anywhere else is an InputError."""
+def read_done(output_path: str | os.PathLike, key: str = "custom_id", kind: str = "batch output") -> set[str]:
+    """custom_ids (the `key` field of each line) already answered in an existing output. A torn last line
+    (no newline, or not JSON: the run was killed while writing it) is truncated away; damage anywhere else
+    is an InputError. Evaluation runs reuse it for their predictions (`key="qid"`)."""
     path = Path(output_path)
     if not path.exists():
         return set()
@@ -124,13 +125,13 @@ def read_done(output_path: str | os.PathLike) -> set[str]:
             continue
         try:
             item = json.loads(raw)
-            custom_id = item.get("custom_id") if isinstance(item, dict) else None
+            custom_id = item.get(key) if isinstance(item, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             custom_id = None
         if not isinstance(custom_id, str):
             if number == len(complete) and not tail.strip():
                 break  # the last line, torn: cut below
-            raise InputError(f"{output_path} line {number}: not a batch output line; refusing to append to it "
+            raise InputError(f"{output_path} line {number}: not a {kind} line; refusing to append to it "
                              "(move it away to start over)")
         done.add(custom_id)
         good += len(raw) + 1
@@ -191,7 +192,7 @@ def _video_key(url: str) -> str:
         return url
 
 
-class _Output:
+class OutputFile:
     """The output file, appended one complete line at a time, each flushed and fsync'd."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -242,13 +243,11 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
 
     if not isinstance(model, Model):
         model = model()
-    _, server = _server_modules()
-    config = server.ServerConfig(served_model_name=model.name, allowed_local_media_path=str(root),
-                                 allow_private_media_hosts=True, max_batch=max_batch)
-    out = _Output(output_path)
+    config = job_config(model.name, root, max_batch)
+    out = OutputFile(output_path)
     bar = _progress(len(todo), progress)
     try:
-        for custom_id, status, body in _answers(model, config, todo):
+        for custom_id, status, body in answer_requests(model, config, todo):
             out.write(custom_id, status, body)
             summary["completed" if status == 200 else "failed"] += 1
             bar.set_postfix(done=summary["completed"], failed=summary["failed"], refresh=False)
@@ -259,6 +258,14 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     return summary
 
 
+def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int) -> Any:
+    """The server's `ServerConfig` for a batch job: local media under the given folder ("/" for anywhere),
+    http(s) media from private hosts too (it is the user's own job)."""
+    _, server = _server_modules()
+    return server.ServerConfig(served_model_name=model_name, allowed_local_media_path=str(allowed_local_media_path),
+                               allow_private_media_hosts=True, max_batch=max_batch)
+
+
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -266,67 +273,32 @@ def _progress(total: int, enabled: bool) -> Any:
                 desc="owlvid batch", postfix={"done": 0, "failed": 0})
 
 
-def _answers(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tuple[str, int, dict]]:
-    """(custom_id, status, response body) of each request as it completes."""
-    from .api import split_options
-    from .engine import BatchEngine, run_generation
+def answer_requests(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tuple[str, int, dict]]:
+    """(custom_id, status, response body) of each request as it completes; `config` is the server's
+    `ServerConfig` (media policy, limits). Bodies become conversations just in time (media loaded when the
+    request is admitted), so a failing one becomes its own error line."""
+    from .jobs import generate_each
     from .server import schemas
     from .server.requests import RequestBuilder
 
     builder = RequestBuilder(model, config)
-    runtime = model.runtime
     created = schemas.now()
 
-    def answer(g: Any) -> dict:
-        return schemas.completion(schemas.new_completion_id(), created, config.served_model_name, g.text,
-                                  g.finish_reason, g.prompt_tokens, g.completion_tokens)
+    def job(body: Any) -> Callable[[], tuple[list[dict], dict]]:
+        def build() -> tuple[list[dict], dict]:
+            options, video = builder.options(body)
+            return builder.messages(body, video), dict(options)
 
-    def prepared(r: BatchRequest) -> tuple[Any, list[int], Any]:
-        gen, video = builder.options(r.body)
-        messages = builder.messages(r.body, video)
-        prep, params = split_options(dict(gen))
-        request, prompt_ids = model.prepare(messages, **prep)
-        return request, prompt_ids, params
+        return build
 
-    pending = list(todo)
-    if not runtime.supports_batching:  # one by one
-        for r in pending:
-            try:
-                request, prompt_ids, params = prepared(r)
-                *_, result = run_generation(runtime, request, prompt_ids, params)  # the last event: Generation
-                yield r.custom_id, 200, answer(result)
-            except Exception as e:
-                yield (r.custom_id, *_error(e))
-        return
-
-    engine = BatchEngine(runtime, config.max_batch)
-    active: dict[Any, str] = {}  # RequestStream -> custom_id
-    while pending or active:
-        # continuous batching: a freed slot takes the next request at once
-        while pending and engine.active < config.max_batch:
-            r = pending.pop(0)
-            try:
-                stream, _ = engine.add(*prepared(r))
-            except Exception as e:  # this request's input only
-                yield (r.custom_id, *_error(e))
-                continue
-            if stream.done:
-                yield r.custom_id, 200, answer(stream.result())
-            else:
-                active[stream] = r.custom_id
-        if not active:
-            continue
-        try:
-            results = engine.step()
-        except Exception as e:  # a bug: fail the running requests, go on with a fresh engine
-            for custom_id in active.values():
-                yield (custom_id, *_error(e))
-            active.clear()
-            engine = BatchEngine(runtime, config.max_batch)
-            continue
-        for stream, _ in results:
-            if stream.done and stream in active:
-                yield active.pop(stream), 200, answer(stream.result())
+    for custom_id, result in generate_each(model, ((r.custom_id, job(r.body)) for r in todo),
+                                           max_batch=config.max_batch):
+        if isinstance(result, Exception):
+            yield (custom_id, *_error(result))
+        else:
+            yield custom_id, 200, schemas.completion(schemas.new_completion_id(), created, config.served_model_name,
+                                                     result.text, result.finish_reason, result.prompt_tokens,
+                                                     result.completion_tokens)
 
 
 def _error(e: BaseException) -> tuple[int, dict]:
