@@ -21,6 +21,7 @@ from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_iden
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, check_context, run_batch, run_generation
 from .errors import CheckpointError, InputError
+from .quantize import check_supported, language_model_bytes, quantize_language_model
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
@@ -42,21 +43,28 @@ def _runtime_class(model_type: str):
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
          tokenizer: str | os.PathLike | None = None, revision: str | None = None,
-         cache_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None) -> Model:
+         cache_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None,
+         quantize: str | None = None) -> Model:
     """Load a checkpoint from a local folder (no network) or a hub id (downloaded once into the HF cache).
 
     The architecture and variant come from config.json and the checkpoint keys, never from the name.
     `tokenizer` points to a folder with tokenizer files when the checkpoint folder has none.
     Image/video features are cached in memory (`cache_bytes`, 0 disables) and, with `cache_dir`, on disk,
     so a second question about the same media skips decoding and vision encoding.
+    `quantize="int8" | "int4"` stores the language model's weights in int8 / group-wise int4 (torchao, the
+    `quant` extra; see owlvid.quantize); a mode this machine cannot run is refused before loading.
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
     runtime_cls = _runtime_class(raw.get("model_type", ""))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if quantize is not None:
+        check_supported(quantize, dev, dt)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
     runtime = runtime_cls.load(folder, raw, tok, dev, dt)
+    if quantize is not None:
+        runtime.quantization = quantize_language_model(runtime.model, quantize)
     if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))
@@ -96,6 +104,9 @@ class Model:
         info = {"name": self.name, "folder": str(self.runtime.folder), "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", "")}
         info.update(self.runtime.describe())
+        report = self.runtime.quantization
+        info["quantize"] = None if report is None else report.mode
+        info["language_model_bytes"] = language_model_bytes(self.runtime.model)
         info["parameters"] = sum(p.numel() for p in self.runtime.model.parameters())
         return info
 

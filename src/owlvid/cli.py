@@ -102,6 +102,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="store the language model's weights in int8 or group-wise int4 (torchao: "
+                   "pip install 'owlvid[quant]'; default: unquantized)")
     return p
 
 
@@ -173,7 +176,8 @@ def _load_model(args: argparse.Namespace):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if tty:
         print(f"owlvid: loading {name} ...", file=sys.stderr, end="\r", flush=True)
-    model = load(name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, revision=args.revision)
+    model = load(name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, revision=args.revision,
+                 quantize=args.quantize)
     if tty:
         print(" " * (len(name) + 24), file=sys.stderr, end="\r", flush=True)
     return model

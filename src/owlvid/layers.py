@@ -251,10 +251,18 @@ class RaggedKVCache:
                 setattr(entry, name, new)
 
 
+# Linear kernels for quantized weights (tensor subclasses), by weight type; filled by owlvid.quantize. A
+# subclass not listed here goes to F.linear, which dispatches to the subclass's own implementation.
+QUANTIZED_LINEAR: dict[type, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, except for 2-32 rows on the CPU (batched decoding, short prompts): there MKL's GEMM
     repacks the whole weight on every call and runs 1.5-4x slower than `weight @ x.T`, which streams the
-    weight once (measured on the 2-core development machine; see the batch section of benchmarks/perf.py)."""
+    weight once (measured on the 2-core development machine; see the batch section of benchmarks/perf.py).
+    Quantized weights go to their kernel in QUANTIZED_LINEAR."""
+    if type(weight) not in (torch.Tensor, nn.Parameter):
+        return QUANTIZED_LINEAR.get(type(weight), F.linear)(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -30,6 +30,9 @@ from .cache import CachedVideo, VisualCache
 from .errors import UnsupportedError
 from .layers import KVCache, new_attention_inputs
 from .tokenizer import QwenTokenizer
+
+if TYPE_CHECKING:
+    from .quantize import QuantizationReport
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ModelRuntime:
         self.stop_token_ids = stop_token_ids
         self.max_positions = max_positions
         self.visual_cache: VisualCache | None = None
+        self.quantization: QuantizationReport | None = None  # set by owlvid.load(quantize=...)
 
     # -- what every family implements --------------------------------------------------------------
 

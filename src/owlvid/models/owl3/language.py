@@ -19,6 +19,7 @@ from torch import nn
 
 from ...layers import (
     AttentionInputs,
+    Linear,
     Qwen2Attention,
     RotaryTable,
     apply_rope,
@@ -140,7 +141,7 @@ class HyperAttention(Qwen2Attention):
         super().__init__(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, layer_index)
         self.variant = cfg.attention
         self.strict = cfg.strict_visibility
-        self.v_kv_proj = nn.Linear(c.hidden_size, 2 * c.num_key_value_heads * self.head_dim)
+        self.v_kv_proj = Linear(c.hidden_size, 2 * c.num_key_value_heads * self.head_dim)
         if self.variant == "dynamic_gate":
             self.gate_proj = nn.Sequential(nn.Linear(self.head_dim, self.head_dim), nn.Sigmoid())
         elif self.variant == "static_gate":

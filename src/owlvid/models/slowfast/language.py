@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...layers import AttentionInputs, Qwen2Attention, Qwen2Config, merge_heads, sdpa
+from ...layers import AttentionInputs, Linear, Qwen2Attention, Qwen2Config, merge_heads, sdpa
 
 
 @dataclass
@@ -31,7 +31,7 @@ class HybridAttention(Qwen2Attention):
 
     def __init__(self, cfg: Qwen2Config, layer_index: int) -> None:
         super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, layer_index)
-        self.cross_attn_kv_proj = nn.Linear(cfg.hidden_size, 2 * self.kv_heads * self.head_dim)
+        self.cross_attn_kv_proj = Linear(cfg.hidden_size, 2 * self.kv_heads * self.head_dim)
         self.cross_attn_gate_proj = nn.Sequential(nn.Linear(cfg.hidden_size, 1), nn.Tanh())
         self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1))
 

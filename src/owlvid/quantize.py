@@ -1,0 +1,217 @@
+"""Weight-only quantization of the language model with torchao (`owlvid.load(..., quantize="int8"|"int4")`).
+
+What is quantized, and why (the measurements are in tests/test_quantize.py and the README):
+
+* every Qwen2 projection of the decoder layers (q/k/v/o, gate/up/down): int8 per output row, or int4 in
+  groups of 128 inputs (64 or 32 where the input size is not a multiple of 128, as in tiny test checkpoints);
+* the token embedding table: int8 per row in both modes. It is also the LM head of the tied checkpoints
+  (mPLUG-Owl3 1B/2B), where it is 27% / 15% of the language model's weights and of the bytes each decoded
+  token reads; an untied LM head follows the mode;
+* not the cross-attention projections (mPLUG-Owl3's hyper-attention `v_kv_proj`, Slow-Fast's
+  `cross_attn_kv_proj` and gates): they run once per request over the visual tokens, never while decoding,
+  so quantizing them saves little memory, no decoding time, and adds to the logit error
+  (`include_cross_attention=True` quantizes them, for that measurement);
+* not the vision tower and projector (the visual cache stores their outputs unchanged).
+
+The kernels are torchao's tensor subclasses. Two torch kernels replace torchao's eager ones on the CPU where
+those would be slower than the unquantized model: int8 weights with a few rows (decoding) go to torch's
+`_weight_int8pack_mm` (torchao's eager path converts the whole weight to the activation dtype on every
+call), more rows to the dequantized weight and one GEMM; an int8 embedding looks up only the rows it needs
+(torchao's dequantizes the whole table per call).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .errors import InputError, UnsupportedError
+
+MODES = ("int8", "int4")
+TORCHAO_MIN = (0, 18)  # the release these tensor subclasses were measured with
+INSTALL_HINT = "pip install 'owlvid[quant]'"
+INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels take, largest (most compact) first
+# Up to this many rows, the CPU int8 matrix-vector kernel beats dequantizing the weight for one GEMM
+# (benchmarks/quantize.py; 8 rows of a 896x4864 weight: 0.5 vs 2.0 ms, 32 rows: 1.9 vs 2.3 ms).
+INT8_KERNEL_MAX_ROWS = 16
+_QWEN2_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_CROSS_ATTENTION_PROJECTIONS = ("self_attn.v_kv_proj", "self_attn.cross_attn_kv_proj")
+
+
+def check_mode(mode: str | None) -> str | None:
+    """None or one of MODES (an InputError names the choices)."""
+    if mode is None or mode in MODES:
+        return mode
+    raise InputError(f"quantize must be one of {', '.join(MODES)} (or none), got {mode!r}")
+
+
+def _torchao(mode: str) -> Any:
+    """The torchao module, or an UnsupportedError saying how to install it."""
+    # torchao logs a warning per CUDA-only extension it cannot load on a CPU build of torch, and torch one
+    # about torchao's use of a deprecated registration: not our user's concern, so both are quiet meanwhile.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao
+    except ImportError:
+        raise UnsupportedError(f"quantize={mode!r} needs torchao: {INSTALL_HINT}") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    version = tuple(int(p) for p in torchao.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version < TORCHAO_MIN:
+        raise UnsupportedError(f"quantize={mode!r} needs torchao >= {'.'.join(map(str, TORCHAO_MIN))} (found "
+                               f"{torchao.__version__}): {INSTALL_HINT}")
+    return torchao
+
+
+def check_supported(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, with one line, a mode this machine cannot run (before any weight is loaded)."""
+    check_mode(mode)
+    _torchao(mode)
+    if device.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"quantize={mode!r} runs on cpu or cuda, not {device.type}")
+    if mode == "int4" and device.type == "cuda":
+        if dtype != torch.bfloat16:
+            raise UnsupportedError(f"quantize='int4' on CUDA needs dtype bfloat16 (torchao's int4 GPU kernel), "
+                                   f"not {str(dtype).replace('torch.', '')}")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise UnsupportedError(f"quantize='int4' on CUDA needs compute capability 8.0 or newer (this GPU: "
+                                   f"{major}.{minor})")
+    if mode == "int4" and device.type == "cpu" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise UnsupportedError(f"quantize='int4' on the CPU needs torch >= 2.6 (found {torch.__version__})")
+    if mode == "int4" and dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise UnsupportedError(f"quantize='int4' does not take dtype {dtype}")
+
+
+@dataclass
+class QuantizationReport:
+    mode: str
+    quantized: list[str]  # module names, in model order
+    bytes_before: int  # the language model's weights (decoder, embeddings, LM head)
+    bytes_after: int
+
+
+def quantize_language_model(model: nn.Module, mode: str, *, include_cross_attention: bool = False
+                            ) -> QuantizationReport:
+    """Quantize `model.llm` (and `model.lm_head` when present) in place: see the module docstring."""
+    torchao = _torchao(mode)
+    from torchao.quantization import Int8Tensor
+
+    _register_kernels(torchao)
+    llm = model.llm
+    device = llm.embed_tokens.weight.device
+    dtype = llm.embed_tokens.weight.dtype
+    check_supported(mode, device, dtype)
+    before = language_model_bytes(model)
+    suffixes = _QWEN2_PROJECTIONS + (_CROSS_ATTENTION_PROJECTIONS if include_cross_attention else ())
+    done = []
+    with torch.no_grad():
+        for name, module in llm.layers.named_modules():
+            if isinstance(module, nn.Linear) and name.split(".", 1)[-1] in suffixes:
+                module.weight = nn.Parameter(_quantize_weight(module.weight.detach(), mode), requires_grad=False)
+                done.append(f"llm.layers.{name}")
+        if isinstance(getattr(model, "lm_head", None), nn.Linear):
+            model.lm_head.weight = nn.Parameter(_quantize_weight(model.lm_head.weight.detach(), mode),
+                                                requires_grad=False)
+            done.append("lm_head")
+        table = Int8Tensor.from_hp(llm.embed_tokens.weight.detach(), granularity=_per_row())
+        llm.embed_tokens = Int8Embedding(table)
+        done.append("llm.embed_tokens")
+    return QuantizationReport(mode, done, before, language_model_bytes(model))
+
+
+def _per_row() -> Any:
+    from torchao.quantization.granularity import PerRow
+
+    return PerRow()
+
+
+def _quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    from torchao.quantization import Int8Tensor
+
+    if mode == "int8":
+        return Int8Tensor.from_hp(weight, granularity=_per_row())
+    n, k = weight.shape
+    group = next((g for g in INT4_GROUP_SIZES if k % g == 0), INT4_GROUP_SIZES[-1])
+    if weight.device.type != "cpu":  # torchao's GPU layout pads both sizes itself
+        from torchao.quantization import Int4TilePackedTo4dTensor
+
+        return Int4TilePackedTo4dTensor.from_hp(weight, [1, group])
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    # The CPU kernel takes input sizes in whole groups and output sizes in multiples of 16: other sizes (tiny
+    # test checkpoints only) get zero columns, matched by zero-padded inputs (_int4_linear), and zero rows,
+    # which the kernel drops from its output when the tensor keeps the real row count.
+    padded = F.pad(weight, (0, -k % group, 0, -n % 16))
+    t = Int4OpaqueTensor.from_hp(padded, [1, group])
+    if padded.shape[0] != n:
+        t = Int4OpaqueTensor(t.qdata, t.scale_and_zero, t.block_size, torch.Size([n, padded.shape[1]]))
+    return t
+
+
+class Int8Embedding(nn.Module):
+    """`nn.Embedding` over an int8 table (torchao Int8Tensor, one scale per row): only the looked-up rows
+    are dequantized. `weight` is the table itself, so a tied LM head uses it through `layers.linear`."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return (w.qdata[ids].float() * w.scale[ids].float()).to(w.dtype)
+
+
+def _int8_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type != "cpu" or weight.block_size[-1] != weight.shape[-1] or weight.act_quant_kwargs is not None:
+        return F.linear(x, weight, bias)  # GPUs and anything but per-row weight-only int8: torchao's own kernel
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows <= INT8_KERNEL_MAX_ROWS:
+        scale = weight.scale.reshape(-1).to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight.qdata, scale)
+    else:
+        y = F.linear(x2, (weight.qdata.to(x.dtype) * weight.scale.to(x.dtype)))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.shape[-1] != weight.shape[-1]:  # a zero-padded weight (see _quantize_weight)
+        x = F.pad(x, (0, weight.shape[-1] - x.shape[-1]))
+    return F.linear(x, weight, bias)
+
+
+def _register_kernels(torchao: Any) -> None:
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import Int4TilePackedTo4dTensor, Int8Tensor
+
+    layers.QUANTIZED_LINEAR.update({Int8Tensor: _int8_linear, Int4OpaqueTensor: _int4_linear,
+                                    Int4TilePackedTo4dTensor: _int4_linear})
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a quantized tensor subclass counts its inner tensors (data, scales, zeros)."""
+    if type(t) in (torch.Tensor, nn.Parameter):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, n)) for n in names)
+
+
+def language_model_bytes(model: nn.Module) -> int:
+    """Bytes of the language model's weights: decoder, embeddings, LM head (not the vision tower)."""
+    params = list(model.llm.parameters()) + (list(model.lm_head.parameters()) if hasattr(model, "lm_head") else [])
+    return sum(tensor_bytes(p) for p in params)
