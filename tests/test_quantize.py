@@ -236,3 +236,21 @@ def test_cli_without_torchao_says_how_to_install_it():
 def test_cli_refuses_an_unknown_mode():
     proc = run_owlvid("ask", "hello", "--quantize", "int3", *fixture_args())
     assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_batched_decoding_gives_the_tokens_of_each_request_alone(loaded, mode):
+    """Batched rows go through the same quantized kernels (2-32 rows) as one row alone."""
+    model = loaded("tiny-241101", mode)
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("hello there, how are you?", "What is 2+2? Answer briefly please.", "x")]
+    alone = [model.generate(c, max_new_tokens=10).token_ids for c in conversations]
+    assert [g.token_ids for g in model.generate_batch(conversations, max_new_tokens=10)] == alone
+
+
+@pytest.mark.parametrize("command", [["serve"], ["batch", "-i", "in.jsonl", "-o", "out.jsonl"], ["chat"]])
+def test_serve_batch_and_chat_take_the_flag(command):
+    from owlvid.cli import build_parser
+
+    assert build_parser().parse_args([*command, "--quantize", "int4"]).quantize == "int4"
+    assert build_parser().parse_args(command).quantize is None
