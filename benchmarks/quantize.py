@@ -69,8 +69,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with bf16 hardware, else float32")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-frames", default="0,8")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives steadier ratios on a shared machine")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = owlvid.checkpoint.resolve_dtype(args.dtype, torch.device("cpu"))
     torchao = import_torchao("int8")
     gemm = bench_matmul(dtype)

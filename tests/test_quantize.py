@@ -23,7 +23,7 @@ from .conftest import REQUIRE_FIXTURES, fixtures_or_skip
 from .quantize_cases import CASES, checkpoint_folder, greedy_trace, quality
 
 try:
-    import torchao
+    import torchao  # noqa: F401
 except ImportError:
     if REQUIRE_FIXTURES:  # CI installs the quant extra: there a missing torchao fails instead of skipping
         raise
@@ -135,13 +135,13 @@ def test_weight_bytes_at_aligned_widths(tmp_path):
 
 
 def test_int8_linear_kernels_match_the_dequantized_weight():
-    from owlvid.quantize import _quantize_weight, _register_kernels
+    from owlvid.quantize import quantize_weight, register_kernels
 
-    _register_kernels(torchao)
+    register_kernels()
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
     bias = torch.randn(96, generator=gen).to(torch.bfloat16)
-    q = _quantize_weight(w, "int8")
+    q = quantize_weight(w, "int8")
     reference_weight = q.dequantize(torch.float32)
     assert (reference_weight - w.float()).abs().max() <= w.float().abs().max() / 127  # half a step per row
     for rows in (1, 7, 40):  # the int8 matrix-vector kernel, then the dequantized GEMM
@@ -157,13 +157,13 @@ def test_int4_padding_matches_an_explicitly_padded_weight():
     multiples of 16 are zero-padded: the same result as quantizing a weight padded by hand."""
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-    from owlvid.quantize import _quantize_weight, _register_kernels
+    from owlvid.quantize import quantize_weight, register_kernels
 
-    _register_kernels(torchao)
+    register_kernels()
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(24, 48, generator=gen)
     x = torch.randn(3, 48, generator=gen)
-    q = _quantize_weight(w, "int4")
+    q = quantize_weight(w, "int4")
     assert q.shape == (24, 64)
     by_hand = Int4OpaqueTensor.from_hp(F.pad(w, (0, 16, 0, 8)), [1, 32])
     got = linear(x, q)

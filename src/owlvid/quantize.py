@@ -106,24 +106,21 @@ class QuantizationReport:
 def quantize_language_model(model: nn.Module, mode: str, *, include_cross_attention: bool = False
                             ) -> QuantizationReport:
     """Quantize `model.llm` (and `model.lm_head` when present) in place: see the module docstring."""
-    torchao = import_torchao(mode)
+    llm = model.llm
+    check_supported(mode, llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
     from torchao.quantization import Int8Tensor
 
-    _register_kernels(torchao)
-    llm = model.llm
-    device = llm.embed_tokens.weight.device
-    dtype = llm.embed_tokens.weight.dtype
-    check_supported(mode, device, dtype)
+    register_kernels()
     before = language_model_bytes(model)
     suffixes = _QWEN2_PROJECTIONS + (_CROSS_ATTENTION_PROJECTIONS if include_cross_attention else ())
     done = []
     with torch.no_grad():
         for name, module in llm.layers.named_modules():
             if isinstance(module, nn.Linear) and name.split(".", 1)[-1] in suffixes:
-                module.weight = nn.Parameter(_quantize_weight(module.weight.detach(), mode), requires_grad=False)
+                module.weight = nn.Parameter(quantize_weight(module.weight.detach(), mode), requires_grad=False)
                 done.append(f"llm.layers.{name}")
         if isinstance(getattr(model, "lm_head", None), nn.Linear):
-            model.lm_head.weight = nn.Parameter(_quantize_weight(model.lm_head.weight.detach(), mode),
+            model.lm_head.weight = nn.Parameter(quantize_weight(model.lm_head.weight.detach(), mode),
                                                 requires_grad=False)
             done.append("lm_head")
         table = Int8Tensor.from_hp(llm.embed_tokens.weight.detach(), granularity=_per_row())
@@ -138,7 +135,8 @@ def _per_row() -> Any:
     return PerRow()
 
 
-def _quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """A torchao int8 (per row) or int4 (per group; padded on the CPU where needed) copy of a 2-D weight."""
     from torchao.quantization import Int8Tensor
 
     if mode == "int8":
@@ -191,12 +189,13 @@ def _int8_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> tor
 
 
 def _int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.shape[-1] != weight.shape[-1]:  # a zero-padded weight (see _quantize_weight)
+    if x.shape[-1] != weight.shape[-1]:  # a zero-padded weight (see quantize_weight)
         x = F.pad(x, (0, weight.shape[-1] - x.shape[-1]))
     return F.linear(x, weight, bias)
 
 
-def _register_kernels(torchao: Any) -> None:
+def register_kernels() -> None:
+    """Route the torchao weight types to their kernels in `layers.linear` (see the module docstring)."""
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
     from torchao.quantization import Int4TilePackedTo4dTensor, Int8Tensor
 
