@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,14 +145,20 @@ def read_done(output_path: str | os.PathLike) -> set[str]:
 def job_order(requests: list[BatchRequest]) -> list[BatchRequest]:
     """Input order, except that requests about the same video follow the first one that asks about it
     (the visual cache then decodes and encodes that video once, while it is still cached)."""
+    return [r for group in job_groups(requests) for r in group]
+
+
+def job_groups(requests: list[BatchRequest]) -> list[list[BatchRequest]]:
+    """The requests in groups about the same (first) video, in the order `job_order` runs them; a request
+    without a video is a group of its own. Whoever splits a job (Ray) keeps a group together."""
     groups: dict[Any, list[BatchRequest]] = {}
     for r in requests:
         key = _first_video(r.body) or ("request", r.line)
         groups.setdefault(key, []).append(r)
-    return [r for group in groups.values() for r in group]
+    return list(groups.values())
 
 
-def _anchor_relative_paths(body: Any, base: Path) -> None:
+def anchor_relative_paths(body: Any, base: Path) -> None:
     """Plain relative media paths of a request become absolute under `base` (in place)."""
     for message in body.messages:
         if isinstance(message.content, list):
@@ -220,6 +226,61 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     is the user's own job).
     Returns {"requests", "skipped" (already in the output), "completed", "failed", "output"}.
     """
+    plan = plan_job(input_path, output_path, allowed_local_media_path, max_batch)
+    if not plan.todo:
+        Path(output_path).touch()
+        return plan.summary()
+    from .api import Model
+
+    if not isinstance(model, Model):
+        model = model()
+    return write_answers(plan, answer_requests(model, job_config(model.name, plan.root, max_batch), plan.todo),
+                         progress)
+
+
+def write_answers(plan: JobPlan, answers: Iterable[tuple[str, int, dict]], progress: bool = True) -> dict[str, Any]:
+    """Append each (custom_id, status, body) to the plan's output as it arrives (`OutputFile`), with the
+    progress bar; an answer for a custom_id that is not to do, or already written, is dropped (a retried
+    remote task must not write a line twice). Returns `run`'s summary."""
+    summary = plan.summary()
+    waiting = {r.custom_id for r in plan.todo}
+    out = OutputFile(plan.output)
+    bar = _progress(len(plan.todo), progress)
+    try:
+        for custom_id, status, body in answers:
+            if custom_id not in waiting:
+                continue
+            waiting.discard(custom_id)
+            out.write(custom_id, status, body)
+            summary["completed" if status == 200 else "failed"] += 1
+            bar.set_postfix(done=summary["completed"], failed=summary["failed"], refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        out.close()
+    return summary
+
+
+@dataclass
+class JobPlan:
+    """A checked job: every request of the input, and those still to answer (in job order)."""
+
+    requests: list[BatchRequest]
+    todo: list[BatchRequest]
+    root: Path  # local media allowed under this folder ("/": anywhere)
+    output: Path
+
+    def summary(self) -> dict[str, Any]:
+        """The summary `run` returns, before any work."""
+        return {"requests": len(self.requests), "skipped": len(self.requests) - len(self.todo), "completed": 0,
+                "failed": 0, "output": str(self.output)}
+
+
+def plan_job(input_path: str | os.PathLike, output_path: str | os.PathLike,
+             allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8) -> JobPlan:
+    """Everything `run` checks before loading a model: the arguments, the whole input (`read_requests`;
+    relative media paths anchored as `run` says), the output (`read_done`: a torn last line is cut).
+    InputError on the first problem."""
     if max_batch < 1:
         raise InputError("max_batch must be at least 1")
     if not Path(output_path).expanduser().parent.is_dir():
@@ -230,31 +291,10 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     requests = read_requests(input_path)
     if allowed_local_media_path is None:  # unrestricted: relative paths are the user's, from here
         for r in requests:
-            _anchor_relative_paths(r.body, Path.cwd())
+            anchor_relative_paths(r.body, Path.cwd())
     done = read_done(output_path)
     todo = job_order([r for r in requests if r.custom_id not in done])
-    summary = {"requests": len(requests), "skipped": len(requests) - len(todo), "completed": 0, "failed": 0,
-               "output": str(output_path)}
-    if not todo:
-        Path(output_path).touch()
-        return summary
-    from .api import Model
-
-    if not isinstance(model, Model):
-        model = model()
-    config = job_config(model.name, root, max_batch)
-    out = OutputFile(output_path)
-    bar = _progress(len(todo), progress)
-    try:
-        for custom_id, status, body in answer_requests(model, config, todo):
-            out.write(custom_id, status, body)
-            summary["completed" if status == 200 else "failed"] += 1
-            bar.set_postfix(done=summary["completed"], failed=summary["failed"], refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-        out.close()
-    return summary
+    return JobPlan(requests, todo, root, Path(output_path))
 
 
 def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int) -> Any:
