@@ -49,6 +49,7 @@ from .errors import InputError, OwlvidError
 
 REQUEST_COLUMN = "request"
 REPLICA_HEADER = "x-owlvid-replica"
+REPLICA_START_TIMEOUT_S = 1800  # loading (and downloading) a model on each replica, new nodes included
 
 
 def _ray() -> Any:
@@ -141,10 +142,15 @@ def answers_dataset(requests: Any, model: str | os.PathLike, *, num_replicas: in
     one model each, with `gpus_per_replica` GPUs and `cpus_per_replica` CPUs (its torch threads). Each
     block is one batch unless `batch_size` says otherwise. `predictor_options`: `BatchPredictor`'s."""
     ray = _ray()
-    return requests.map_batches(BatchPredictor, batch_size=batch_size,
-                                compute=ray.data.ActorPoolStrategy(size=num_replicas),
-                                num_gpus=gpus_per_replica, num_cpus=cpus_per_replica,
-                                fn_constructor_args=(str(model),), fn_constructor_kwargs=predictor_options)
+    # one Ray batch in flight per replica: a replica that is free takes the next batch (none waits queued
+    # behind a busy replica while another idles; a batch is long, its hand-over short)
+    pool = ray.data.ActorPoolStrategy(size=num_replicas, max_tasks_in_flight_per_actor=1)
+    answers = requests.map_batches(BatchPredictor, batch_size=batch_size, compute=pool, num_gpus=gpus_per_replica,
+                                   num_cpus=cpus_per_replica, fn_constructor_args=(str(model),),
+                                   fn_constructor_kwargs=predictor_options)
+    # work is handed out once every replica has loaded its model, so the first one does not take it all
+    answers.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
+    return answers
 
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike, *,
@@ -180,13 +186,13 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
     data_log_level = data_log.level  # set after `import ray.data` (which configures it), restored
     try:
         _check_resources(ray, num_replicas, gpus_per_replica, cpus_per_replica)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours is on stderr
         data_log.setLevel(logging.CRITICAL)  # notes and tracebacks: failures are ours to report, in one line
         answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
                                   gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                                   device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
                                   allowed_local_media_path=allowed_local_media_path, relative_to=os.getcwd(),
                                   max_batch=max_batch)
+        answers.context.enable_progress_bars = False  # ours is on stderr
         summary = batch.write_answers(plan, _rows(ray, answers), progress)
     finally:
         data_log.setLevel(data_log_level)
