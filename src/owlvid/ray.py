@@ -182,8 +182,10 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
     per_batch = requests_per_batch or max(max_batch, min(4 * max_batch,
                                                           math.ceil(len(plan.todo) / (4 * num_replicas))))
     started = _connect(ray, ray_address)
+    import ray.data  # configures its logger: quieted below, after that
+
     data_log = logging.getLogger("ray.data")
-    data_log_level = data_log.level  # set after `import ray.data` (which configures it), restored
+    data_log_level = data_log.level
     try:
         _check_resources(ray, num_replicas, gpus_per_replica, cpus_per_replica)
         data_log.setLevel(logging.CRITICAL)  # notes and tracebacks: failures are ours to report, in one line
