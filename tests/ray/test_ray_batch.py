@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,13 @@ def test_building_blocks_keep_a_video_on_one_replica(ray_address, job):
     for group in batch.job_groups(requests):
         assert len({rows[r.custom_id]["replica"] for r in group}) == 1, "a video's questions split over replicas"
     assert len({row["replica"] for row in rows.values()}) == 2
+
+
+def test_without_ray_one_line_says_what_to_install(job, tmp_path):
+    output = tmp_path / "out.jsonl"
+    argv = ["batch", "-i", str(job["source"]), "-o", str(output), "--model", str(job["model_dir"]), "--ray"]
+    code = f"import sys; sys.modules['ray'] = None; from owlvid.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1 and proc.stderr.strip() == "owlvid: error: Ray jobs need Ray: pip install 'owlvid[ray]'"
+    assert not output.exists()
