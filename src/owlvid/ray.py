@@ -164,8 +164,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
     `model` is a checkpoint folder or hub id that every replica loads (local paths and media must be
     reachable from every node). Uses the Ray connection of this process if there is one, else
     `ray.init(address=ray_address)` (None: `RAY_ADDRESS`, or a new local cluster), closed at the end.
-    `requests_per_batch` (default: up to 4 x max_batch, less when that leaves a replica without work) is
-    the size of a Ray batch: smaller spreads the work more evenly, larger keeps batching fuller.
+    `requests_per_batch` is the size of a Ray batch (default: about 4 batches per replica, from max_batch to
+    4 x max_batch requests): smaller spreads the work more evenly, larger keeps batching fuller.
     Returns `batch.run`'s summary."""
     if num_replicas < 1:
         raise InputError("num_replicas must be at least 1")
@@ -176,7 +176,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         Path(output_path).touch()
         return plan.summary()
     ray = _ray()
-    _check_local_model(model)
+    model = _model_source(model)
+    # replicas run elsewhere: folders as absolute paths
+    root = str(plan.root.resolve()) if allowed_local_media_path is not None else None
     lines = Path(input_path).read_bytes().split(b"\n")  # as read_requests numbers them
     groups = [[lines[r.line - 1].decode("utf-8") for r in group] for group in batch.job_groups(plan.todo)]
     per_batch = requests_per_batch or max(max_batch, min(4 * max_batch,
@@ -192,7 +194,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
                                   gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                                   device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                                  allowed_local_media_path=allowed_local_media_path, relative_to=os.getcwd(),
+                                  allowed_local_media_path=root, relative_to=os.getcwd(),
                                   max_batch=max_batch)
         answers.context.enable_progress_bars = False  # ours is on stderr
         summary = batch.write_answers(plan, _rows(ray, answers), progress)
@@ -227,13 +229,13 @@ def _root_cause(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _check_local_model(model: str | os.PathLike) -> None:
-    """A local checkpoint folder is checked here, before Ray starts (a replica failing to load it would be
-    reported by Ray at length); a hub id is downloaded by each replica."""
+def _model_source(model: str | os.PathLike) -> str:
+    """What the replicas load: a local checkpoint folder, checked here before Ray starts (a replica failing
+    to load it would be reported by Ray at length) and made absolute; a hub id as it is (each replica
+    downloads it)."""
     from .checkpoint import is_hub_id, resolve_checkpoint
 
-    if not is_hub_id(model):
-        resolve_checkpoint(model)
+    return str(model) if is_hub_id(model) else str(resolve_checkpoint(model).resolve())
 
 
 def _connect(ray: Any, address: str | None) -> bool:
@@ -283,23 +285,14 @@ class ReplicaHeader:
 
 
 def _replica_name() -> str:
-    """The Serve replica's id, or the Ray actor's, or host:pid outside Ray."""
-    try:
-        from ray import serve
-
-        replica_id = serve.get_replica_context().replica_id
-        return str(getattr(replica_id, "unique_id", replica_id))
-    except Exception:  # not a Serve replica (a Ray Data actor, a plain process)
-        pass
+    """The Ray actor's id (a Serve replica or a Ray Data actor), or host:pid outside Ray."""
     try:
         import ray
 
         actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-        if actor:
-            return actor
-    except Exception:  # noqa: S110 - outside Ray
-        pass
-    return f"{socket.gethostname()}:{os.getpid()}"
+    except ImportError:
+        actor = None
+    return actor or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def serve_deployment(model: str | os.PathLike, config: Any = None, *, num_replicas: int = 1,
@@ -342,15 +335,15 @@ def serve(model: str | os.PathLike, config: Any, *, host: str = "127.0.0.1", por
           num_replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
           ray_address: str | None = None, log_level: str = "info", ready_message: bool = True,
           **load_options: Any) -> None:
-    """`owlvid serve --ray`: the app on `num_replicas` Ray Serve replicas behind Serve's HTTP proxy on
-    host:port (port 0 picks a free one) until SIGINT/SIGTERM; then the application is deleted (and a Ray
-    cluster this call started is stopped)."""
+    """`owlvid serve --ray`: `serve_deployment(model, config, ...)` on `num_replicas` replicas behind Serve's
+    HTTP proxy on host:port (port 0 picks a free one) until SIGINT/SIGTERM; then the application is deleted
+    (and a Ray cluster this call started is stopped). `config` is the `ServerConfig` (named model, limits)."""
     if num_replicas < 1:
         raise InputError("num_replicas must be at least 1")
     ray = _ray()
     from ray import serve as ray_serve
 
-    _check_local_model(model)
+    model = _model_source(model)
     if port == 0:
         port = _free_port(host)
     started = _connect(ray, ray_address)
