@@ -11,12 +11,12 @@ The requests (`--videos` synthetic 640x360 H.264 clips, `--questions` questions 
   ray, N replica(s)     `owlvid.ray.run` on a local cluster (started before the clock), N replicas sharing the
                         cores (cpus_per_replica = cores / N: that many torch threads each)
 
-Every row includes loading the model (a Ray run: starting its replicas, a Python worker each importing
-torch and loading the model; the cluster itself is started before the clock). "steady requests/s" is the
-rate from the first answer to the last, start-up left out: "overhead, steady" compares that. On a machine
-where the replicas share the cores of one process no gain is expected: the overhead is what Ray costs
-(scheduling, request lines and answers through the object store, a process per replica, answers arriving
-one Ray batch at a time).
+Each run is timed whole ("job": loading the model, for Ray starting its replicas, a Python worker each
+importing torch and loading the model; the cluster itself is started before the clock), and its start-up
+alone ("start": the same run over one one-token request); "job - start" is the work. On a machine where
+the replicas share the cores of one process no gain is expected: the overhead is what Ray costs
+(scheduling, request lines and answers through the object store, a process per replica, the last Ray
+batch of a replica running alone).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,36 +83,18 @@ def write_requests(path: Path, videos: list[Path], questions: int, frames: int, 
     return len(lines)
 
 
-class Watch:
-    """Times a run and, from its output file growing line by line, when the first answer came and the rate
-    after it (requests per second from the first answer to the last: start-up left out)."""
+def timed(fn: Callable[[], dict]) -> float:
+    t0 = time.perf_counter()
+    summary = fn()
+    seconds = time.perf_counter() - t0
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} request(s) failed: see {summary['output']}")
+    return seconds
 
-    def __init__(self, output: Path) -> None:
-        self.output = output
 
-    def __call__(self, fn: Callable[[], dict]) -> dict:
-        first: list[float] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.wait(0.02):
-                if not first and self.output.exists() and self.output.stat().st_size:
-                    first.append(time.perf_counter())
-
-        thread = threading.Thread(target=watch, daemon=True)
-        t0 = time.perf_counter()
-        thread.start()
-        summary = fn()
-        end = time.perf_counter()
-        done.set()
-        thread.join()
-        if summary["failed"]:
-            raise RuntimeError(f"{summary['failed']} request(s) failed: see {summary['output']}")
-        lines = self.output.read_text().splitlines()
-        t_first = first[0] if first else end
-        at_first = 1  # the line (or burst of lines: one Ray batch) seen first counts as the start
-        return {"seconds": end - t0, "first answer s": t_first - t0,
-                "steady requests/s": (len(lines) - at_first) / max(end - t_first, 1e-9)}
+def row(name: str, start: float, seconds: float, n: int) -> dict:
+    return {"run": name, "start s": start, "job s": seconds, "job - start s": seconds - start,
+            "requests/s (job - start)": n / max(seconds - start, 1e-9)}
 
 
 def main() -> None:
@@ -134,33 +115,42 @@ def main() -> None:
     source = work / "requests.jsonl"
     n = write_requests(source, write_videos(work / "videos", args.videos), args.questions, args.frames,
                        args.max_tokens)
+    one = work / "one.jsonl"  # start-up alone: one one-token request
+    one.write_text(json.dumps(request_line("one", "Hi", 1, args.frames)) + "\n")
     print(f"machine: {cores} cores, torch {torch.__version__}; {n} requests over {args.videos} videos, "
           f"{args.frames} frames, {args.max_tokens} tokens, max_batch {args.max_batch}")
 
     torch.set_num_threads(cores)
-    single_out = work / "single.jsonl"
-    row = Watch(single_out)(lambda: batch.run(source, single_out, lambda: owlvid.load(model_dir, device="cpu",
-                                                                                     dtype="float32"),
-                                              max_batch=args.max_batch, progress=False))
-    rows = [{"run": f"single process, {cores} threads", **row}]
+
+    def single(source: Path, output: Path) -> dict:
+        return batch.run(source, output, lambda: owlvid.load(model_dir, device="cpu", dtype="float32"),
+                         max_batch=args.max_batch, progress=False)
+
+    rows = [row(f"single process, {cores} threads", timed(lambda: single(one, work / "one.out.jsonl")),
+                timed(lambda: single(source, work / "single.jsonl")), n)]
     perf.table("single process", rows)
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         for replicas in [int(x) for x in args.replicas.split(",") if x]:
-            output = work / f"ray-{replicas}.jsonl"
             options = {"device": "cpu", "dtype": "float32", "max_batch": args.max_batch, "num_replicas": replicas,
                        "cpus_per_replica": cores / replicas, "progress": False}
-            row = Watch(output)(lambda o=options, out=output: owlvid.ray.run(source, out, model_dir, **o))
-            rows.append({"run": f"ray, {replicas} replica(s) x {cores / replicas:g} CPU", **row})
+
+            def on_ray(source: Path, output: Path, options: dict = options) -> dict:
+                return owlvid.ray.run(source, output, model_dir, **options)
+
+            output = work / f"ray-{replicas}.jsonl"
+            rows.append(row(f"ray, {replicas} replica(s) x {cores / replicas:g} CPU",
+                            timed(lambda r=replicas: on_ray(one, work / f"one-{r}.out.jsonl")),
+                            timed(lambda out=output: on_ray(source, out)), n))
+            rows[-1]["same answers"] = _answers(output) == _answers(work / "single.jsonl")
             perf.table(rows[-1]["run"], rows[-1:])
-            rows[-1]["same answers"] = _answers(output) == _answers(single_out)
     finally:
         ray.shutdown()
     for r in rows:
-        r["overhead, total"] = f"{100 * (r['seconds'] / rows[0]['seconds'] - 1):+.0f}%"
-        r["overhead, steady"] = f"{100 * (rows[0]['steady requests/s'] / r['steady requests/s'] - 1):+.0f}%"
-    perf.table("owlvid batch: single process vs Ray (model loading included)", rows)
+        r["overhead (job - start)"] = f"{100 * (r['job - start s'] / rows[0]['job - start s'] - 1):+.0f}%"
+        r["overhead (job)"] = f"{100 * (r['job s'] / rows[0]['job s'] - 1):+.0f}%"
+    perf.table("owlvid batch: single process vs Ray", rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"cores": cores, "requests": n, "rows": rows}, indent=1))
 
