@@ -7,16 +7,15 @@ and 2 replicas (Ray Data actors, one model each).
 The requests (`--videos` synthetic 640x360 H.264 clips, `--questions` questions each, listed round-robin,
 `--frames` frames per video) are answered by:
 
-  single process        `owlvid.batch.run` with every core (torch threads = cores), the model already loaded
-  ray, N replica(s)     `owlvid.ray.run` on a local cluster (started before the clock), N replicas sharing the
-                        cores (cpus_per_replica = cores / N: that many torch threads each)
+  single process        `owlvid.batch.run` with `--threads` torch threads
+  ray, N replica(s)     `owlvid.ray.run` on a local cluster (started before the clock), N replicas of
+                        `--threads` CPUs each (Ray gives a replica that many torch threads)
 
 Each run is timed whole ("job": loading the model, for Ray starting its replicas, a Python worker each
 importing torch and loading the model; the cluster itself is started before the clock), and its start-up
-alone ("start": the same run over one one-token request); "job - start" is the work. On a machine where
-the replicas share the cores of one process no gain is expected: the overhead is what Ray costs
-(scheduling, request lines and answers through the object store, a process per replica, the last Ray
-batch of a replica running alone).
+alone ("start": the same run over one one-token request); "job - start" is the work. With one replica on
+the resources of the single process, the difference is what Ray costs (scheduling, request lines and
+answers through the object store, a process per replica, the last Ray batch of a replica running alone).
 """
 
 from __future__ import annotations
@@ -105,6 +104,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--replicas", default="1,2", help="replica counts of the Ray rows")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of each model: the single process and each replica (default 1: the tiny "
+                    "model gains nothing from more, and loses a lot on a loaded machine)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     import ray
@@ -120,27 +122,29 @@ def main() -> None:
     print(f"machine: {cores} cores, torch {torch.__version__}; {n} requests over {args.videos} videos, "
           f"{args.frames} frames, {args.max_tokens} tokens, max_batch {args.max_batch}")
 
-    torch.set_num_threads(cores)
+    threads = args.threads
+    torch.set_num_threads(threads)
 
     def single(source: Path, output: Path) -> dict:
         return batch.run(source, output, lambda: owlvid.load(model_dir, device="cpu", dtype="float32"),
                          max_batch=args.max_batch, progress=False)
 
-    rows = [row(f"single process, {cores} threads", timed(lambda: single(one, work / "one.out.jsonl")),
+    rows = [row(f"single process, {threads} thread(s)", timed(lambda: single(one, work / "one.out.jsonl")),
                 timed(lambda: single(source, work / "single.jsonl")), n)]
     perf.table("single process", rows)
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    replica_counts = [int(x) for x in args.replicas.split(",") if x]
+    ray.init(num_cpus=max(cores, threads * max(replica_counts)), include_dashboard=False, log_to_driver=False)
     try:
-        for replicas in [int(x) for x in args.replicas.split(",") if x]:
+        for replicas in replica_counts:
             options = {"device": "cpu", "dtype": "float32", "max_batch": args.max_batch, "num_replicas": replicas,
-                       "cpus_per_replica": cores / replicas, "progress": False}
+                       "cpus_per_replica": threads, "progress": False}  # Ray: OMP_NUM_THREADS = CPUs
 
             def on_ray(source: Path, output: Path, options: dict = options) -> dict:
                 return owlvid.ray.run(source, output, model_dir, **options)
 
             output = work / f"ray-{replicas}.jsonl"
-            rows.append(row(f"ray, {replicas} replica(s) x {cores / replicas:g} CPU",
+            rows.append(row(f"ray, {replicas} replica(s) x {threads} CPU",
                             timed(lambda r=replicas: on_ray(one, work / f"one-{r}.out.jsonl")),
                             timed(lambda out=output: on_ray(source, out)), n))
             rows[-1]["same answers"] = _answers(output) == _answers(work / "single.jsonl")
