@@ -46,6 +46,7 @@ class ServerConfig:
     max_pending_media_bytes: int | None = None  # decoded media held by queued requests (None: no budget)
     max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
     request_timeout: float = 600.0
+    media_timeout: float | None = None  # seconds one image/video may take to load and decode (408 after)
     # defaults of a request that does not say
     default_max_tokens: int = 512
     default_temperature: float = 0.0
@@ -287,12 +288,16 @@ class RequestBuilder:
         return out
 
     def _image(self, url: str, param: str):
+        from ..api import load_image_source
         from ..media import load_image
 
         cfg = self.config
         source = self.sources.resolve(url, "image", param)
-        return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
-                          timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
+        image = load_image_source(lambda: load_image(source, max_pixels=cfg.max_image_pixels,
+                                                     max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
+                                                     url_policy=self.sources.url_policy),
+                                  cfg.media_timeout, name=source)
+        return image
 
     def _video(self, url: str, options: dict, param: str) -> Any:
         """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding."""
@@ -307,4 +312,5 @@ class RequestBuilder:
         source = self.sources.resolve(url, "video", param)
         if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
             opts["url_policy"] = self.sources.url_policy
-        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames)
+        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames,
+                                 media_timeout=cfg.media_timeout)
