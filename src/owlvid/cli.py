@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
         max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
         max_queued_requests=args.max_queued_requests, max_batch=args.max_batch, request_timeout=args.request_timeout,
-        max_pending_media_bytes=args.max_pending_media_bytes,
+        max_pending_media_bytes=args.max_pending_media_bytes, media_timeout=args.media_timeout,
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
@@ -559,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the engine before answering 503 (default: 64)")
     p.add_argument("--max-pending-media-bytes", type=_positive_int, default=None,
                    help="decoded media bytes that queued requests may hold before answering 503 (default: no limit)")
+    p.add_argument("--media-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="seconds one image or video may take to load and decode; then 408 (default: no limit)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take in all, queue included (default: 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
