@@ -148,9 +148,10 @@ def ray_rows(model_label: str, source: Path, work: Path, replicas: list[int]) ->
     return []
 
 
-def load(label: str, device: str, work: Path) -> tuple[owlvid.Model, str]:
-    """(model, dtype name): `tiny` is the test checkpoint (hidden 16), `1b` the real 1B-241014 shape with random
-    weights; bf16 where the hardware has a fast path (CUDA, AVX512-BF16/AMX), float32 elsewhere."""
+def load(label: str, device: str, work: Path, dtype: str = "auto") -> tuple[owlvid.Model, str]:
+    """(model, dtype name): `tiny` is the test checkpoint (hidden 16, float32), `1b` the real 1B-241014 shape
+    with random weights; `dtype="auto"` is what `owlvid.load` picks: bf16 where the hardware has a bf16 path
+    (CUDA, AVX512-BF16/AMX), float32 elsewhere."""
     fast_bf16 = device == "cuda" or owlvid.checkpoint.cpu_has_fast_bf16()
     if label == "tiny":
         model = owlvid.load(make_tiny_owl3(work / "tiny"), device=device, dtype="float32")
@@ -158,7 +159,7 @@ def load(label: str, device: str, work: Path) -> tuple[owlvid.Model, str]:
     else:
         tok = work / "tokenizer"
         write_tiny_tokenizer(tok)
-        dtype = "bfloat16" if fast_bf16 else "float32"
+        dtype = ("bfloat16" if fast_bf16 else "float32") if dtype == "auto" else dtype
         model = perf.build_model(label, getattr(torch, dtype), tok)
         if device != "cpu":
             model.runtime.model.to(device)
@@ -177,7 +178,7 @@ def measure(label: str, args: argparse.Namespace, work: Path) -> list[dict]:
     lines = request_lines(videos, args.questions, frames, max_tokens)
     source = work / f"requests-{label}.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    model, dtype = load(label, args.device, work)
+    model, dtype = load(label, args.device, work, args.dtype)
     run_loop(model, lines[:1], 2, cache=False)  # warm-up: first-call costs are nobody's
     n = len(lines)
     runs: list[tuple[str, Callable[[], float]]] = [
@@ -223,6 +224,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="of the 1b model (auto: as owlvid.load; the tiny one is always float32)")
     ap.add_argument("--quick", action="store_true", help="2 videos x 4 questions, 1 frame, 4 tokens")
     ap.add_argument("--ray", default="", help="replica counts for Ray rows, e.g. 1,2 (see ray_rows)")
     ap.add_argument("--json", default=None, help="also write the rows here")
