@@ -340,7 +340,7 @@ def main() -> None:
     ap.add_argument("--models", default="1b")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--vision-crops", type=int, default=4)
-    ap.add_argument("--ttft-frames", default="1,8,32")
+    ap.add_argument("--ttft-frames", default="0,1,8,32")
     ap.add_argument("--concat-frames", default="8,32")
     ap.add_argument("--prefill-frames", default="32,128")
     ap.add_argument("--decode-frames", default="0,8,32,128")

@@ -1,9 +1,10 @@
-"""The `owlvid` command line: ask, chat, serve, batch, info, download.
+"""The `owlvid` command line: ask, chat, serve, batch, eval, info, download.
 
     owlvid ask photo.jpg clip.mp4 "What happens after the photo was taken?"
     owlvid chat --model mPLUG/mPLUG-Owl3-7B-241101 clip.mp4
     owlvid serve --port 8000 --api-key SECRET --allowed-local-media-path /data
     owlvid batch -i requests.jsonl -o answers.jsonl --model mPLUG/mPLUG-Owl3-7B-241101
+    owlvid eval mvbench --data /data/MVBench --model mPLUG/mPLUG-Owl3-7B-241101 -o runs/mvbench
     owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
     owlvid download mPLUG/mPLUG-Owl3-7B-241101
 
@@ -587,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress as one JSON object per line on stderr (done, failed, total, requests_per_s, "
                    "eta_s, elapsed_s) instead of the bar")
     p.set_defaults(func=cmd_batch)
+
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int)
 
     p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "

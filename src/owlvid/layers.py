@@ -256,8 +256,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     repacks the whole weight on every call and runs 1.5-4x slower than `weight @ x.T`, which streams the
     weight once (measured on the 2-core development machine; see the batch section of benchmarks/perf.py)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if x.device.type != "cpu" or not 2 <= rows <= 32:
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
+    if not 2 <= rows <= 32:
+        # Always 2-D: a [B, 1, H] slice of a longer sequence (the last position, for the logits) keeps the
+        # sequence's strides, and torch's 3-D matmul then copies the whole weight first: 0.5 s per call for
+        # the tied 151851x896 embedding in bf16 (benchmarks/perf.py: the text-only "ttft" row, 0 frames).
+        return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     y = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:
         y += bias
