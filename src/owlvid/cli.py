@@ -151,6 +151,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -396,13 +406,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
         max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
         max_queued_requests=args.max_queued_requests, max_batch=args.max_batch, request_timeout=args.request_timeout,
-        max_pending_media_bytes=args.max_pending_media_bytes,
+        max_pending_media_bytes=args.max_pending_media_bytes, media_timeout=args.media_timeout,
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
     config.allowed_media_domains = _domain_list(args.allowed_media_domains)
     config.allow_private_media_hosts = args.allow_private_media_hosts
     config.media_connect_timeout = args.media_connect_timeout
+    config.upload_dir, config.upload_ttl = args.upload_dir, args.upload_ttl
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
@@ -436,17 +447,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
     if Path(args.input).expanduser().resolve() == Path(args.output).expanduser().resolve():
         raise UsageError("the output file must not be the input file")
+    common = {"allowed_local_media_path": args.allowed_local_media_path, "max_batch": args.max_batch,
+              "progress": not args.no_progress, "json_progress": args.json_progress,
+              "media_timeout": args.media_timeout, "prefetch": args.prefetch}
     if args.ray:
         from . import ray as owlvid_ray
 
         summary = owlvid_ray.run(Path(args.input).expanduser(), Path(args.output).expanduser(), _model_name(args),
-                                 allowed_local_media_path=args.allowed_local_media_path, max_batch=args.max_batch,
-                                 progress=not args.no_progress, **_ray_arguments(args), **_load_arguments(args))
+                                 **common, **_ray_arguments(args), **_load_arguments(args))
     else:
         _ray_arguments(args)
         summary = batch.run(Path(args.input).expanduser(), Path(args.output).expanduser(),
-                            lambda: _load_model(args), allowed_local_media_path=args.allowed_local_media_path,
-                            max_batch=args.max_batch, progress=not args.no_progress)
+                            lambda: _load_model(args), **common)
     print(f"owlvid: batch: {summary['requests']} request(s): {summary['completed']} answered, "
           f"{summary['failed']} failed, {summary['skipped']} already in {summary['output']}", file=sys.stderr)
     return 0
@@ -606,8 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the engine before answering 503 (default: 64)")
     p.add_argument("--max-pending-media-bytes", type=_positive_int, default=None,
                    help="decoded media bytes that queued requests may hold before answering 503 (default: no limit)")
+    p.add_argument("--media-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="seconds one image or video may take to load and decode; then 408 (default: no limit)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take in all, queue included (default: 600)")
+    p.add_argument("--upload-dir", default=None, metavar="DIR",
+                   help="where the web page's uploads are written (default: a temporary folder)")
+    p.add_argument("--upload-ttl", type=_positive_float, default=3600.0,
+                   help="seconds an upload is kept after its last use (default: 3600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -622,7 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together (continuous batching; 1 = one at a time)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow local paths and file:// URLs only under DIR (default: anywhere)")
+    p.add_argument("--media-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="seconds one image or video may take to load and decode; past it the request gets a 408 "
+                   "media_timeout line and the job goes on (default: no limit)")
+    p.add_argument("--prefetch", type=_non_negative_int, default=2, metavar="N",
+                   help="requests prepared (media decoded, vision encoded) ahead of the engine (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json-progress", action="store_true",
+                   help="progress as one JSON object per line on stderr (done, failed, total, requests_per_s, "
+                   "eta_s, elapsed_s) instead of the bar")
     p.set_defaults(func=cmd_batch)
 
     from .eval.cli import add_parser as add_eval_parser

@@ -74,27 +74,31 @@ class BatchPredictor:
     text) and `replica` (the actor that answered). `owlvid.batch.OutputFile.write(custom_id, status_code,
     json.loads(body))` makes the output line of the single-process job.
 
-    Model options are those of `owlvid.load`; media policy as `owlvid.batch.run`: local files anywhere
-    unless `allowed_local_media_path` restricts them, relative paths under that folder or else under
-    `relative_to` (default: the actor's working directory)."""
+    Model options are those of `owlvid.load`; media policy, `max_batch`, `media_timeout` and `prefetch` as
+    `owlvid.batch.run`: local files anywhere unless `allowed_local_media_path` restricts them, relative paths
+    under that folder or else under `relative_to` (default: the actor's working directory)."""
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
                  tokenizer: str | os.PathLike | None = None, revision: str | None = None,
                  allowed_local_media_path: str | os.PathLike | None = None,
-                 relative_to: str | os.PathLike | None = None, max_batch: int = 8) -> None:
+                 relative_to: str | os.PathLike | None = None, max_batch: int = 8,
+                 media_timeout: float | None = None, prefetch: int = 2) -> None:
         from .api import load
 
         self.model = load(model, device=device, dtype=dtype, tokenizer=tokenizer, revision=revision)
         restricted = allowed_local_media_path is not None
         self.relative_to = None if restricted else Path(relative_to or os.getcwd())
-        self.config = batch.job_config(self.model.name, allowed_local_media_path if restricted else "/", max_batch)
+        self.config = batch.job_config(self.model.name, allowed_local_media_path if restricted else "/", max_batch,
+                                       media_timeout=media_timeout)
+        self.prefetch = prefetch
         self.replica = _replica_name()
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list]:
         requests = [self._request(number, text) for number, text in enumerate(rows[REQUEST_COLUMN], 1)
                     if str(text).strip()]
         out: dict[str, list] = {"custom_id": [], "status_code": [], "body": [], "replica": []}
-        for custom_id, status, body in batch.answer_requests(self.model, self.config, batch.job_order(requests)):
+        for custom_id, status, body in batch.answer_requests(self.model, self.config, batch.job_order(requests),
+                                                             prefetch=self.prefetch):
             out["custom_id"].append(custom_id)
             out["status_code"].append(status)
             out["body"].append(json.dumps(body, ensure_ascii=False))
@@ -156,10 +160,11 @@ def answers_dataset(requests: Any, model: str | os.PathLike, *, num_replicas: in
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike, *,
         device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
         revision: str | None = None, allowed_local_media_path: str | os.PathLike | None = None,
-        max_batch: int = 8, num_replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
-        requests_per_batch: int | None = None, ray_address: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """`owlvid.batch.run` on a Ray cluster: same checks before work, same output lines, same resuming.
+        max_batch: int = 8, media_timeout: float | None = None, prefetch: int = 2, num_replicas: int = 1,
+        gpus_per_replica: float = 0, cpus_per_replica: float = 1, requests_per_batch: int | None = None,
+        ray_address: str | None = None, progress: bool = True, json_progress: bool = False) -> dict[str, Any]:
+    """`owlvid.batch.run` on a Ray cluster: same checks before work, same output lines, same resuming, same
+    options (`max_batch`, `media_timeout`, `prefetch` apply in each replica).
 
     `model` is a checkpoint folder or hub id that every replica loads (local paths and media must be
     reachable from every node). Uses the Ray connection of this process if there is one, else
@@ -171,7 +176,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         raise InputError("num_replicas must be at least 1")
     if gpus_per_replica < 0 or cpus_per_replica < 0:
         raise InputError("gpus_per_replica and cpus_per_replica must not be negative")
-    plan = batch.plan_job(input_path, output_path, allowed_local_media_path, max_batch)
+    plan = batch.plan_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout)
     if not plan.todo:
         Path(output_path).touch()
         return plan.summary()
@@ -195,9 +200,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
                                   gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                                   device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
                                   allowed_local_media_path=root, relative_to=os.getcwd(),
-                                  max_batch=max_batch)
+                                  max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
         answers.context.enable_progress_bars = False  # ours is on stderr
-        summary = batch.write_answers(plan, _rows(ray, answers), progress)
+        summary = batch.write_answers(plan, _rows(ray, answers), progress, json_progress)
     finally:
         data_log.setLevel(data_log_level)
         if started:

@@ -98,6 +98,11 @@ class ModelRuntime:
     def finish(self, state: Any) -> None:
         """A request's generation ended (a runtime may keep its caches for the next turn)."""
 
+    def media_audit(self, request: Any) -> list[dict]:
+        """Per image/video of a prepared request, in prompt order, what the model used and what it cost
+        (the records of `engine.Generation.media`); `encode_s` grows as the vision side runs."""
+        return []
+
     def cached_video(self, key: str) -> CachedVideo | None:
         """A video already encoded under `key`, so that it needs no decoding (None: not cached)."""
         return None

@@ -3,6 +3,7 @@ the visual cache (the `owlvid.runtime.ModelRuntime` contract)."""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...cache import CachedVideo, VisualCache, content_key
+from ...cache import CachedVideo, PreparedVideo, VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
 from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
@@ -111,8 +112,9 @@ class Owl3Runtime(ModelRuntime):
         """A video already encoded under `key` (file identity + sampling): skip decoding and encoding."""
         if self.visual_cache is None:
             return None
-        embeds = self.visual_cache.get(content_key(self.model_key, key))
-        return CachedVideo(key, embeds.shape[0]) if embeds is not None else None
+        full_key = content_key(self.model_key, key)
+        embeds = self.visual_cache.get(full_key)
+        return CachedVideo(key, embeds.shape[0], self.visual_cache.note(full_key)) if embeds is not None else None
 
     @torch.inference_mode()
     def image_embeds(self, inputs: Owl3Inputs) -> torch.Tensor | None:
@@ -124,6 +126,7 @@ class Owl3Runtime(ModelRuntime):
         parts = []
         for item in items:
             key = content_key(self.model_key, item["key"])
+            t0 = time.perf_counter()
             embeds = self.visual_cache.get(key) if self.visual_cache is not None else None
             if embeds is None:
                 if item.get("stream") is not None:  # decode the next chunk while this one is encoded
@@ -134,12 +137,29 @@ class Owl3Runtime(ModelRuntime):
                 else:
                     embeds = self.model.encode_images(item["pixels"])
                 self.stats["encoded_crops"] += embeds.shape[0]
+                item["visual_cache"] = "miss" if self.visual_cache is not None else "off"
                 if self.visual_cache is not None:
-                    self.visual_cache.put(key, embeds)
+                    media = item.get("media")
+                    self.visual_cache.put(key, embeds, media.remember() if isinstance(media, PreparedVideo) else None)
             else:
                 self.stats["cached_crops"] += embeds.shape[0]
+                item["visual_cache"] = "hit"
+            item["encode_s"] = item.get("encode_s", 0.0) + time.perf_counter() - t0
             parts.append(embeds.to(self.device))
         return torch.cat(parts) if parts else None
+
+    def media_audit(self, inputs: Owl3Inputs) -> list[dict]:
+        """Per image/video of the request, in prompt order: what was used and what it cost (see
+        `engine.Generation.media`)."""
+        out = []
+        for item in inputs.get("media_items") or []:
+            media = item.get("media")
+            record = media.describe() if isinstance(media, PreparedVideo) else dict(media or {"type": "image"})
+            record["crops"] = item["crops"]
+            record["visual_cache"] = item.get("visual_cache", "reused")  # an earlier turn's, kept
+            record["encode_s"] = item.get("encode_s", 0.0)
+            out.append(record)
+        return out
 
     @torch.inference_mode()
     def encode_media(self, inputs: Owl3Inputs) -> Owl3Inputs:

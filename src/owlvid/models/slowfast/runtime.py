@@ -4,6 +4,7 @@ with the slow-token cross-attention, and cached decoding (plain Qwen2 steps, as 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,9 @@ class SlowFastRuntime(ModelRuntime):
         is_image = ids == IMAGE_TOKEN_INDEX
         fast = slow = None
         if int(is_image.sum()) and inputs.get("pixel_values") is not None:
+            t0 = time.perf_counter()
             fast, slow = model.fast_and_slow(model.encode_frames(inputs["pixel_values"]))
+            inputs["encode_s"] = time.perf_counter() - t0
             if fast.shape[0] != inputs["num_fast_tokens"]:
                 raise AssertionError(f"fast tokens {fast.shape[0]} != planned {inputs['num_fast_tokens']}")
         if (int(is_image.sum()) > 0) != (fast is not None):
@@ -131,6 +134,11 @@ class SlowFastRuntime(ModelRuntime):
         num_fast = int((~types).sum())
         rows = types.nonzero().flatten()
         return PreparedSequence(embeds[None], rows, num_fast, slow if num_fast else None)
+
+    def media_audit(self, inputs: SlowFastInputs) -> list[dict]:
+        """The request's one visual (see `engine.Generation.media`): no visual cache in this family."""
+        return [{**record, "visual_cache": "off", "encode_s": inputs.get("encode_s", 0.0)}
+                for record in inputs.get("media") or []]
 
     @torch.inference_mode()
     def prefill(self, inputs: SlowFastInputs) -> tuple[torch.Tensor, DecodeState]:
