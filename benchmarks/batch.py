@@ -24,8 +24,8 @@ log terms (they add up to the whole): cache = log(r[cache on, 1] / r[cache off, 
 log(r[cache on, N] / r[cache on, 1]), the rest (order, overlap, overheads) = log(r[cache off, 1] / r[loop,
 cache off]), each divided by log(r[cache on, N] / r[loop, cache off]).
 
-Ray rows (`--ray 1,2`: the same job on a local Ray cluster with that many replicas) come from `ray_rows`,
-which the Ray part of owlvid fills in; without it they are reported as not available.
+Ray rows (`--ray 1,2`, needs the `ray` extra; tiny model only): the shipped job on a local Ray cluster with
+that many replicas against the same job in this process, start-up measured apart (see `ray_rows`).
 """
 
 from __future__ import annotations
@@ -140,12 +140,66 @@ def run_batch(model: owlvid.Model, source: Path, work: Path, cache: bool, max_ba
     return seconds
 
 
-def ray_rows(model_label: str, source: Path, work: Path, replicas: list[int]) -> list[dict]:
-    """Rows for the same job on a local Ray cluster with each number of replicas (filled in by owlvid's Ray
-    part: `{"run": "ray, N replicas", "seconds": ..., "requests_per_s": ...}` per entry)."""
-    if replicas:
-        print(f"\n(Ray rows for {model_label}: not available in this build)")
-    return []
+def ray_rows(label: str, source: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """The shipped job (max_batch N) on a local Ray cluster with each replica count of `--ray`, against the
+    same job in this process, both loading the model from its folder (Ray replicas cannot take a model built
+    in memory: tiny only). Each is timed whole ("job s": loading the model; for Ray, starting a worker per
+    replica that imports torch and loads it) and over one one-token request ("start s"); "seconds" is
+    job - start, the work. These rows keep the checkpoint's stop tokens (the rows above generate exactly
+    max_tokens), so compare them with each other. The replicas share this machine's cores (cores / N CPUs
+    each, that many torch threads: one replica has the single process's threads)."""
+    if not args.ray:
+        return []
+    if label != "tiny":
+        print(f"\n(Ray rows for {label}: the replicas load a checkpoint folder, this model is built in memory)")
+        return []
+    import ray
+
+    import owlvid.ray
+
+    folder = work / "tiny"  # written by load()
+    one = work / "one-request.jsonl"
+    one.write_text(json.dumps({"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}}) + "\n")
+    n = sum(1 for line in source.read_text().splitlines() if line.strip())
+    cores = os.cpu_count() or 1
+
+    def timed(run: Callable[[Path, Path], dict], source: Path) -> float:
+        output = work / f"ray-bench-{time.monotonic_ns()}.jsonl"
+        t0 = time.perf_counter()
+        summary = run(source, output)
+        if summary["failed"]:
+            raise RuntimeError(f"{summary['failed']} request(s) failed: see {output}")
+        return time.perf_counter() - t0
+
+    def row(name: str, run: Callable[[Path, Path], dict]) -> dict:
+        start = min(timed(run, one) for _ in range(args.repeat))  # the least disturbed runs count
+        job = min(timed(run, source) for _ in range(args.repeat))
+        return {"model": label, "dtype": "float32", "device": "cpu", "run": name, "requests": n,
+                "start s": start, "job s": job, "seconds": job - start, "requests_per_s": n / (job - start)}
+
+    def single(source: Path, output: Path) -> dict:
+        return batch.run(source, output, lambda: owlvid.load(folder, device="cpu", dtype="float32"),
+                         max_batch=args.max_batch, prefetch=args.prefetch, progress=False)
+
+    rows = [row(f"batch from the folder, single process, {torch.get_num_threads()} threads", single)]
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        for replicas in args.ray:
+            cpus = max(cores // replicas, 1)
+
+            def on_ray(source: Path, output: Path, replicas: int = replicas, cpus: int = cpus) -> dict:
+                return owlvid.ray.run(source, output, folder, device="cpu", dtype="float32", max_batch=args.max_batch,
+                                      prefetch=args.prefetch, num_replicas=replicas, cpus_per_replica=cpus,
+                                      progress=False)
+
+            rows.append(row(f"ray, {replicas} replica(s) x {cpus} CPU", on_ray))
+            perf.table(f"{label}: {rows[-1]['run']}", rows[-1:])
+    finally:
+        ray.shutdown()
+    for r in rows:
+        r["ray overhead (job s)"] = f"{100 * (r['job s'] / rows[0]['job s'] - 1):+.0f}%"
+    return rows
 
 
 def load(label: str, device: str, work: Path, dtype: str = "auto") -> tuple[owlvid.Model, str]:
@@ -201,7 +255,7 @@ def measure(label: str, args: argparse.Namespace, work: Path) -> list[dict]:
         rows.append({"model": label, "dtype": dtype, "device": args.device, "run": name, "requests": n,
                      "frames": frames, "max_tokens": max_tokens, "seconds": seconds, "requests_per_s": n / seconds})
         perf.table(f"{label}: {name}", rows[-1:])
-    rows += ray_rows(label, source, work, args.ray)
+    rows += ray_rows(label, source, work, args)
     rate = {r["run"]: r["requests_per_s"] for r in rows}
     base = rate["loop, cache off"]
     for r in rows:
