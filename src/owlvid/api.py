@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,18 +234,11 @@ def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
     return VideoSampling(preset=sampling, **spec, frame_cap=frame_cap)
 
 
-def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None
-                      ) -> PreparedVideo | list:
-    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
-    file already encoded with the same settings is not decoded again (the runtime's visual cache).
-    `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
-    decoding."""
-    if isinstance(source, PreparedVideo):
-        return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    from .media import load_video
-
+def video_plan(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None
+               ) -> tuple[str | None, Any, dict]:
+    """How `load_video_frames` reads a video: (its visual-cache key, None unless `source` is a local file;
+    the media layer's VideoSampling; the other `load_video` options). The server's frame preview decodes
+    with the same plan, so it shows the frames the model gets."""
     opts = runtime.video_options(options)
     key = None
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
@@ -254,12 +247,29 @@ def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, fram
             key = content_key("video-file", file_identity(source), sorted(opts.items()), *capped)
         except OSError:
             key = None  # missing file: load_video reports it
-        if key is not None:
-            cached = runtime.cached_video(key)
-            if cached is not None:
-                return cached
-    spec = _sampling_spec(opts, frame_cap)
-    rest = {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
+    return key, _sampling_spec(opts, frame_cap), {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
+
+
+def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None,
+                      decoded: Callable[[str], PreparedVideo | None] | None = None) -> PreparedVideo | list:
+    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
+    file already encoded with the same settings is not decoded again (the runtime's visual cache), nor one
+    whose frames `decoded(key)` holds (e.g. decoded by the server's frame preview).
+    `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
+    decoding."""
+    if isinstance(source, PreparedVideo):
+        return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    from .media import load_video
+
+    key, spec, rest = video_plan(source, runtime, options, frame_cap=frame_cap)
+    if key is not None:
+        cached = runtime.cached_video(key)
+        if cached is None and decoded is not None:
+            cached = decoded(key)
+        if cached is not None:
+            return cached
     streamed = plan_streamed_video(source, spec, rest, key) if runtime.supports_streamed_video else None
     if streamed is not None:
         return streamed

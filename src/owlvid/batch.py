@@ -107,9 +107,10 @@ def read_requests(input_path: str | os.PathLike) -> list[BatchRequest]:
     return out
 
 
-def read_done(output_path: str | os.PathLike) -> set[str]:
-    """custom_ids already answered in an existing output. A torn last line (no newline, or not JSON: the
-    run was killed while writing it) is truncated away; damage anywhere else is an InputError."""
+def read_done(output_path: str | os.PathLike, key: str = "custom_id", kind: str = "batch output") -> set[str]:
+    """custom_ids (the `key` field of each line) already answered in an existing output. A torn last line
+    (no newline, or not JSON: the run was killed while writing it) is truncated away; damage anywhere else
+    is an InputError. Evaluation runs reuse it for their predictions (`key="qid"`)."""
     path = Path(output_path)
     if not path.exists():
         return set()
@@ -124,13 +125,13 @@ def read_done(output_path: str | os.PathLike) -> set[str]:
             continue
         try:
             item = json.loads(raw)
-            custom_id = item.get("custom_id") if isinstance(item, dict) else None
+            custom_id = item.get(key) if isinstance(item, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             custom_id = None
         if not isinstance(custom_id, str):
             if number == len(complete) and not tail.strip():
                 break  # the last line, torn: cut below
-            raise InputError(f"{output_path} line {number}: not a batch output line; refusing to append to it "
+            raise InputError(f"{output_path} line {number}: not a {kind} line; refusing to append to it "
                              "(move it away to start over)")
         done.add(custom_id)
         good += len(raw) + 1

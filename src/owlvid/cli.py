@@ -1,9 +1,10 @@
-"""The `owlvid` command line: ask, chat, serve, batch, info, download.
+"""The `owlvid` command line: ask, chat, serve, batch, eval, info, download.
 
     owlvid ask photo.jpg clip.mp4 "What happens after the photo was taken?"
     owlvid chat --model mPLUG/mPLUG-Owl3-7B-241101 clip.mp4
     owlvid serve --port 8000 --api-key SECRET --allowed-local-media-path /data
     owlvid batch -i requests.jsonl -o answers.jsonl --model mPLUG/mPLUG-Owl3-7B-241101
+    owlvid eval mvbench --data /data/MVBench --model mPLUG/mPLUG-Owl3-7B-241101 -o runs/mvbench
     owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
     owlvid download mPLUG/mPLUG-Owl3-7B-241101
 
@@ -371,6 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.allowed_media_domains = _domain_list(args.allowed_media_domains)
     config.allow_private_media_hosts = args.allow_private_media_hosts
     config.media_connect_timeout = args.media_connect_timeout
+    config.upload_dir, config.upload_ttl = args.upload_dir, args.upload_ttl
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
@@ -550,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoded media bytes that queued requests may hold before answering 503 (default: no limit)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take in all, queue included (default: 600)")
+    p.add_argument("--upload-dir", default=None, metavar="DIR",
+                   help="where the web page's uploads are written (default: a temporary folder)")
+    p.add_argument("--upload-ttl", type=_positive_float, default=3600.0,
+                   help="seconds an upload is kept after its last use (default: 3600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -566,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow local paths and file:// URLs only under DIR (default: anywhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_batch)
+
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int)
 
     p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "

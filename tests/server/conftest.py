@@ -12,7 +12,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 pytest.importorskip("httpx")
 
-from .helpers import API_KEY, LONG_TOKENS, ServerProcess, bunny_path, png_bytes  # noqa: E402
+from .helpers import API_KEY, LONG_TOKENS, ServerProcess, bunny_path, png_bytes, running_servers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +61,8 @@ def _servers(server_model_dir, media_root, tmp_path_factory):
     strict = ServerProcess(server_model_dir, logs, "--api-key", API_KEY, "--max-request-bytes", "300000",
                            "--max-media-bytes", "100000", "--max-image-pixels", "1000000",
                            "--max-queued-requests", "1", "--max-batch", "1", "--max-frames", "16")
-    try:
-        main.wait_ready()
-        strict.wait_ready()
-        yield {"main": main, "strict": strict}
-    finally:
-        main.stop()
-        strict.stop()
+    with running_servers(main=main, strict=strict) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")

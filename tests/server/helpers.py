@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -97,3 +99,15 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log_file.close()
+
+
+@contextlib.contextmanager
+def running_servers(**servers: ServerProcess) -> Iterator[dict[str, ServerProcess]]:
+    """Servers started together (each takes seconds to import torch and load): wait for all, stop all."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

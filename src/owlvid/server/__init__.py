@@ -50,6 +50,6 @@ def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, lo
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
     if ready_message:
         # printed before the first request can be served; clients should poll GET /health
-        print(f"owlvid: serving {config.served_model_name!r} on http://{shown}:{bound} (OpenAI API at /v1)",
-              file=sys.stderr, flush=True)
+        print(f"owlvid: serving {config.served_model_name!r} on http://{shown}:{bound} (OpenAI API at /v1, "
+              "web page at /)", file=sys.stderr, flush=True)
     server.run(sockets=[sock])

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP server: `create_app(model, ServerConfig(...))` returns a FastAPI app.
 
-Routes: `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`.
+Routes: `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`, and the web page:
+`GET /` (static files from `web/`), `POST /v1/uploads` (+ `/url`, `DELETE /v1/uploads/ID`: `uploads.py`),
+`POST /v1/uploads/ID/frames` (frame preview: `preview.py`).
 Every error is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}` with the status:
 400 bad input, 401 bad API key, 404 unknown model or route, 413 body or media over the limits,
 422 schema violation, 503 queue full, 504 request timeout, 500 only for bugs.
@@ -20,11 +22,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,12 +37,15 @@ from ..engine import Generation, TokenEvent
 from ..errors import MediaError, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
+from .preview import FramePreviewer, media_headers, preview_routes
 from .requests import APIError, RequestBuilder, ServerConfig
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
+from .uploads import UPLOADS_PATH, UploadStore, upload_routes
 
 __all__ = ["create_app", "ServerConfig", "APIError", "RequestBuilder", "to_api_error"]
 
 log = logging.getLogger("owlvid.server")
+WEB_DIR = Path(__file__).parent / "web"  # the web page: plain static files, no build step
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -91,8 +98,8 @@ class GuardMiddleware:
                                                                code="invalid_api_key"),
                                  extra=[(b"www-authenticate", b"Bearer")])
                 return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH") or scope.get("path") == UPLOADS_PATH:
+            await self.app(scope, receive, send)  # an upload is streamed to disk by its route, under its own limit
             return
         too_large = schemas.error_body(f"the request body is over the limit of {cfg.max_request_bytes} bytes "
                                        "(--max-request-bytes)", code="request_too_large")
@@ -146,21 +153,37 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
                                       max_pending_media_bytes=cfg.max_pending_media_bytes)
     sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests,
                                    max_pending_media_bytes=cfg.max_pending_media_bytes)
-    builder = RequestBuilder(model, cfg)
+    uploads = UploadStore(cfg)
+    builder = RequestBuilder(model, cfg, uploads)
     started = schemas.now()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         sched.start()
+        sweeper = asyncio.get_running_loop().create_task(uploads.sweep_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
             await run_in_threadpool(sched.stop)
+            uploads.close()
 
     app = FastAPI(title="owlvid", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = sched
     app.state.config = cfg
+    app.state.uploads = uploads
     app.add_middleware(GuardMiddleware, config=cfg)
+    app.include_router(upload_routes(uploads, builder.sources.url_policy))
+    app.include_router(preview_routes(FramePreviewer(uploads, builder)))
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        # the page's own files only: answers are inserted as text, never as markup
+        return FileResponse(WEB_DIR / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+                                       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+            "Cache-Control": "no-cache"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -216,6 +239,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
                 messages = await run_in_threadpool(builder.messages, body, video)
             except Exception as e:
                 raise to_api_error(e) from None
+            seen = media_headers(messages)
             job = Job(messages, gen, timeout=max(deadline - time.monotonic(), 0.001))
             sched.submit(job, reserved=True)
             submitted = True
@@ -237,7 +261,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(job, first, cid, created, cfg.served_model_name, usage, request, deadline)
             return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **seen})
         try:
             event = first
             while not isinstance(event, Generation):
@@ -252,7 +276,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
                 job.cancel()
         answer = schemas.completion(cid, created, cfg.served_model_name, event.text, event.finish_reason,
                                     event.prompt_tokens, event.completion_tokens)
-        return JSONResponse(answer)
+        return JSONResponse(answer, headers=seen)
 
     return app
 

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -53,6 +53,11 @@ class ServerConfig:
     default_seed: int | None = None
     video_options: dict[str, Any] = field(default_factory=dict)  # max_frames / fps / sampling
     cut_enable: bool | None = None
+    # uploads of the web page (POST /v1/uploads): each at most max_media_bytes, deleted `upload_ttl` seconds
+    # after their last use; all of them together at most `max_upload_storage_bytes` on disk
+    upload_dir: str | None = None  # None: a temporary folder, removed at shutdown
+    upload_ttl: float = 3600.0
+    max_upload_storage_bytes: int = 4096 * MiB
 
 
 class APIError(Exception):
@@ -77,14 +82,27 @@ _VIDEO_KEYS = {"num_frames", "fps", "max_frames", "sampling", "start", "end"}
 _PROCESSOR_KEYS = _VIDEO_KEYS | {"cut_enable"}
 
 
+class UploadResolver(Protocol):
+    """What `MediaSources` needs of the upload store (`owlvid.server.uploads.UploadStore`)."""
+
+    def resolve(self, url: str, kind: str, param: str) -> NamedPath: ...
+
+    def take_frames(self, key: str) -> Any: ...
+
+
+UPLOAD_SCHEME = "owlvid-upload"  # owlvid-upload://ID names a file uploaded with POST /v1/uploads
+
+
 class MediaSources:
     """Checks an `image_url` / `video_url` against the server's policy and returns what to hand to
     `owlvid.media`: the URL itself for `data:` and http(s) (media enforces the byte limit, the download
-    deadline and `url_policy`), or the resolved path of a local file under the allowed root, named in
-    messages as the client wrote it (errors never show the server's folders or symlink targets)."""
+    deadline and `url_policy`), the resolved path of a local file under the allowed root, named in
+    messages as the client wrote it (errors never show the server's folders or symlink targets), or the
+    stored file of an upload (`owlvid-upload://ID`, where the server has an upload store)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, uploads: UploadResolver | None = None) -> None:
         self.config = config
+        self.uploads = uploads
         root = config.allowed_local_media_path
         self.root = Path(root).expanduser().resolve() if root else None
         domains = config.allowed_media_domains
@@ -106,6 +124,8 @@ class MediaSources:
             return url
         if scheme in ("file", ""):
             return self._local_path(url, scheme, param)
+        if scheme == UPLOAD_SCHEME and self.uploads is not None:
+            return self.uploads.resolve(url, kind, param)
         raise APIError(400, f"unsupported {kind} URL scheme {scheme!r}: use http(s), data: or a local path",
                        param=param, code="invalid_media")
 
@@ -201,10 +221,10 @@ def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
 class RequestBuilder:
     """Validated request -> (owlvid messages with decoded media, generation options)."""
 
-    def __init__(self, model: Any, config: ServerConfig) -> None:
+    def __init__(self, model: Any, config: ServerConfig, uploads: UploadResolver | None = None) -> None:
         self.model = model
         self.config = config
-        self.sources = MediaSources(config)
+        self.sources = MediaSources(config, uploads)
 
     def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict]:
         """(generation kwargs, video options) of a request; cheap, runs first."""
@@ -226,11 +246,21 @@ class RequestBuilder:
         _checked(check_seed, gen["seed"], param="seed")
         for i, text in enumerate(gen.get("stop", [])):
             _checked(check_text, text, f"stop string {i}", param="stop")
-        io_kwargs = body.media_io_kwargs or {}
+        video, cut = self.video_options(body.media_io_kwargs, body.mm_processor_kwargs)
+        if cut is not None:
+            gen["cut_enable"] = cut
+        return gen, video
+
+    def video_options(self, media_io_kwargs: dict | None, mm_processor_kwargs: dict | None
+                      ) -> tuple[dict, bool | None]:
+        """(video options, cut_enable or None) of a request's `media_io_kwargs` / `mm_processor_kwargs`,
+        checked against the server's limits (also used by the web page's frame preview)."""
+        cfg = self.config
+        io_kwargs = media_io_kwargs or {}
         _check_keys(io_kwargs, {"video", "image"}, "media_io_kwargs")
         _check_keys(io_kwargs.get("image") or {}, set(), "media_io_kwargs.image")
         requested = _check_keys(io_kwargs.get("video") or {}, _VIDEO_KEYS, "media_io_kwargs.video")
-        proc = _check_keys(body.mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
+        proc = _check_keys(mm_processor_kwargs or {}, _PROCESSOR_KEYS, "mm_processor_kwargs")
         cut = proc.pop("cut_enable", cfg.cut_enable)
         requested.update(proc)
         # the server's defaults apply where the request says nothing: a frame count or rate in the request
@@ -250,12 +280,9 @@ class RequestBuilder:
         fps = video.get("fps")
         if fps is not None and (not isinstance(fps, int | float) or isinstance(fps, bool) or fps <= 0):
             raise APIError(400, "fps must be a positive number", param="fps", code="invalid_value")
-        if cut is not None:
-            if not isinstance(cut, bool):
-                raise APIError(400, "cut_enable must be true or false", param="cut_enable",
-                               code="invalid_value")
-            gen["cut_enable"] = cut
-        return gen, video
+        if cut is not None and not isinstance(cut, bool):
+            raise APIError(400, "cut_enable must be true or false", param="cut_enable", code="invalid_value")
+        return video, cut
 
     def messages(self, body: schemas.ChatCompletionRequest, video_options: dict) -> list[dict]:
         """Convert messages and fetch/decode their media (blocking: run in a thread)."""
@@ -294,17 +321,25 @@ class RequestBuilder:
         return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
                           timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
 
-    def _video(self, url: str, options: dict, param: str) -> Any:
-        """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding."""
-        from ..api import load_video_frames
-
+    def decode_options(self, source: Any, options: dict) -> dict:
+        """The `load_video_frames` options of a video under the server's limits."""
         cfg = self.config
         opts = dict(options)
         if opts.get("sampling") in ("fps", "all"):
             opts.setdefault("max_frames", cfg.max_frames)  # fps spreads, all refuses, past the cap
         opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
                     max_pixels=cfg.max_image_pixels)
-        source = self.sources.resolve(url, "video", param)
         if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
             opts["url_policy"] = self.sources.url_policy
-        return load_video_frames(source, self.model.runtime, opts, frame_cap=cfg.max_frames)
+        return opts
+
+    def _video(self, url: str, options: dict, param: str) -> Any:
+        """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding.
+        Frames the web page's preview already decoded for an upload are used instead of decoding again."""
+        from ..api import load_video_frames
+
+        source = self.sources.resolve(url, "video", param)
+        uploads = self.sources.uploads
+        return load_video_frames(source, self.model.runtime, self.decode_options(source, options),
+                                 frame_cap=self.config.max_frames,
+                                 decoded=uploads.take_frames if uploads is not None else None)
