@@ -373,10 +373,31 @@ def slowfast_conversations(n: int) -> list[list[dict]]:
     return out
 
 
+@torch.inference_mode()
+def decode_step_times(model: Model, convs: list[list[dict]], steps: int = 8) -> tuple[float, float]:
+    """Fastest of `steps` alternated decoding steps: one row alone (`decode`) vs all rows of `convs` in one
+    batch (`decode_batch`). Alternating and taking the minimum keeps a shared machine's noise out of the
+    ratio, which the whole-request rows cannot."""
+    runtime = model.runtime
+    states = [runtime.prefill(model.prepare(c)[0])[1] for c in convs]
+    alone = runtime.prefill(model.prepare(convs[0])[0])[1]
+    batch = runtime.start_batch(states)
+    one, many = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        runtime.decode(alone, 100)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runtime.decode_batch(batch, [100] * len(convs))
+        many.append(time.perf_counter() - t)
+    return min(one), min(many)
+
+
 def bench_slowfast_batch(model: Model, sizes: list[int], tokens: int) -> list[dict]:
     """B requests through `generate_batch` (continuous batching: B prefills, then one B-row forward per
     token) vs one `generate` after another. Total tokens/s includes the prefills (the same work both ways);
-    decode tokens/s counts the tokens after each request's first over the time spent decoding."""
+    decode tokens/s counts the tokens after each request's first over the time spent decoding; the step
+    columns time single decoding steps (see `decode_step_times`)."""
     runtime = model.runtime
     runtime.stop_token_ids = []  # random weights: generate exactly `tokens` tokens per request
     convs = slowfast_conversations(max(sizes))
@@ -398,6 +419,8 @@ def bench_slowfast_batch(model: Model, sizes: list[int], tokens: int) -> list[di
                      "decode_seq_tok_s": b * (tokens - 1) / seq_decode, "decode_batched_tok_s": (n - b) / bat_decode,
                      "decode_speedup": ((n - b) / bat_decode) / (b * (tokens - 1) / seq_decode),
                      "same_tokens": all(a.token_ids == g.token_ids for a, g in zip(alone, batched))})
+        one, many = decode_step_times(model, convs[:b])
+        rows[-1].update({"step_1_row_s": one, "step_all_rows_s": many, "step_speedup": b * one / many})
     return rows
 
 
