@@ -142,8 +142,8 @@ class Model:
     def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, **kwargs: Any
                        ) -> list[Generation]:
         """Answer several conversations together (decoded as one batch); results in input order.
-        Each result is token for token what `generate` gives for that conversation alone. Models without
-        batched decoding (Slow-Fast for now) answer them one after another."""
+        Each result is token for token what `generate` gives for that conversation alone. A model without
+        batched decoding (`supports_batching` off) answers them one after another."""
         prep, sampling = split_options(kwargs)
         if not self.runtime.supports_batching:  # no batched decoding for this model: one by one
             return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]

@@ -14,9 +14,9 @@ import torch
 from ...cache import CachedVideo, PreparedVideo, VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
-from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
+from ...layers import KVCache, RotaryTable
 from ...runtime import DecodeState as BaseDecodeState
-from ...runtime import ModelRuntime
+from ...runtime import ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer
 from .config import Owl3Config, owl3_config
 from .language import BatchedVisualMemory, VisualMemory
@@ -32,21 +32,11 @@ class DecodeState(BaseDecodeState):
 
 
 @dataclass
-class PrefillState:
+class PrefillState(PrefillJob):
     """A prefill in progress: `state.position` prompt tokens of `ids` are in the cache."""
 
     state: DecodeState
     ids: list[int]
-
-
-@dataclass
-class BatchState:
-    """Requests decoding together: ragged text caches and padded visual memories."""
-
-    cache: RaggedKVCache
-    visual: BatchedVisualMemory | None
-    positions: torch.Tensor  # [B]
-    rows: list[DecodeState]
 
 
 class Owl3Runtime(ModelRuntime):
@@ -213,13 +203,6 @@ class Owl3Runtime(ModelRuntime):
         state.position = end
         return logits[0, -1] if end == len(job.ids) else None
 
-    def prefill(self, inputs: Owl3Inputs, chunk_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
-        job = self.begin_prefill(inputs)
-        logits = None
-        while logits is None:
-            logits = self.prefill_step(job, chunk_tokens)
-        return logits, job.state
-
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
@@ -258,40 +241,18 @@ class Owl3Runtime(ModelRuntime):
             return None, 0
         return self._prefixes.pop(best), best_len
 
-    # -- batched decoding --------------------------------------------------------------------------
+    # -- batched decoding (the loop is `ModelRuntime`'s; the rows' visual memories are padded together) --
 
-    def start_batch(self, states: list[DecodeState]) -> BatchState:
+    def batch_memory(self, states: list[DecodeState]) -> BatchedVisualMemory | None:
         layers = [h.layer_index for h in self.model.hyper_attentions()]
-        return BatchState(cache=RaggedKVCache.from_caches([s.cache for s in states]),
-                          visual=BatchedVisualMemory.from_memories([s.visual for s in states], layers),
-                          positions=torch.tensor([s.position for s in states], device=self.device),
-                          rows=list(states))
+        return BatchedVisualMemory.from_memories([s.visual for s in states], layers)
 
-    def join_batch(self, batch: BatchState, newcomers: BatchState) -> None:
-        """Requests prefilled since the last step join the running batch (continuous batching)."""
-        batch.visual = BatchedVisualMemory.concat(batch.visual, len(batch.rows), newcomers.visual,
-                                                  len(newcomers.rows))
-        batch.cache.extend(newcomers.cache)
-        batch.positions = torch.cat([batch.positions, newcomers.positions])
-        batch.rows.extend(newcomers.rows)
+    def join_memory(self, memory: BatchedVisualMemory | None, rows: int, newcomers: BatchedVisualMemory | None,
+                    new_rows: int) -> BatchedVisualMemory | None:
+        return BatchedVisualMemory.concat(memory, rows, newcomers, new_rows)
 
-    def keep_rows(self, batch: BatchState, rows: list[int]) -> None:
-        batch.cache.keep(rows)
-        batch.visual = batch.visual.keep(rows) if batch.visual is not None else None
-        batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        batch.rows = [batch.rows[i] for i in rows]
-
-    @torch.inference_mode()
-    def decode_batch(self, batch: BatchState, token_ids: list[int]) -> torch.Tensor:
-        """One decoding step for every row: logits [B, vocab]."""
-        model = self.model
-        ids = torch.tensor(token_ids, device=self.device)[:, None]
-        inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
-                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
-        h = model.llm(model.llm.embed_tokens(ids), inputs)
-        batch.cache.advance(1)
-        batch.positions = batch.positions + 1
-        return model.logits(h[:, -1])
+    def keep_memory(self, memory: BatchedVisualMemory, rows: list[int]) -> BatchedVisualMemory | None:
+        return memory.keep(rows)
 
     def _forward(self, ids: torch.Tensor, start: int, cache: KVCache, visual: VisualMemory | None,
                  last_only: bool = True) -> torch.Tensor:
