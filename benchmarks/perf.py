@@ -13,6 +13,9 @@ Prints one table per section and writes JSON (benchmarks/results/perf-<host>.jso
   decode       decoding tokens/s with N frames of visual memory (visual K/V cached once per request)
   cache        a second question about the same video (visual cache hit) vs the first
   batch        B concurrent requests decoded together vs one after another (total tokens/s)
+  slowfast-batch  the same for the Slow-Fast model at Qwen2-7B layer widths (hidden 3584, 28 heads / 4 KV
+               heads, MLP 18944, real vocabulary), `--sf-layers` of its 28 layers (memory and time), a tiny
+               ConvNeXt tower (the section measures the LLM), in the dtype owlvid.load(dtype="auto") picks
 Shapes: 1B-241014 = Qwen2-0.5B LLM (hidden 896, 24 layers, hyper layers [6, 13, 20, 22]); 2B-241014 =
 Qwen2-1.5B (hidden 1536, 28 layers; its hyper layers are not public, [1, 9, 17, 25] assumed). Both
 use SigLIP-so400m at 384 px (26 of 27 layers run). The prompt tokenizer is a small byte-level BPE, so
@@ -43,6 +46,8 @@ from owlvid.api import Model
 from owlvid.layers import KVCache, RotaryTable, new_attention_inputs
 from owlvid.models.owl3 import Owl3, Owl3Runtime
 from owlvid.models.owl3.config import owl3_config
+from owlvid.models.slowfast import SlowFast, SlowFastRuntime
+from owlvid.models.slowfast.config import slowfast_config
 from owlvid.testing import write_tiny_tokenizer
 from owlvid.tokenizer import QwenTokenizer
 
@@ -55,6 +60,10 @@ SHAPES = {
 SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
               image_size=384, patch_size=14)
 VOCAB = 151851
+# Slow-Fast = Qwen2-7B-Instruct + hybrid cross-attention layers every 8 layers (0, 8, 16, 24).
+SLOWFAST_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4)
+SLOWFAST_VOCAB, SLOWFAST_TOKENIZER_LEN = 152064, 151646  # rows stored / kept (len of the real tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -89,23 +98,56 @@ def build_model(shape: str, dtype: torch.dtype, tokenizer_dir: Path) -> Model:
     with torch.device("meta"):
         model = Owl3(cfg)
     model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in) if "embed" not in name
-                        else torch.randn(p.shape, generator=gen))
-            elif name.endswith("gate"):
-                p.zero_()
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
+    _random_init(model, torch.Generator().manual_seed(0))
     model = model.to(dtype)
     model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings)
     model.eval()
     runtime = Owl3Runtime(model, cfg, QwenTokenizer.from_dir(tokenizer_dir), tokenizer_dir, torch.device("cpu"),
                           dtype, visual_cache=owlvid.cache.VisualCache(8 << 30))
     return Model(runtime, name=f"random-{shape}")
+
+
+def _random_init(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Random weights of a sensible scale, one parameter at a time (float32 draws, cast in place)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = math.prod(p.shape[1:])
+                draw = torch.randn(p.shape, generator=gen)
+                p.copy_(draw / math.sqrt(fan_in) if "embed" not in name else draw)
+                del draw
+            elif name.endswith("gate"):
+                p.zero_()
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+
+
+def build_slowfast(layers: int, dtype: torch.dtype, tokenizer_dir: Path) -> Model:
+    """A Slow-Fast at Qwen2-7B layer widths with `layers` decoder layers (hybrid layers every 8: 0, 8, ...),
+    the real vocabulary (152064 rows stored, 151646 kept) and a tiny ConvNeXt tower, random weights."""
+    raw = dict(SLOWFAST_7B, num_hidden_layers=layers, model_type="llava_qwen_slow_fast", vocab_size=SLOWFAST_VOCAB,
+               rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
+               mm_vision_tower="convnext-576", mm_hidden_size=64, mm_projector_type="mlp2x_gelu",
+               mm_video_pooling_stride=2, cross_attn_every_n_layers=8, cross_attn_min_layer_depth=0,
+               cross_attn_max_layer_depth=layers, cross_attn_implementation="text-only-vanilla-flashattn",
+               cross_attn_gating_type="whole-dynamic-tanh-warmup", fast_token_temporal_stride=4,
+               fast_token_temporal_sampling_stride=1, fast_token_spatial_stride=1, min_fast_frames=16,
+               mm_training_video_frames=64, tokenizer_model_max_length=4096,
+               convnext_config={"depths": [1, 1, 1, 1], "dims": [32, 32, 64, 64]})
+    shapes = {"model.embed_tokens.weight": (SLOWFAST_VOCAB, 3584), "lm_head.weight": (SLOWFAST_VOCAB, 3584)}
+    shapes.update({f"model.layers.{i}.self_attn.cross_attn_kv_proj.weight": () for i in range(0, layers, 8)})
+    cfg = slowfast_config(raw, shapes)
+    with torch.device("meta"):
+        model = SlowFast(cfg).to(dtype)
+    model = model.to_empty(device="cpu")
+    _random_init(model, torch.Generator().manual_seed(0))
+    model.truncate_vocab(SLOWFAST_TOKENIZER_LEN)
+    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings)
+    model.eval()
+    tokenizer = QwenTokenizer.from_dir(tokenizer_dir)
+    runtime = SlowFastRuntime(model, cfg, tokenizer, tokenizer_dir, torch.device("cpu"), dtype,
+                              [tokenizer.token_id("<|im_end|>")])
+    return Model(runtime, name=f"random-slowfast-{layers}-layers")
 
 
 def frames(n: int, seed: int = 0, size=(640, 360)) -> list[Image.Image]:
@@ -313,6 +355,75 @@ def bench_batch(model: Model, sizes: list[int], tokens: int) -> list[dict]:
     return rows
 
 
+def slowfast_conversations(n: int) -> list[list[dict]]:
+    """A mix of what a server sees: text only, an image (324 fast and slow tokens), videos of 2 and 4
+    frames (162 / 324 tokens each) - ragged prompts and slow-token memories."""
+    out = []
+    for i in range(n):
+        question = {"type": "text", "text": f"Question number {i}: describe it."}
+        kind = i % 4
+        if kind == 0:
+            out.append([{"role": "user", "content": f"Question number {i}: tell me a story about a cat."}])
+        elif kind == 2:
+            out.append([{"role": "user", "content": [{"type": "image", "image": frames(1, seed=300 + i)[0]},
+                                                     question]}])
+        else:
+            out.append([{"role": "user", "content": [{"type": "video", "video": frames(kind + 1, seed=300 + i)},
+                                                     question]}])
+    return out
+
+
+@torch.inference_mode()
+def decode_step_times(model: Model, convs: list[list[dict]], steps: int = 8) -> tuple[float, float]:
+    """Fastest of `steps` alternated decoding steps: one row alone (`decode`) vs all rows of `convs` in one
+    batch (`decode_batch`). Alternating and taking the minimum keeps a shared machine's noise out of the
+    ratio, which the whole-request rows cannot."""
+    runtime = model.runtime
+    states = [runtime.prefill(model.prepare(c)[0])[1] for c in convs]
+    alone = runtime.prefill(model.prepare(convs[0])[0])[1]
+    batch = runtime.start_batch(states)
+    one, many = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        runtime.decode(alone, 100)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runtime.decode_batch(batch, [100] * len(convs))
+        many.append(time.perf_counter() - t)
+    return min(one), min(many)
+
+
+def bench_slowfast_batch(model: Model, sizes: list[int], tokens: int) -> list[dict]:
+    """B requests through `generate_batch` (continuous batching: B prefills, then one B-row forward per
+    token) vs one `generate` after another. Total tokens/s includes the prefills (the same work both ways);
+    decode tokens/s counts the tokens after each request's first over the time spent decoding; the step
+    columns time single decoding steps (see `decode_step_times`)."""
+    runtime = model.runtime
+    runtime.stop_token_ids = []  # random weights: generate exactly `tokens` tokens per request
+    convs = slowfast_conversations(max(sizes))
+    model.generate(convs[0], max_new_tokens=2)  # warm up
+    rows = []
+    for b in sizes:
+        t = time.perf_counter()
+        alone = [model.generate(c, max_new_tokens=tokens) for c in convs[:b]]
+        seq_wall = time.perf_counter() - t
+        seq_decode = sum(g.timings["decode_s"] for g in alone)
+        t = time.perf_counter()
+        batched = model.generate_batch(convs[:b], max_new_tokens=tokens, max_batch=b)
+        bat_wall = time.perf_counter() - t
+        bat_decode = bat_wall - sum(g.timings["prefill_s"] for g in batched)
+        n = sum(g.completion_tokens for g in batched)
+        rows.append({"requests": b, "prompt_tokens": "/".join(str(g.prompt_tokens) for g in alone),
+                     "sequential_tok_s": b * tokens / seq_wall, "batched_tok_s": n / bat_wall,
+                     "speedup": (n / bat_wall) / (b * tokens / seq_wall),
+                     "decode_seq_tok_s": b * (tokens - 1) / seq_decode, "decode_batched_tok_s": (n - b) / bat_decode,
+                     "decode_speedup": ((n - b) / bat_decode) / (b * (tokens - 1) / seq_decode),
+                     "same_tokens": all(a.token_ids == g.token_ids for a, g in zip(alone, batched))})
+        one, many = decode_step_times(model, convs[:b])
+        rows[-1].update({"step_1_row_s": one, "step_all_rows_s": many, "step_speedup": b * one / many})
+    return rows
+
+
 def synthetic_video(path: Path, seconds: int, fps: int = 25) -> str | None:
     try:
         import av
@@ -348,7 +459,10 @@ def main() -> None:
     ap.add_argument("--cache-frames", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--batch-tokens", type=int, default=32)
-    ap.add_argument("--sections", default="vision,ttft,prefill,decode,cache,batch")
+    ap.add_argument("--sf-layers", type=int, default=4, help="Slow-Fast decoder layers (of 28) to build")
+    ap.add_argument("--sf-batch-sizes", default="1,4")
+    ap.add_argument("--sf-tokens", type=int, default=32)
+    ap.add_argument("--sections", default="vision,ttft,prefill,decode,cache,batch,slowfast-batch")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -424,6 +538,16 @@ def main() -> None:
                 table(f"concurrent requests, {label}", rows)
             del model
             gc.collect()
+    if "slowfast-batch" in sections:
+        dtype = owlvid.checkpoint.resolve_dtype("auto", torch.device("cpu"))
+        label = f"slowfast 7B widths, {args.sf_layers} of 28 layers, {str(dtype).removeprefix('torch.')}"
+        model = build_slowfast(args.sf_layers, dtype, tok_dir)
+        rows = bench_slowfast_batch(model, ints(args.sf_batch_sizes), args.sf_tokens)
+        report[label] = {"batch": rows, "bf16_hardware": owlvid.checkpoint.cpu_has_fast_bf16()}
+        table(f"concurrent requests, {label} (dtype='auto'; AVX512-BF16/AMX: "
+              f"{'yes' if owlvid.checkpoint.cpu_has_fast_bf16() else 'no'}; {args.sf_tokens} tokens each)", rows)
+        del model
+        gc.collect()
     out = Path(args.json or Path(__file__).parent / "results" / f"perf-{socket.gethostname()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

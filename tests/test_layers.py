@@ -103,3 +103,15 @@ def test_sdpa_gqa_equals_attention_over_repeated_kv(dtype, heads, kv_heads, batc
         want = reference_attention(q, k, v, mask)
     assert got.shape == want.shape == (batch, heads, t, 16) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 32])
+def test_linear_in_bfloat16_is_f_linear(rows):
+    """bfloat16 keeps `F.linear` for a few rows too (its kernel reads the weight at the memory rate; the
+    float32 `weight @ x.T` path is slower there), on 2-D rows even for a strided slice (the logits input)."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(48, 40, generator=gen).bfloat16()
+    x = torch.randn(rows, 3, 40, generator=gen).bfloat16()[:, -1:]
+    out = linear(x, weight)
+    assert out.shape == (rows, 1, 48)
+    assert torch.equal(out, F.linear(x.reshape(rows, 40), weight).reshape(rows, 1, 48))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,14 @@ class Model:
 
     def prepare(self, messages: list[dict], *, images: list | None = None, videos: list | None = None,
                 cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
-                sampling: str | None = None, max_new_tokens: int | None = None) -> tuple[Any, list[int]]:
+                sampling: str | None = None, max_new_tokens: int | None = None,
+                media_timeout: float | None = None) -> tuple[Any, list[int]]:
         """Render and tokenize a conversation with its media; returns (model inputs, prompt ids).
-        A prompt that fills the context, or with `max_new_tokens` leaves less room than that, is refused."""
+        A prompt that fills the context, or with `max_new_tokens` leaves less room than that, is refused.
+        `media_timeout`: seconds each image or video may take to load and decode (MediaTimeout after)."""
         video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
                       if v is not None}
-        msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts)
+        msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts, media_timeout)
         request, prompt_ids = self.runtime.prepare(msgs, imgs, vids, cut_enable)
         check_context(len(prompt_ids), self.runtime.max_positions, max_new_tokens)
         return request, prompt_ids
@@ -150,8 +153,8 @@ class Model:
     def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, **kwargs: Any
                        ) -> list[Generation]:
         """Answer several conversations together (decoded as one batch); results in input order.
-        Each result is token for token what `generate` gives for that conversation alone. Models without
-        batched decoding (Slow-Fast for now) answer them one after another."""
+        Each result is token for token what `generate` gives for that conversation alone. A model without
+        batched decoding (`supports_batching` off) answers them one after another."""
         prep, sampling = split_options(kwargs)
         if not self.runtime.supports_batching:  # no batched decoding for this model: one by one
             return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
@@ -169,7 +172,7 @@ class Model:
         return logits.float().cpu()
 
 
-_PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling"}
+_PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling", "media_timeout"}
 
 
 def split_options(kwargs: dict) -> tuple[dict, SamplingParams]:
@@ -262,33 +265,79 @@ def video_plan(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: 
 
 
 def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None,
+                      media_timeout: float | None = None,
                       decoded: Callable[[str], PreparedVideo | None] | None = None) -> PreparedVideo | list:
     """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
     file already encoded with the same settings is not decoded again (the runtime's visual cache), nor one
     whose frames `decoded(key)` holds (e.g. decoded by the server's frame preview).
     `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
-    decoding."""
+    decoding. `media_timeout`: seconds the fetching and decoding may take (MediaTimeout after that, for
+    frames decoded later while encoding too). The result records what was decoded, how and how long
+    (`PreparedVideo.describe()`)."""
     if isinstance(source, PreparedVideo):
         return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
     if isinstance(source, (list, tuple)):
         return list(source)
     from .media import load_video
+    from .media.sources import describe_source, file_sha256
+    from .pipeline import call_with_timeout
 
+    name = describe_source(source)
     key, spec, rest = video_plan(source, runtime, options, frame_cap=frame_cap)
     if key is not None:
         cached = runtime.cached_video(key)
         if cached is None and decoded is not None:
             cached = decoded(key)
         if cached is not None:
+            cached.source_name = name
             return cached
-    streamed = plan_streamed_video(source, spec, rest, key) if runtime.supports_streamed_video else None
-    if streamed is not None:
-        return streamed
-    clip = load_video(source, sampling=spec, **rest)
-    return FrameList(clip.frames, key, clip.indices, clip.timestamps)
+
+    def load() -> PreparedVideo:
+        streamed = plan_streamed_video(source, spec, rest, key, media_timeout) \
+            if runtime.supports_streamed_video else None
+        if streamed is not None:
+            streamed.sha256 = file_sha256(source)
+            return streamed
+        clip = load_video(source, sampling=spec, **rest)
+        video = FrameList(clip.frames, key, clip.indices, clip.timestamps)
+        video.sha256, video.decoder = clip.sha256, clip.backend
+        return video
+
+    t0 = time.perf_counter()
+    video = call_with_timeout(load, media_timeout, name)
+    video.source_name = name
+    video.decode_s = time.perf_counter() - t0  # a streamed video adds its decoding while it is encoded
+    return video
 
 
-def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None) -> Any:
+def load_image_source(source: Any, media_timeout: float | None = None, *, name: Any = None) -> Any:
+    """An image given as a path, URL, data: URL, bytes or file-like, loaded now (under `media_timeout`),
+    with where it came from and how long it took in its `info` (see `cache.image_record`). Anything else
+    (PIL images, arrays) is returned as it is, for the processor. `source` may also be a function that
+    loads the image (with the caller's limits); `name` then says what it loads."""
+    from .cache import IMAGE_DECODE_S, IMAGE_SOURCE
+    from .media import load_image
+    from .media.sources import describe_source, is_bytes_source
+
+    if callable(source) and not is_bytes_source(source):
+        load = source
+    elif is_bytes_source(source):
+        name = source
+        load = lambda: load_image(source)  # noqa: E731
+    else:
+        return source
+    from .pipeline import call_with_timeout
+
+    name = describe_source(name)
+    t0 = time.perf_counter()
+    image = call_with_timeout(load, media_timeout, name)
+    image.info[IMAGE_SOURCE] = name
+    image.info[IMAGE_DECODE_S] = time.perf_counter() - t0
+    return image
+
+
+def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None,
+                        media_timeout: float | None = None) -> Any:
     """For a local video file with a plain preset, pick the frame indices now (container metadata only)
     and decode the frames later, chunk by chunk, while the vision tower encodes (see owlvid.pipeline).
     Returns None where the eager path must be used (URLs, time windows, variable frame rate)."""
@@ -305,18 +354,18 @@ def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None) 
     if info["variable_frame_rate"]:
         return None
     indices = spec.select(info["total_frames"], info["fps"], None, info["duration"], cap=None)
-    return StreamedVideo(source, indices, dict(options), key)
+    return StreamedVideo(source, indices, dict(options), key, media_timeout=media_timeout)
 
 
 def normalize_messages(messages: list[dict], runtime: ModelRuntime, images: list | None, videos: list | None,
-                       video_options: dict) -> tuple[list[dict], list, list]:
+                       video_options: dict, media_timeout: float | None = None) -> tuple[list[dict], list, list]:
     """Structured content parts -> string content with the model's placeholders + media lists in
     text order. A media part followed by text renders as `<placeholder>\\n{text}` like the official
-    README prompt."""
+    README prompt. Media are loaded here, each within `media_timeout` seconds when given."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-    out_images = list(images or [])
-    out_videos = [load_video_frames(v, runtime, video_options) for v in (videos or [])]
+    out_images = [load_image_source(i, media_timeout) for i in images or []]
+    out_videos = [load_video_frames(v, runtime, video_options, media_timeout=media_timeout) for v in (videos or [])]
     structured = any(isinstance(m.get("content"), list) for m in messages if isinstance(m, dict))
     if structured and (images or videos):
         raise InputError("pass media either as content parts or as images=/videos=, not both")
@@ -342,14 +391,15 @@ def normalize_messages(messages: list[dict], runtime: ModelRuntime, images: list
                 text += ("\n" if prev_media else "") + part_text
                 prev_media = False
             elif kind in ("image", "image_url"):
-                out_images.append(_part_source(part, "image"))
+                out_images.append(load_image_source(_part_source(part, "image"), media_timeout))
                 text += runtime.image_placeholder
                 prev_media = True
             elif kind in ("video", "video_url"):
                 opts = dict(video_options)
                 opts.update({k: part[k] for k in ("max_frames", "fps", "sampling", "num_frames", "start", "end")
                              if k in part})
-                out_videos.append(load_video_frames(_part_source(part, "video"), runtime, opts))
+                out_videos.append(load_video_frames(_part_source(part, "video"), runtime, opts,
+                                                    media_timeout=media_timeout))
                 text += runtime.video_placeholder
                 prev_media = True
             else:

@@ -20,8 +20,9 @@ import json
 import os
 import re
 import sys
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,14 +147,20 @@ def read_done(output_path: str | os.PathLike, key: str = "custom_id", kind: str 
 def job_order(requests: list[BatchRequest]) -> list[BatchRequest]:
     """Input order, except that requests about the same video follow the first one that asks about it
     (the visual cache then decodes and encodes that video once, while it is still cached)."""
+    return [r for group in job_groups(requests) for r in group]
+
+
+def job_groups(requests: list[BatchRequest]) -> list[list[BatchRequest]]:
+    """The requests in groups about the same (first) video, in the order `job_order` runs them; a request
+    without a video is a group of its own. Whoever splits a job (Ray) keeps a group together."""
     groups: dict[Any, list[BatchRequest]] = {}
     for r in requests:
         key = _first_video(r.body) or ("request", r.line)
         groups.setdefault(key, []).append(r)
-    return [r for group in groups.values() for r in group]
+    return list(groups.values())
 
 
-def _anchor_relative_paths(body: Any, base: Path) -> None:
+def anchor_relative_paths(body: Any, base: Path) -> None:
     """Plain relative media paths of a request become absolute under `base` (in place)."""
     for message in body.messages:
         if isinstance(message.content, list):
@@ -211,18 +218,83 @@ class OutputFile:
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: Any | Callable[[], Any], *,
         allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, json_progress: bool = False, media_timeout: float | None = None,
+        prefetch: int = 2) -> dict[str, Any]:
     """Answer every request line of `input_path` into `output_path` (appending; resumable).
 
     `model` is an `owlvid.Model`, or a function returning one (called only after the input is checked and
     only if something is left to do). Local paths and file:// URLs are allowed anywhere unless
     `allowed_local_media_path` restricts them to a folder (relative paths are then taken under that
     folder; without it, under the working directory); http(s) media may come from private hosts too (it
-    is the user's own job).
+    is the user's own job). `media_timeout`: seconds one image or video may take to load and decode; past
+    it that request gets a 408 `media_timeout` line and the job goes on. `prefetch`: requests prepared
+    (media decoded, vision encoded) ahead of the engine on a background thread.
+    Progress goes to stderr: a bar, or with `json_progress` one JSON object per line (done, failed, total,
+    requests_per_s, eta_s, elapsed_s).
     Returns {"requests", "skipped" (already in the output), "completed", "failed", "output"}.
     """
+    plan = plan_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout)
+    if not plan.todo:
+        Path(output_path).touch()
+        return plan.summary()
+    from .api import Model
+
+    if not isinstance(model, Model):
+        model = model()
+    config = job_config(model.name, plan.root, max_batch, media_timeout=media_timeout)
+    return write_answers(plan, answer_requests(model, config, plan.todo, prefetch=prefetch), progress,
+                         json_progress)
+
+
+def write_answers(plan: JobPlan, answers: Iterable[tuple[str, int, dict]], progress: bool = True,
+                  json_progress: bool = False) -> dict[str, Any]:
+    """Append each (custom_id, status, body) to the plan's output as it arrives (`OutputFile`), with the
+    progress on stderr (`BarProgress`, or `JsonProgress`); an answer for a custom_id that is not to do, or
+    already written, is dropped (a retried remote task must not write a line twice). Returns `run`'s
+    summary."""
+    summary = plan.summary()
+    waiting = {r.custom_id for r in plan.todo}
+    out = OutputFile(plan.output)
+    bar = JsonProgress(len(plan.todo)) if json_progress else BarProgress(len(plan.todo), progress)
+    try:
+        for custom_id, status, body in answers:
+            if custom_id not in waiting:
+                continue
+            waiting.discard(custom_id)
+            out.write(custom_id, status, body)
+            summary["completed" if status == 200 else "failed"] += 1
+            bar.update(summary["completed"], summary["failed"])
+    finally:
+        bar.close()
+        out.close()
+    return summary
+
+
+@dataclass
+class JobPlan:
+    """A checked job: every request of the input, and those still to answer (in job order)."""
+
+    requests: list[BatchRequest]
+    todo: list[BatchRequest]
+    root: Path  # local media allowed under this folder ("/": anywhere)
+    output: Path
+
+    def summary(self) -> dict[str, Any]:
+        """The summary `run` returns, before any work."""
+        return {"requests": len(self.requests), "skipped": len(self.requests) - len(self.todo), "completed": 0,
+                "failed": 0, "output": str(self.output)}
+
+
+def plan_job(input_path: str | os.PathLike, output_path: str | os.PathLike,
+             allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8,
+             media_timeout: float | None = None) -> JobPlan:
+    """Everything `run` checks before loading a model: the arguments, the whole input (`read_requests`;
+    relative media paths anchored as `run` says), the output (`read_done`: a torn last line is cut).
+    InputError on the first problem."""
     if max_batch < 1:
         raise InputError("max_batch must be at least 1")
+    if media_timeout is not None and not media_timeout > 0:
+        raise InputError("media_timeout must be a positive number of seconds")
     if not Path(output_path).expanduser().parent.is_dir():
         raise InputError(f"the folder of the output file {output_path} does not exist")
     root = Path(allowed_local_media_path).expanduser() if allowed_local_media_path is not None else Path("/")
@@ -231,52 +303,70 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     requests = read_requests(input_path)
     if allowed_local_media_path is None:  # unrestricted: relative paths are the user's, from here
         for r in requests:
-            _anchor_relative_paths(r.body, Path.cwd())
+            anchor_relative_paths(r.body, Path.cwd())
     done = read_done(output_path)
     todo = job_order([r for r in requests if r.custom_id not in done])
-    summary = {"requests": len(requests), "skipped": len(requests) - len(todo), "completed": 0, "failed": 0,
-               "output": str(output_path)}
-    if not todo:
-        Path(output_path).touch()
-        return summary
-    from .api import Model
-
-    if not isinstance(model, Model):
-        model = model()
-    config = job_config(model.name, root, max_batch)
-    out = OutputFile(output_path)
-    bar = _progress(len(todo), progress)
-    try:
-        for custom_id, status, body in answer_requests(model, config, todo):
-            out.write(custom_id, status, body)
-            summary["completed" if status == 200 else "failed"] += 1
-            bar.set_postfix(done=summary["completed"], failed=summary["failed"], refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-        out.close()
-    return summary
+    return JobPlan(requests, todo, root, Path(output_path))
 
 
-def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int) -> Any:
+def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int, *,
+               media_timeout: float | None = None) -> Any:
     """The server's `ServerConfig` for a batch job: local media under the given folder ("/" for anywhere),
-    http(s) media from private hosts too (it is the user's own job)."""
+    http(s) media from private hosts too (it is the user's own job), `media_timeout` seconds per image or
+    video (None: no limit beyond the download timeout)."""
     _, server = _server_modules()
     return server.ServerConfig(served_model_name=model_name, allowed_local_media_path=str(allowed_local_media_path),
-                               allow_private_media_hosts=True, max_batch=max_batch)
+                               allow_private_media_hosts=True, max_batch=max_batch, media_timeout=media_timeout)
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+class BarProgress:
+    """The tqdm bar on stderr: done, failed, requests per second, ETA."""
 
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="req", dynamic_ncols=True,
-                desc="owlvid batch", postfix={"done": 0, "failed": 0})
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=not enabled, file=sys.stderr, unit="req", dynamic_ncols=True,
+                        desc="owlvid batch", postfix={"done": 0, "failed": 0})
+
+    def update(self, done: int, failed: int) -> None:
+        self.bar.set_postfix(done=done, failed=failed, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def answer_requests(model: Any, config: Any, todo: list[BatchRequest]) -> Iterator[tuple[str, int, dict]]:
+class JsonProgress:
+    """Progress for machines: one JSON object per line on stderr, at the start and after each request:
+    {"done", "failed", "total", "requests_per_s", "eta_s", "elapsed_s"} (`done`: answered, `failed`: error
+    lines, `total`: requests this run has to answer; `eta_s` is null until a rate is known)."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.update(0, 0)
+
+    def update(self, done: int, failed: int) -> None:
+        elapsed = time.monotonic() - self.started
+        finished = done + failed
+        rate = finished / elapsed if finished and elapsed > 0 else 0.0
+        eta = (self.total - finished) / rate if rate else (0.0 if finished >= self.total else None)
+        line = {"done": done, "failed": failed, "total": self.total, "requests_per_s": round(rate, 4),
+                "eta_s": None if eta is None else round(eta, 2), "elapsed_s": round(elapsed, 3)}
+        self.stream.write(json.dumps(line) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefetch: int = 2
+                    ) -> Iterator[tuple[str, int, dict]]:
     """(custom_id, status, response body) of each request as it completes; `config` is the server's
-    `ServerConfig` (media policy, limits). Bodies become conversations just in time (media loaded when the
-    request is admitted), so a failing one becomes its own error line."""
+    `ServerConfig` (media policy, limits, `media_timeout`). Bodies become conversations just in time (media
+    loaded when the request is prepared, `prefetch` requests ahead of the engine), so a failing one becomes
+    its own error line. A 200 body carries the audit of the request in `body["owlvid"]` (see `audit`)."""
     from .jobs import generate_each
     from .server import schemas
     from .server.requests import RequestBuilder
@@ -292,13 +382,26 @@ def answer_requests(model: Any, config: Any, todo: list[BatchRequest]) -> Iterat
         return build
 
     for custom_id, result in generate_each(model, ((r.custom_id, job(r.body)) for r in todo),
-                                           max_batch=config.max_batch):
+                                           max_batch=config.max_batch, prefetch=prefetch,
+                                           media_timeout=config.media_timeout):
         if isinstance(result, Exception):
             yield (custom_id, *_error(result))
         else:
-            yield custom_id, 200, schemas.completion(schemas.new_completion_id(), created, config.served_model_name,
-                                                     result.text, result.finish_reason, result.prompt_tokens,
-                                                     result.completion_tokens)
+            body = schemas.completion(schemas.new_completion_id(), created, config.served_model_name, result.text,
+                                      result.finish_reason, result.prompt_tokens, result.completion_tokens)
+            body["owlvid"] = audit(result)
+            yield custom_id, 200, body
+
+
+def audit(result: Any) -> dict:
+    """The `owlvid` extension object of a 200 body: `media` (per image/video: source, sha256, decoder,
+    frames, indices, timestamps, visual_cache, decode_s, encode_s; see `engine.Generation`) and `timings`
+    (seconds: media_s, vision_s, prefill_s, decode_s, decode_steps, prepare_s, queue_s)."""
+    def rounded(value: Any) -> Any:
+        return round(value, 4) if isinstance(value, float) else value
+
+    media = [{k: rounded(v) for k, v in m.items()} for m in result.media]
+    return {"media": media, "timings": {k: rounded(v) for k, v in result.timings.items()}}
 
 
 def _error(e: BaseException) -> tuple[int, dict]:

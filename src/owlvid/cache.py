@@ -8,12 +8,14 @@ as safetensors files (atomic renames, so concurrent processes can share a cache 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,21 +45,63 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+IMAGE_SOURCE = "owlvid.source"  # Image.info keys set by `api.load_image_source`
+IMAGE_DECODE_S = "owlvid.decode_s"
+
+
+def image_record(image: Any) -> dict:
+    """The audit record of an image a request used (see `Generation.media`): its source, the SHA-256 of
+    the bytes it was decoded from (of its RGB pixels when it came as pixels: `hashed` says which), size and
+    loading time."""
+    from PIL import Image
+
+    from .media.image import SHA256_INFO
+
+    if not isinstance(image, Image.Image):
+        return {"type": "image", "source": None, "sha256": None, "hashed": None, "decode_s": 0.0}
+    info = image.info
+    digest, hashed = info.get(SHA256_INFO), "bytes"
+    if digest is None:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        digest, hashed = hashlib.sha256(rgb.tobytes()).hexdigest(), "pixels"
+    return {"type": "image", "source": info.get(IMAGE_SOURCE), "sha256": digest, "hashed": hashed,
+            "width": image.width, "height": image.height, "decode_s": info.get(IMAGE_DECODE_S, 0.0)}
+
+
 class PreparedVideo:
     """What every prepared video offers, whatever holds its pixels: decoded frames (`FrameList`), frames
     decoded later while the model encodes them (`owlvid.pipeline.StreamedVideo`), or embeddings already
     in the visual cache (`CachedVideo`). Code that handles videos uses these attributes, never `len()`.
 
     `num_frames`: frames the model sees; `cache_key`: file identity + sampling settings (None when
-    unknown); `indices` / `timestamps`: source frame numbers and their times in seconds, where known."""
+    unknown); `indices` / `timestamps`: source frame numbers and their times in seconds, where known.
+    For audits: `source_name` (a safe description of the source), `sha256` (of the source's bytes),
+    `decoder` (the backend that decoded it), `decode_s` (seconds spent fetching and decoding it for this
+    request)."""
 
     cache_key: str | None = None
     indices: list[int] | None = None
     timestamps: list[float] | None = None
+    source_name: str | None = None
+    sha256: str | None = None
+    decoder: str | None = None
+    decode_s: float = 0.0
 
     @property
     def num_frames(self) -> int:
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What a request used of this video: the audit record (see `Generation.media`) before encoding."""
+        return {"type": "video", "source": self.source_name, "sha256": self.sha256, "decoder": self.decoder,
+                "frames": self.num_frames, "indices": self.indices, "timestamps": self.timestamps,
+                "decode_s": self.decode_s}
+
+    def remember(self) -> dict:
+        """What the visual cache keeps next to this video's embeddings, so that a later request answered from
+        the cache can say which frames it saw (see `CachedVideo`)."""
+        return {"sha256": self.sha256, "decoder": self.decoder, "indices": self.indices,
+                "timestamps": self.timestamps}
 
 
 class FrameList(list, PreparedVideo):
@@ -78,9 +122,12 @@ class FrameList(list, PreparedVideo):
 class CachedVideo(PreparedVideo):
     """A video whose image embeddings are already in the visual cache: nothing to decode or encode."""
 
-    def __init__(self, cache_key: str, num_frames: int) -> None:
+    def __init__(self, cache_key: str, num_frames: int, remembered: dict | None = None) -> None:
         self.cache_key = cache_key
         self._num_frames = num_frames
+        for name, value in (remembered or {}).items():  # what `PreparedVideo.remember` kept
+            if name in ("sha256", "decoder", "indices", "timestamps"):
+                setattr(self, name, value)
 
     @property
     def num_frames(self) -> int:
@@ -99,6 +146,7 @@ class VisualCache:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.disk_max_bytes = disk_max_bytes
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._notes: dict[str, dict] = {}  # key -> small JSON-able facts kept with the entry (see `note`)
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -119,25 +167,33 @@ class VisualCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return value
-        value = self._disk_get(key)
+        value, note = self._disk_get(key)
         with self._lock:
             if value is None:
                 self.misses += 1
                 return None
             self.hits += 1
-        self._memory_put(key, value)
+        self._memory_put(key, value, note)
         return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self._memory_put(key, value)
-        self._disk_put(key, value)
+    def put(self, key: str, value: torch.Tensor, note: dict | None = None) -> None:
+        """Keep `value` under `key`, with an optional `note` (JSON-able facts about it, kept as long as the
+        entry, on disk too)."""
+        self._memory_put(key, value, note)
+        self._disk_put(key, value, note)
+
+    def note(self, key: str) -> dict | None:
+        """The note stored with an entry (after `get` found it), or None."""
+        with self._lock:
+            return self._notes.get(key)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._notes.clear()
             self._bytes = 0
 
-    def _memory_put(self, key: str, value: torch.Tensor) -> None:
+    def _memory_put(self, key: str, value: torch.Tensor, note: dict | None = None) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
@@ -146,9 +202,12 @@ class VisualCache:
             if old is not None:
                 self._bytes -= old.numel() * old.element_size()
             self._items[key] = value
+            if note is not None:
+                self._notes[key] = note
             self._bytes += size
             while self._bytes > self.max_bytes and self._items:
-                _, evicted = self._items.popitem(last=False)
+                gone, evicted = self._items.popitem(last=False)
+                self._notes.pop(gone, None)
                 self._bytes -= evicted.numel() * evicted.element_size()
 
     # -- disk tier ---------------------------------------------------------------------------------
@@ -156,16 +215,19 @@ class VisualCache:
     def _path(self, key: str) -> Path:
         return self.cache_dir / f"{key}.safetensors"
 
-    def _disk_get(self, key: str) -> torch.Tensor | None:
+    def _disk_get(self, key: str) -> tuple[torch.Tensor | None, dict | None]:
         if not self.cache_dir:
-            return None
-        from safetensors.torch import load_file
+            return None, None
+        from safetensors import safe_open
 
         path = self._path(key)
         try:
-            value = load_file(str(path))["value"]
+            with safe_open(str(path), framework="pt") as f:
+                value = f.get_tensor("value")
+                note_text = (f.metadata() or {}).get("owlvid_note")
+            note = json.loads(note_text) if note_text else None
         except FileNotFoundError:  # not cached (or evicted by another process)
-            return None
+            return None, None
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             # Writers rename complete files into place, so this is damage from outside: drop the entry.
             log.warning("visual cache: ignoring and deleting corrupt entry %s (%s)", path, e or type(e).__name__)
@@ -173,14 +235,14 @@ class VisualCache:
                 path.unlink()
             except OSError:
                 pass
-            return None
+            return None, None
         try:
             os.utime(path)  # recently used: evicted last
         except OSError:  # evicted by another process meanwhile: the value is still good
             pass
-        return value
+        return value, note if isinstance(note, dict) else None
 
-    def _disk_put(self, key: str, value: torch.Tensor) -> None:
+    def _disk_put(self, key: str, value: torch.Tensor, note: dict | None = None) -> None:
         if not self.cache_dir:
             return
         from safetensors.torch import save_file
@@ -188,7 +250,8 @@ class VisualCache:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({"value": value.detach().contiguous().cpu()}, tmp)
+            metadata = {"owlvid_note": json.dumps(note)} if note is not None else None
+            save_file({"value": value.detach().contiguous().cpu()}, tmp, metadata=metadata)
             os.replace(tmp, self._path(key))  # atomic: readers see the old file or the whole new one
         finally:
             if os.path.exists(tmp):

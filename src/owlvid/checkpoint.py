@@ -25,11 +25,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} is not a checkpoint folder: it has no config.json")
         return path
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"checkpoint {name!r} not found: give a local folder or a hub id like "
+    if not is_hub_id(name_or_path):
+        raise CheckpointError(f"checkpoint {str(name_or_path)!r} not found: give a local folder or a hub id like "
                               "'mPLUG/mPLUG-Owl3-7B-241101'")
-    return download_checkpoint(name, revision=revision, progress=progress)
+    return download_checkpoint(str(name_or_path), revision=revision, progress=progress)
+
+
+def is_hub_id(name_or_path: str | os.PathLike) -> bool:
+    """Whether `resolve_checkpoint` would look this name up on the hub (not an existing path, not written
+    as a path, `owner/name`)."""
+    name = str(name_or_path)
+    return not (Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1)
 
 
 def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: bool = True) -> Path:

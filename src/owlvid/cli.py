@@ -108,6 +108,23 @@ def _model_options() -> argparse.ArgumentParser:
     return p
 
 
+RAY_DEFAULTS = {"ray_address": None, "num_replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0}
+
+
+def _ray_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("Ray (pip install 'owlvid[ray]')")
+    g.add_argument("--ray", action="store_true", help="run on a Ray cluster, one model per replica")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the cluster (default: RAY_ADDRESS, or a new local one)")
+    g.add_argument("--num-replicas", type=_positive_int, default=1, metavar="N", help="model replicas (default: 1)")
+    g.add_argument("--gpus-per-replica", type=_non_negative_float, default=0.0, metavar="G",
+                   help="GPUs each replica reserves (default: 0)")
+    g.add_argument("--cpus-per-replica", type=_non_negative_float, default=1.0, metavar="C",
+                   help="CPUs each replica reserves; on CPU also its torch threads (default: 1)")
+    return p
+
+
 def _generation_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("generation")
@@ -137,13 +154,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
@@ -369,7 +410,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         download_timeout=args.download_timeout, max_frames=args.max_frames or ServerConfig.max_frames,
         max_image_pixels=args.max_image_pixels, max_media_per_request=args.max_media_per_request,
         max_queued_requests=args.max_queued_requests, max_batch=args.max_batch, request_timeout=args.request_timeout,
-        max_pending_media_bytes=args.max_pending_media_bytes,
+        max_pending_media_bytes=args.max_pending_media_bytes, media_timeout=args.media_timeout,
         default_max_tokens=args.max_new_tokens, default_temperature=args.temperature,
         default_top_p=args.top_p, default_seed=args.seed, video_options=video_options,
         cut_enable=False if args.no_cut else None)
@@ -380,9 +421,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
+    if args.ray:
+        from . import ray as owlvid_ray
+
+        owlvid_ray.serve(_model_name(args), config, host=args.host, port=args.port, log_level=args.log_level,
+                         **_ray_arguments(args), **_load_arguments(args))
+        return 0
+    _ray_arguments(args)  # none without --ray
     model = _load_model(args)
     serve(model, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _ray_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.ray and any(getattr(args, k) != v for k, v in RAY_DEFAULTS.items()):
+        raise UsageError("--ray-address, --num-replicas, --gpus-per-replica and --cpus-per-replica need --ray")
+    return {k: getattr(args, k) for k in RAY_DEFAULTS}
+
+
+def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """What every Ray replica passes to owlvid.load (each loads the model itself)."""
+    return {"device": args.device, "dtype": args.dtype, "tokenizer": args.tokenizer, "revision": args.revision,
+            "quantize": args.quantize}
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -392,9 +452,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
     if Path(args.input).expanduser().resolve() == Path(args.output).expanduser().resolve():
         raise UsageError("the output file must not be the input file")
-    summary = batch.run(Path(args.input).expanduser(), Path(args.output).expanduser(), lambda: _load_model(args),
-                        allowed_local_media_path=args.allowed_local_media_path, max_batch=args.max_batch,
-                        progress=not args.no_progress)
+    common = {"allowed_local_media_path": args.allowed_local_media_path, "max_batch": args.max_batch,
+              "progress": not args.no_progress, "json_progress": args.json_progress,
+              "media_timeout": args.media_timeout, "prefetch": args.prefetch}
+    if args.ray:
+        from . import ray as owlvid_ray
+
+        summary = owlvid_ray.run(Path(args.input).expanduser(), Path(args.output).expanduser(), _model_name(args),
+                                 **common, **_ray_arguments(args), **_load_arguments(args))
+    else:
+        _ray_arguments(args)
+        summary = batch.run(Path(args.input).expanduser(), Path(args.output).expanduser(),
+                            lambda: _load_model(args), **common)
     print(f"owlvid: batch: {summary['requests']} request(s): {summary['completed']} answered, "
           f"{summary['failed']} failed, {summary['skipped']} already in {summary['output']}", file=sys.stderr)
     return 0
@@ -490,7 +559,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    model_opts, gen_opts = _model_options(), _generation_options()
+    model_opts, gen_opts, ray_opts = _model_options(), _generation_options(), _ray_options()
     parser = _Parser(prog="owlvid", description="Inference for cross-attention video / multi-image LLMs "
                      "(mPLUG-Owl3, Slow-Fast).")
     parser.add_argument("--version", action="version", version=f"owlvid {__version__}")
@@ -518,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each answer as one JSON line")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", parents=[model_opts, gen_opts, debug], help="OpenAI-compatible HTTP server",
+    p = sub.add_parser("serve", parents=[model_opts, gen_opts, ray_opts, debug], help="OpenAI-compatible HTTP server",
                        description="Serve the model with an OpenAI-compatible API "
                        "(POST /v1/chat/completions, GET /v1/models, GET /health). Generation options set the "
                        "defaults of requests; "
@@ -554,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the engine before answering 503 (default: 64)")
     p.add_argument("--max-pending-media-bytes", type=_positive_int, default=None,
                    help="decoded media bytes that queued requests may hold before answering 503 (default: no limit)")
+    p.add_argument("--media-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="seconds one image or video may take to load and decode; then 408 (default: no limit)")
     p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take in all, queue included (default: 600)")
     p.add_argument("--upload-dir", default=None, metavar="DIR",
@@ -563,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("batch", parents=[model_opts, debug], help="answer a file of OpenAI batch requests",
+    p = sub.add_parser("batch", parents=[model_opts, ray_opts, debug], help="answer a file of OpenAI batch requests",
                        description="Answer every line of an OpenAI batch input file (POST /v1/chat/completions "
                        "requests) into an OpenAI batch output file. The whole input is checked first; each answer "
                        "is written as it completes; a rerun skips the custom_ids already in the output.")
@@ -574,7 +645,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together (continuous batching; 1 = one at a time)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow local paths and file:// URLs only under DIR (default: anywhere)")
+    p.add_argument("--media-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="seconds one image or video may take to load and decode; past it the request gets a 408 "
+                   "media_timeout line and the job goes on (default: no limit)")
+    p.add_argument("--prefetch", type=_non_negative_int, default=2, metavar="N",
+                   help="requests prepared (media decoded, vision encoded) ahead of the engine (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json-progress", action="store_true",
+                   help="progress as one JSON object per line on stderr (done, failed, total, requests_per_s, "
+                   "eta_s, elapsed_s) instead of the bar")
     p.set_defaults(func=cmd_batch)
 
     from .eval.cli import add_parser as add_eval_parser

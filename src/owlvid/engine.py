@@ -59,12 +59,31 @@ def check_context(prompt_tokens: int, max_positions: int, max_new_tokens: int | 
 
 @dataclass
 class Generation:
+    """One answer.
+
+    `timings` (seconds unless said): `prefill_s` (the LLM prefill; vision encoding that ran inside it is
+    counted in `vision_s` instead), `decode_s` and `decode_steps` (the decoding steps after the first token;
+    batched steps count fully for every request in them), `decode_tokens_per_s`, `media_s` (loading and
+    decoding this request's images/videos), `vision_s` (vision encoding; 0 for visual-cache hits) and, from
+    `jobs.generate_each`, `prepare_s` (building the request: media, prompt; vision too when encoded ahead)
+    and `queue_s` (prepared, waiting for a batch slot).
+
+    `media`: one record per image/video, in prompt order, saying what the model saw (an audit):
+    `{"type": "video" | "image", "source": description, "sha256": of the source's bytes, "decoder":
+    backend, "frames": count, "indices": source frame numbers, "timestamps": their times in seconds,
+    "crops": vision crops, "visual_cache": "hit" | "miss" | "off" | "reused", "decode_s", "encode_s"}`
+    (images: `width`, `height`, and `hashed`: "bytes", or "pixels" for an image given as pixels). Fields a
+    source cannot tell are None (frames given as a list have no indices). Empty for text-only requests
+    and for runtimes without `media_audit`.
+    """
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (end token or stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    media: list[dict] = field(default_factory=list)
 
 
 class Sampler:
@@ -122,6 +141,7 @@ class RequestStream:
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finish_reason: str | None = None
         self.timings: dict[str, float] = {}
+        self.media: list[dict] = []  # the request's media audit (`Generation.media`), set once prefilled
         self.state: Any = None
         self.started = time.perf_counter()
 
@@ -167,9 +187,24 @@ class RequestStream:
         return [e for e in self._emit(token, self.decoder.flush(), final=True) if e.text]
 
     def result(self) -> Generation:
+        timings = dict(self.timings)
+        timings["media_s"] = sum(m.get("decode_s") or 0.0 for m in self.media)
+        timings["vision_s"] = sum(m.get("encode_s") or 0.0 for m in self.media)
         return Generation(text=self.text, token_ids=list(self.generated), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
-                          timings=self.timings)
+                          timings=timings, media=[dict(m) for m in self.media])
+
+    def prefilled(self, runtime: ModelRuntime, request: Any, seconds: float, vision_before: float) -> None:
+        """Book a prefill call of `seconds`: the vision encoding that ran inside it goes to `vision_s`, not
+        `prefill_s`; the media audit is taken now that the media are encoded."""
+        self.media = runtime.media_audit(request)
+        inside = sum(m.get("encode_s") or 0.0 for m in self.media) - vision_before
+        self.timings["prefill_s"] = self.timings.get("prefill_s", 0.0) + max(seconds - inside, 0.0)
+
+
+def vision_seconds(runtime: ModelRuntime, request: Any) -> float:
+    """Vision encoding spent on a request so far (see `ModelRuntime.media_audit`)."""
+    return sum(m.get("encode_s") or 0.0 for m in runtime.media_audit(request))
 
 
 def _stop_prefix_length(text: str, stops: list[str], start: int) -> int:
@@ -187,19 +222,21 @@ def run_generation(runtime: ModelRuntime, request: Any, prompt_ids: list[int], p
                    ) -> Iterator[TokenEvent | Generation]:
     """Yield a TokenEvent per generated token, then the final Generation."""
     stream = RequestStream(runtime, prompt_ids, params)
+    before = vision_seconds(runtime, request)
     t0 = time.perf_counter()
     logits, state = runtime.prefill(request)
     t1 = time.perf_counter()
+    stream.prefilled(runtime, request, t1 - t0, before)
+    steps = 0
     while True:
         yield from stream.accept(logits)
         if stream.done:
             break
         logits = runtime.decode(state, stream.generated[-1])
+        steps += 1
     t2 = time.perf_counter()
     runtime.finish(state)
-    n = len(stream.generated)
-    stream.timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
-                      "decode_tokens_per_s": max(n - 1, 0) / max(t2 - t1, 1e-9)}
+    stream.timings.update(decode_s=t2 - t1, decode_steps=steps, decode_tokens_per_s=steps / max(t2 - t1, 1e-9))
     yield stream.result()
 
 
@@ -235,14 +272,16 @@ class BatchEngine:
         `step()` unless already done; with chunking its prefill advances one chunk per `step()` (no events
         yet: they come from the step that finishes its prefill)."""
         stream = RequestStream(self.runtime, prompt_ids, params)
+        stream.timings.update(decode_s=0.0, decode_steps=0)
+        before = vision_seconds(self.runtime, request)
         if self.prefill_chunk:
             t0 = time.perf_counter()
-            self.prefilling.append((stream, self.runtime.begin_prefill(request)))
-            stream.timings["prefill_s"] = time.perf_counter() - t0
+            self.prefilling.append((stream, self.runtime.begin_prefill(request)))  # vision runs here
+            stream.prefilled(self.runtime, request, time.perf_counter() - t0, before)
             return stream, []
         t0 = time.perf_counter()
         logits, state = self.runtime.prefill(request)
-        stream.timings["prefill_s"] = time.perf_counter() - t0
+        stream.prefilled(self.runtime, request, time.perf_counter() - t0, before)
         return stream, self._start(stream, logits, state)
 
     def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
@@ -295,7 +334,12 @@ class BatchEngine:
                 out.append((stream, events))
         if not self.streams:
             return out
+        t0 = time.perf_counter()
         logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
+        seconds = time.perf_counter() - t0
+        for s in self.streams:
+            s.timings["decode_s"] = s.timings.get("decode_s", 0.0) + seconds
+            s.timings["decode_steps"] = s.timings.get("decode_steps", 0) + 1
         out += [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
         keep = [i for i, s in enumerate(self.streams) if not s.done]
         if len(keep) != len(self.streams):

@@ -19,5 +19,10 @@ class MediaError(InputError):
     """An image or video could not be read, decoded or fetched."""
 
 
+class MediaTimeout(MediaError):
+    """Loading or decoding one image or video took longer than the caller's `media_timeout`: that request
+    fails, the others go on (the decoding thread is abandoned, not waited for)."""
+
+
 class UnsupportedError(OwlvidError):
     """A valid request this build or device cannot serve (e.g. float16 on a CPU without support)."""

@@ -257,16 +257,18 @@ QUANTIZED_LINEAR: dict[type, Callable[[torch.Tensor, torch.Tensor, torch.Tensor 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, except for 2-32 rows on the CPU (batched decoding, short prompts): there MKL's GEMM
-    repacks the whole weight on every call and runs 1.5-4x slower than `weight @ x.T`, which streams the
-    weight once (measured on the 2-core development machine; see the batch section of benchmarks/perf.py).
-    Quantized weights go to their kernel in QUANTIZED_LINEAR."""
+    """`F.linear`, except for 2-32 float32 rows on the CPU (batched decoding, short prompts): there MKL's
+    GEMM repacks the whole weight on every call and runs 1.5-4x slower than `weight @ x.T`, which streams
+    the weight once (measured on the 2-core development machine; see the batch section of
+    benchmarks/perf.py). In bfloat16 it is the other way round: `F.linear` reads the weight at the memory
+    rate for any number of rows and `weight @ x.T` ran 1.6-2x slower for 2-4 rows (Qwen2-7B widths,
+    AVX512-BF16; the slowfast-batch section). Quantized weights go to their kernel in QUANTIZED_LINEAR."""
     if type(weight) not in (torch.Tensor, nn.Parameter):
         return QUANTIZED_LINEAR.get(type(weight), F.linear)(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    if not 2 <= rows <= 32:
+    if x.dtype != torch.float32 or not 2 <= rows <= 32:
         # Always 2-D: a [B, 1, H] slice of a longer sequence (the last position, for the logits) keeps the
         # sequence's strides, and torch's 3-D matmul then copies the whole weight first: 0.5 s per call for
         # the tied 151851x896 embedding in bf16 (benchmarks/perf.py: the text-only "ttft" row, 0 frames).

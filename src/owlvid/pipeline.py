@@ -9,15 +9,46 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .cache import PreparedVideo
+from .errors import MediaTimeout
 
 _DONE = object()
 _PUT_POLL = 0.05  # seconds between checks for a consumer that has gone away
+T = TypeVar("T")
+
+
+def call_with_timeout(fn: Callable[[], T], seconds: float | None, what: str) -> T:
+    """`fn()`, or MediaTimeout once it has run `seconds` (None: no limit, run here).
+
+    Python threads cannot be killed: `fn` runs on a daemon thread that is abandoned at the deadline (it ends
+    when its blocking call returns, e.g. at the download's own timeout, and holds nothing the caller needs),
+    so a hung decoder costs one idle thread, never the caller."""
+    if seconds is None:
+        return fn()
+    box: list = []
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, daemon=True, name="owlvid-media").start()
+    if not finished.wait(seconds):
+        raise MediaTimeout(f"{what}: loading and decoding took longer than media_timeout={seconds:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 class Prefetcher:
@@ -36,17 +67,33 @@ class Prefetcher:
                                         name="owlvid-prefetch")
         self._thread.start()
 
+    EMPTY = object()  # `next(block=False)`: nothing is ready yet
+
     def __iter__(self) -> Iterator:
         try:
             while True:
-                ok, item = self._queue.get()
-                if not ok:
-                    raise item
+                item = self.next()
                 if item is _DONE:
                     return
                 yield item
         finally:
             self.close()
+
+    def next(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next item; `Prefetcher.EMPTY` when nothing came (not blocking, or after `timeout` seconds);
+        `Prefetcher.END` after the last one. The source's error is raised here."""
+        try:
+            ok, item = self._queue.get(block=block, timeout=timeout if block else None)
+        except queue.Empty:
+            return self.EMPTY
+        if not ok:
+            self.close()
+            raise item
+        if item is _DONE:
+            self._queue.put((True, _DONE))  # stays the answer for later calls
+        return item
+
+    END = _DONE
 
     def close(self) -> None:
         """Stop the producer (it ends within about `_PUT_POLL` seconds of its current item)."""
@@ -90,13 +137,18 @@ class StreamedVideo(PreparedVideo):
     model encodes them, chunk by chunk."""
 
     def __init__(self, source: Any, indices: list[int], options: dict, cache_key: str | None,
-                 chunk_size: int = 16) -> None:
+                 chunk_size: int = 16, media_timeout: float | None = None) -> None:
         self.source = source
         self.indices = list(indices)
         self.options = {k: v for k, v in options.items()
                         if k not in ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")}
         self.cache_key = cache_key
         self.chunk_size = chunk_size
+        self.media_timeout = media_timeout  # decoding that stalls or takes longer in all: MediaTimeout
+        self.decoder = self.options.get("backend", "pyav")
+        from .media.sources import describe_source
+
+        self.source_name = describe_source(source)
 
     @property
     def num_frames(self) -> int:
@@ -106,12 +158,38 @@ class StreamedVideo(PreparedVideo):
         return len(self.indices)
 
     def pixel_chunks(self, transform: Callable[[list], torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Yield `transform(frames)` for consecutive chunks, decoded and transformed on a worker thread."""
+        """Yield `transform(frames)` for consecutive chunks, decoded and transformed on a worker thread.
+        The frames' timestamps and the decoding time are recorded as they come (`timestamps`, `decode_s`).
+        With `media_timeout`, a chunk that does not come within it, or decoding that takes longer in all,
+        raises MediaTimeout (the worker is abandoned)."""
         from .media import iter_video_chunks
 
+        self.timestamps = []
+        limit = self.media_timeout
+
         def produce():
-            for clip in iter_video_chunks(self.source, chunk_size=self.chunk_size, indices=self.indices,
-                                          **self.options):
+            chunks = iter_video_chunks(self.source, chunk_size=self.chunk_size, indices=self.indices, **self.options)
+            spent = 0.0
+            while True:
+                t0 = time.perf_counter()
+                clip = next(chunks, None)
+                spent += time.perf_counter() - t0
+                self.decode_s += time.perf_counter() - t0
+                if clip is None:
+                    return
+                if limit is not None and spent > limit:
+                    raise MediaTimeout(f"{clip.source}: decoding took longer than media_timeout={limit:g} s")
+                self.timestamps.extend(clip.timestamps)
                 yield transform(clip.frames)
 
-        return iter(Prefetcher(produce(), depth=2))
+        feed = Prefetcher(produce(), depth=2)
+        try:
+            while True:
+                chunk = feed.next(timeout=limit)
+                if chunk is Prefetcher.EMPTY:
+                    raise MediaTimeout(f"{self.source_name}: no decoded frames for media_timeout={limit:g} s")
+                if chunk is Prefetcher.END:
+                    return
+                yield chunk
+        finally:
+            feed.close()

@@ -6,8 +6,10 @@ logits. What a family can do beyond that is declared by class flags that callers
 probed with `hasattr`:
 
 * `supports_chunked_prefill`: `encode_media` / `begin_prefill` / `prefill_step` (a long prompt is
-  prefilled chunk by chunk between other requests' decoding steps);
-* `supports_batching`: `start_batch` / `join_batch` / `keep_rows` / `decode_batch` (continuous batching);
+  prefilled chunk by chunk between other requests' decoding steps; `prefill` is then their loop);
+* `supports_batching`: `start_batch` / `join_batch` / `keep_rows` / `decode_batch` (continuous batching;
+  implemented here once over ragged text caches, a family adds its visual memory through the
+  `batch_memory` / `join_memory` / `keep_memory` hooks);
 * `supports_streamed_video`: video files may arrive as `StreamedVideo` (decoded chunk by chunk while the
   vision tower encodes);
 * `uses_visual_cache`: the runtime reads and fills `visual_cache` (set by `owlvid.load`);
@@ -28,7 +30,7 @@ import torch
 
 from .cache import CachedVideo, VisualCache
 from .errors import UnsupportedError
-from .layers import KVCache, new_attention_inputs
+from .layers import KVCache, RaggedKVCache, new_attention_inputs
 from .tokenizer import QwenTokenizer
 
 if TYPE_CHECKING:
@@ -41,6 +43,24 @@ class DecodeState:
 
     cache: KVCache
     position: int
+
+
+@dataclass
+class PrefillJob:
+    """A chunked prefill in progress (`begin_prefill` -> `prefill_step`s): `state` decodes once it is done."""
+
+    state: DecodeState
+
+
+@dataclass
+class DecodeBatch:
+    """Requests decoding together: ragged text caches, each row's next position, the rows' decoding states
+    and the family's batched visual memory (None: every layer is a plain Qwen2 layer at decode steps)."""
+
+    cache: RaggedKVCache
+    positions: torch.Tensor  # [B]
+    rows: list[DecodeState]
+    visual: Any = None
 
 
 class ModelRuntime:
@@ -82,9 +102,16 @@ class ModelRuntime:
         """Messages with the model's placeholders + media lists -> (model inputs, prompt token ids)."""
         raise NotImplementedError
 
-    def prefill(self, request: Any) -> tuple[torch.Tensor, Any]:
-        """The whole prompt: (float32 next-token logits [vocab], decoding state)."""
-        raise NotImplementedError
+    def prefill(self, request: Any, chunk_tokens: int | None = None) -> tuple[torch.Tensor, Any]:
+        """The whole prompt: (float32 next-token logits [vocab], decoding state). With chunked prefill,
+        `begin_prefill` then `prefill_step` of `chunk_tokens` tokens (all at once if None) until done."""
+        if not self.supports_chunked_prefill:
+            raise NotImplementedError
+        job = self.begin_prefill(request)
+        logits = None
+        while logits is None:
+            logits = self.prefill_step(job, chunk_tokens)
+        return logits, job.state
 
     def decode(self, state: Any, token_id: int) -> torch.Tensor:
         """One generated token: the next float32 logits [vocab]."""
@@ -102,6 +129,11 @@ class ModelRuntime:
     def finish(self, state: Any) -> None:
         """A request's generation ended (a runtime may keep its caches for the next turn)."""
 
+    def media_audit(self, request: Any) -> list[dict]:
+        """Per image/video of a prepared request, in prompt order, what the model used and what it cost
+        (the records of `engine.Generation.media`); `encode_s` grows as the vision side runs."""
+        return []
+
     def cached_video(self, key: str) -> CachedVideo | None:
         """A video already encoded under `key`, so that it needs no decoding (None: not cached)."""
         return None
@@ -112,23 +144,66 @@ class ModelRuntime:
         """Run the vision side of a request ahead of its prefill (any thread). `supports_chunked_prefill`."""
         return request
 
-    def begin_prefill(self, request: Any) -> Any:
+    def begin_prefill(self, request: Any) -> PrefillJob:
         raise UnsupportedError(f"{self.architecture} has no chunked prefill")
 
     def prefill_step(self, job: Any, max_tokens: int | None = None) -> torch.Tensor | None:
         raise UnsupportedError(f"{self.architecture} has no chunked prefill")
 
-    def start_batch(self, states: list[Any]) -> Any:
-        raise UnsupportedError(f"{self.architecture} has no batched decoding")
+    def start_batch(self, states: list[DecodeState]) -> DecodeBatch:
+        """A decoding batch of prefilled requests (their caches are copied into one ragged cache)."""
+        self._require_batching()
+        return DecodeBatch(cache=RaggedKVCache.from_caches([s.cache for s in states]),
+                           positions=torch.tensor([s.position for s in states], device=self.device),
+                           rows=list(states), visual=self.batch_memory(states))
 
-    def join_batch(self, batch: Any, newcomers: Any) -> None:
-        raise UnsupportedError(f"{self.architecture} has no batched decoding")
+    def join_batch(self, batch: DecodeBatch, newcomers: DecodeBatch) -> None:
+        """Requests prefilled since the last step join the running batch (continuous batching)."""
+        self._require_batching()
+        batch.visual = self.join_memory(batch.visual, len(batch.rows), newcomers.visual, len(newcomers.rows))
+        batch.cache.extend(newcomers.cache)
+        batch.positions = torch.cat([batch.positions, newcomers.positions])
+        batch.rows.extend(newcomers.rows)
 
-    def keep_rows(self, batch: Any, rows: list[int]) -> None:
-        raise UnsupportedError(f"{self.architecture} has no batched decoding")
+    def keep_rows(self, batch: DecodeBatch, rows: list[int]) -> None:
+        """Only these rows (indices into the batch, in order) go on decoding."""
+        self._require_batching()
+        batch.cache.keep(rows)
+        batch.visual = self.keep_memory(batch.visual, rows) if batch.visual is not None else None
+        batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        batch.rows = [batch.rows[i] for i in rows]
 
-    def decode_batch(self, batch: Any, token_ids: list[int]) -> torch.Tensor:
-        raise UnsupportedError(f"{self.architecture} has no batched decoding")
+    @torch.inference_mode()
+    def decode_batch(self, batch: DecodeBatch, token_ids: list[int]) -> torch.Tensor:
+        """One decoding step for every row in one forward call: logits [B, vocab]. Each row attends only
+        to its own keys (the padding of the ragged cache is masked) at its own position."""
+        self._require_batching()
+        model = self.model
+        ids = torch.tensor(token_ids, device=self.device)[:, None]
+        inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
+                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
+        h = model.llm(model.llm.embed_tokens(ids), inputs)
+        batch.cache.advance(1)
+        batch.positions = batch.positions + 1
+        return model.logits(h[:, -1])
+
+    # Hooks of `supports_batching` for a family whose decode steps read a visual memory (default: none).
+
+    def batch_memory(self, states: list[DecodeState]) -> Any:
+        """The rows' visual memories as one batched memory read by the special layers (None: no row has one)."""
+        return None
+
+    def join_memory(self, memory: Any, rows: int, newcomers: Any, new_rows: int) -> Any:
+        """`memory` of `rows` rows followed by `newcomers` of `new_rows` rows (either may be None)."""
+        return None
+
+    def keep_memory(self, memory: Any, rows: list[int]) -> Any:
+        """The batched memory of these rows only (None if none of them has media)."""
+        return None
+
+    def _require_batching(self) -> None:
+        if not self.supports_batching:
+            raise UnsupportedError(f"{self.architecture} has no batched decoding")
 
     # -- shared by the families --------------------------------------------------------------------------
 

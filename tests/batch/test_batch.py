@@ -151,7 +151,7 @@ def test_one_by_one_path_of_a_model_without_batching(media, tmp_path):
     import owlvid
 
     model = owlvid.load(make_tiny_slowfast(tmp_path / "slowfast"), dtype="float32", device="cpu")
-    assert not model.runtime.supports_batching
+    model.runtime.supports_batching = False  # every family batches today: a runtime without the capability
     requests = [request_line("text", "Say something."),
                 request_line("image", [{"type": "image_url", "image_url": {"url": str(media["image"])}},
                                        {"type": "text", "text": "What is in the photo?"}]),

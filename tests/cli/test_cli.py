@@ -106,6 +106,8 @@ def test_errors_are_one_line_with_exit_codes(model_dir, tmp_path):
     (["frobnicate"], 2, "invalid choice"),
     (["ask", "photo.png"], 2, "put the question after it"),
     (["serve", "--port", "x"], 2, "--port"),
+    (["serve", "--num-replicas", "2"], 2, "need --ray"),
+    (["batch", "-i", "in.jsonl", "-o", "out.jsonl", "--gpus-per-replica", "-1", "--ray"], 2, "must not be negative"),
 ])
 def test_usage_errors_in_process(argv, code, fragment, capsys, tmp_path, monkeypatch):
     """The same contract without a subprocess: one `owlvid: error:` line and exit code 2."""

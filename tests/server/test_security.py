@@ -118,6 +118,24 @@ def test_silent_media_host_fails_within_connect_timeout(private_server, silent_h
         assert time.monotonic() - t0 < 8  # not the 60 s download timeout
 
 
+def test_media_over_media_timeout_is_a_408_and_the_server_goes_on(server_model_dir, tmp_path, silent_host):
+    """--media-timeout bounds loading and decoding whatever the download limits say (here a 30 s connect
+    timeout): the request gets 408 media_timeout, and the server keeps answering."""
+    srv = ServerProcess(server_model_dir, tmp_path, "--allow-private-media-hosts", "--media-connect-timeout", "30",
+                        "--media-timeout", "1")
+    try:
+        srv.wait_ready()
+        for body in (image_body(f"{silent_host}/image.png"), video_body(f"{silent_host}/v.mp4")):
+            t0 = time.monotonic()
+            err = assert_openai_error(post(srv, body), 408)
+            assert err["code"] == "media_timeout" and "media_timeout=1 s" in err["message"]
+            assert time.monotonic() - t0 < 8
+        text = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "Hello"}]}
+        assert post(srv, text).status_code == 200
+    finally:
+        srv.stop()
+
+
 # -- no server paths in error messages -----------------------------------------------------------------
 
 

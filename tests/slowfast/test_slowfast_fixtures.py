@@ -234,6 +234,30 @@ def test_api_generate_matches(model):
     assert out.prompt_tokens == c["prefill_seq_len"]
 
 
+def test_batched_decoding_gives_the_golden_tokens(model):
+    """The four cases decoded together (continuous batching: each joins between steps, its prompt prefilled
+    in chunks of 256 positions) give the official greedy tokens, as each alone."""
+    from owlvid.engine import BatchEngine, SamplingParams
+
+    engine = BatchEngine(model.runtime, max_batch=4, prefill_chunk=256)
+    streams = []
+    with_rows = []
+    hook = model.runtime.model.llm.register_forward_pre_hook(lambda m, args: with_rows.append(args[0].shape[0]))
+    try:
+        for case in CASES:
+            c = load_case(case)
+            request, ids = model.runtime.prepare(c["messages"], *case_media(c), None)
+            streams.append((c, engine.add(request, ids, SamplingParams(max_new_tokens=16))[0]))
+            engine.step()
+        while engine.active:
+            engine.step()
+    finally:
+        hook.remove()
+    for c, stream in streams:
+        assert stream.result().token_ids == c["generation"]["token_ids"], c["case"]
+    assert max(with_rows) >= 3
+
+
 # ----------------------------------------------------------------------------------------------- bfloat16
 
 

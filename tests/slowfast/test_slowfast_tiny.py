@@ -192,12 +192,6 @@ def test_64_frames_bfloat16(folder, model):
     assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.999
 
 
-def test_generate_batch_gives_the_results_of_generate(model):
-    convs = [video_message(frames(4, seed=s), q) for s, q in ((0, "What happens?"), (1, "Describe it."))]
-    batch = model.generate_batch(convs, max_new_tokens=5)
-    assert [g.token_ids for g in batch] == [model.generate(c, max_new_tokens=5).token_ids for c in convs]
-
-
 def test_slow_kv_computed_once_per_request(model):
     rt = model.runtime
     calls = {}

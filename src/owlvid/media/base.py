@@ -33,6 +33,7 @@ class VideoClip:
     in seconds from the first frame of the video. ``fps`` is the average frame rate, ``duration`` the
     video duration in seconds, ``total_frames`` its frame count. The same picture may appear more than
     once (e.g. ``slowfast`` on a short video); repeated entries share one ``PIL.Image`` object.
+    ``sha256``: the SHA-256 of the source's bytes (file, download, data URL payload) when it had bytes.
     """
 
     frames: list[Image.Image]
@@ -44,6 +45,7 @@ class VideoClip:
     backend: str
     source: str
     sampling: str
+    sha256: str | None = None
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -28,6 +28,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 # Formats we let Pillow open. Pillow knows ~40 formats; the rarely used ones are attack surface only.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phone photos)
 _WHITE = (255, 255, 255)
+SHA256_INFO = "owlvid.sha256"  # Image.info key: SHA-256 of the bytes an image was decoded from
 
 
 def load_image(
@@ -58,7 +59,9 @@ def load_image(
         raise MediaError(f"{desc}: unsupported image source type {type(source).__name__}")
     with open_media(source, max_bytes=max_bytes, timeout=timeout, url_policy=url_policy) as opened:
         target = opened.path if opened.path is not None else opened.fileobj
-        return _decode(target, desc, max_pixels, opened.head)
+        img = _decode(target, desc, max_pixels, opened.head)
+        img.info[SHA256_INFO] = opened.sha256()  # what the image's bytes were (audits, reproducibility)
+        return img
 
 
 def _decode(target: Any, desc: str, max_pixels: int | None, head) -> Image.Image:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 import re
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -51,6 +53,7 @@ __all__ = [
     "OpenedMedia",
     "UrlPolicy",
     "describe_source",
+    "file_sha256",
     "is_bytes_source",
     "open_media",
     "open_source",
@@ -184,6 +187,40 @@ def sniff_kind(head: bytes) -> str | None:
     return None
 
 
+_HASH_BLOCK = 1 << 20
+_file_hashes: dict[tuple, str] = {}  # (real path, size, mtime) -> sha256 hex digest
+_file_hashes_lock = threading.Lock()
+_FILE_HASHES_KEPT = 4096
+
+
+def _sha256_stream(read: Any) -> str:
+    h = hashlib.sha256()
+    while True:
+        block = read(_HASH_BLOCK)
+        if not block:
+            return h.hexdigest()
+        h.update(block)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a local file's bytes (what `sha256sum` prints). Remembered per (path, size, mtime), so a
+    file asked about many times is read once per process."""
+    real = os.path.realpath(os.fspath(path))
+    st = os.stat(real)
+    identity = (real, st.st_size, st.st_mtime_ns)
+    with _file_hashes_lock:
+        known = _file_hashes.get(identity)
+    if known is not None:
+        return known
+    with open(real, "rb") as f:
+        digest = _sha256_stream(f.read)
+    with _file_hashes_lock:
+        if len(_file_hashes) >= _FILE_HASHES_KEPT:
+            _file_hashes.clear()
+        _file_hashes[identity] = digest
+    return digest
+
+
 @dataclass
 class OpenedMedia:
     """An opened byte source: a local ``path`` or a seekable binary ``fileobj`` (exactly one is set)."""
@@ -204,6 +241,19 @@ class OpenedMedia:
         try:
             self.fileobj.seek(0)
             return self.fileobj.read(n)
+        finally:
+            self.fileobj.seek(pos)
+
+    def sha256(self) -> str:
+        """SHA-256 of the bytes (the file's, the download's, the data URL's payload), without moving the read
+        position of a file object."""
+        if self.path is not None:
+            return file_sha256(self.path)
+        assert self.fileobj is not None
+        pos = self.fileobj.tell()
+        try:
+            self.fileobj.seek(0)
+            return _sha256_stream(self.fileobj.read)
         finally:
             self.fileobj.seek(pos)
 

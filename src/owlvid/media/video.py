@@ -131,10 +131,11 @@ def _select(reader: VideoReader, spec: VideoSampling, cap: int | None) -> list[i
     return spec.select(reader.total_frames, reader.avg_fps, reader.frame_times(), reader.duration, cap=cap)
 
 
-def _clip(reader: VideoReader, spec: VideoSampling, frames, indices, timestamps) -> VideoClip:
+def _clip(reader: VideoReader, spec: VideoSampling, frames, indices, timestamps, sha256: str | None = None
+          ) -> VideoClip:
     return VideoClip(frames=frames, indices=indices, timestamps=timestamps, fps=reader.avg_fps,
                      duration=reader.duration, total_frames=reader.total_frames, backend=reader.backend,
-                     source=reader.description, sampling=spec.name)
+                     source=reader.description, sampling=spec.name, sha256=sha256)
 
 
 def probe_video(
@@ -208,7 +209,8 @@ def load_video(
         if not keep:
             raise MediaError(f"{reader.description}: none of the {len(wanted)} requested frames could be "
                              "decoded")
-        return _clip(reader, spec, [got[i][1] for i in keep], keep, [got[i][0] for i in keep])
+        return _clip(reader, spec, [got[i][1] for i in keep], keep, [got[i][0] for i in keep],
+                     opened.sha256() if opened is not None else None)
     finally:
         reader.close()
         if opened is not None:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Model
 from ..engine import Generation, TokenEvent
-from ..errors import MediaError, OwlvidError
+from ..errors import MediaError, MediaTimeout, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
 from .preview import FramePreviewer, media_headers, preview_routes
@@ -62,6 +62,8 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(503, str(e), "server_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, JobTimeout):
         return APIError(504, str(e), "timeout_error", code="timeout")
+    if isinstance(e, MediaTimeout):  # over --media-timeout: this request's media, not the client's request
+        return APIError(408, str(e), "timeout_error", code="media_timeout")
     if isinstance(e, MediaError):
         return APIError(400, str(e), code="invalid_media")
     if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served

@@ -46,6 +46,7 @@ class ServerConfig:
     max_pending_media_bytes: int | None = None  # decoded media held by queued requests (None: no budget)
     max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
     request_timeout: float = 600.0
+    media_timeout: float | None = None  # seconds one image/video may take to load and decode (408 after)
     # defaults of a request that does not say
     default_max_tokens: int = 512
     default_temperature: float = 0.0
@@ -314,12 +315,16 @@ class RequestBuilder:
         return out
 
     def _image(self, url: str, param: str):
+        from ..api import load_image_source
         from ..media import load_image
 
         cfg = self.config
         source = self.sources.resolve(url, "image", param)
-        return load_image(source, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_media_bytes,
-                          timeout=cfg.download_timeout, url_policy=self.sources.url_policy)
+        image = load_image_source(lambda: load_image(source, max_pixels=cfg.max_image_pixels,
+                                                     max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
+                                                     url_policy=self.sources.url_policy),
+                                  cfg.media_timeout, name=source)
+        return image
 
     def decode_options(self, source: Any, options: dict) -> dict:
         """The `load_video_frames` options of a video under the server's limits."""
@@ -341,5 +346,5 @@ class RequestBuilder:
         source = self.sources.resolve(url, "video", param)
         uploads = self.sources.uploads
         return load_video_frames(source, self.model.runtime, self.decode_options(source, options),
-                                 frame_cap=self.config.max_frames,
+                                 frame_cap=self.config.max_frames, media_timeout=self.config.media_timeout,
                                  decoded=uploads.take_frames if uploads is not None else None)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...cache import CachedVideo, FrameList, content_key
+from ...cache import CachedVideo, FrameList, content_key, image_record
 from ...errors import InputError
 from ...pipeline import StreamedVideo
 from ...tokenizer import QwenTokenizer
@@ -93,7 +93,8 @@ def cut_prompt(rows: int, cols: int, style: str) -> str:
 class Owl3Inputs(dict):
     """`input_ids`, `media_offset`, `pixel_values` like the official processor's output (a dict), plus
     `media_starts` (the index of each `<|image|>`), `media_items` (per image/video: cache key, number of
-    crops, pixels or None when cached) and `messages` (after placeholder expansion)."""
+    crops, pixels or None when cached, `media`: the PreparedVideo or the image's audit record) and
+    `messages` (after placeholder expansion)."""
 
     @property
     def num_tokens(self) -> int:
@@ -143,33 +144,36 @@ class Owl3Processor:
         items: list[dict] = []
         size = self.image_size
 
-        def add(pixels: torch.Tensor | None, key: str | None, count: int) -> None:
-            items.append({"key": key or content_key("pixels", pixels), "crops": count, "pixels": pixels})
+        def add(pixels: torch.Tensor | None, key: str | None, count: int, media: object = None) -> None:
+            items.append({"key": key or content_key("pixels", pixels), "crops": count, "pixels": pixels,
+                          "media": media})
 
         def expand(match: re.Match) -> str:
             if match.group(0) == VIDEO:
                 frames = next(video_iter)
                 if isinstance(frames, CachedVideo):
-                    add(None, frames.cache_key, frames.num_frames)
+                    add(None, frames.cache_key, frames.num_frames, frames)
                     count = frames.num_frames
                 elif isinstance(frames, StreamedVideo):  # decoded while the model encodes (see prefill)
                     items.append({"key": frames.cache_key or content_key("stream", id(frames), frames.source),
-                                  "crops": frames.num_frames, "pixels": None, "stream": frames})
+                                  "crops": frames.num_frames, "pixels": None, "stream": frames, "media": frames})
                     count = frames.num_frames
                 else:
                     if not frames:
                         raise InputError("a video has no frames")
                     pixels = frames_to_pixels(frames, size)
-                    add(pixels, getattr(frames, "cache_key", None), len(frames))
+                    add(pixels, getattr(frames, "cache_key", None), len(frames),
+                        frames if isinstance(frames, FrameList) else None)
                     count = len(frames)
                 body = IMAGE * count
                 return f"<|start_video_frame|>{body}<|end_video_frame|>" if self.video_spans else body
             image = as_rgb(next(image_iter))
+            record = image_record(image)
             if not cut_enable:
-                add(to_tensor(image.resize((size, size), Image.BICUBIC))[None], None, 1)
+                add(to_tensor(image.resize((size, size), Image.BICUBIC))[None], None, 1, record)
                 return IMAGE
             crops, (rows, cols) = cut_image(image, size)
-            add(torch.stack(crops), None, len(crops))
+            add(torch.stack(crops), None, len(crops), record)
             return cut_prompt(rows, cols, self.cut_style)
 
         pattern = re.compile(re.escape(IMAGE) + "|" + re.escape(VIDEO))

@@ -3,6 +3,7 @@ the visual cache (the `owlvid.runtime.ModelRuntime` contract)."""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ...cache import CachedVideo, VisualCache, content_key
+from ...cache import CachedVideo, PreparedVideo, VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
-from ...layers import KVCache, RaggedKVCache, RotaryTable, new_attention_inputs
+from ...layers import KVCache, RotaryTable
 from ...runtime import DecodeState as BaseDecodeState
-from ...runtime import ModelRuntime
+from ...runtime import ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer
 from .config import Owl3Config, owl3_config
 from .language import BatchedVisualMemory, VisualMemory
@@ -31,21 +32,11 @@ class DecodeState(BaseDecodeState):
 
 
 @dataclass
-class PrefillState:
+class PrefillState(PrefillJob):
     """A prefill in progress: `state.position` prompt tokens of `ids` are in the cache."""
 
     state: DecodeState
     ids: list[int]
-
-
-@dataclass
-class BatchState:
-    """Requests decoding together: ragged text caches and padded visual memories."""
-
-    cache: RaggedKVCache
-    visual: BatchedVisualMemory | None
-    positions: torch.Tensor  # [B]
-    rows: list[DecodeState]
 
 
 class Owl3Runtime(ModelRuntime):
@@ -111,8 +102,9 @@ class Owl3Runtime(ModelRuntime):
         """A video already encoded under `key` (file identity + sampling): skip decoding and encoding."""
         if self.visual_cache is None:
             return None
-        embeds = self.visual_cache.get(content_key(self.model_key, key))
-        return CachedVideo(key, embeds.shape[0]) if embeds is not None else None
+        full_key = content_key(self.model_key, key)
+        embeds = self.visual_cache.get(full_key)
+        return CachedVideo(key, embeds.shape[0], self.visual_cache.note(full_key)) if embeds is not None else None
 
     @torch.inference_mode()
     def image_embeds(self, inputs: Owl3Inputs) -> torch.Tensor | None:
@@ -124,6 +116,7 @@ class Owl3Runtime(ModelRuntime):
         parts = []
         for item in items:
             key = content_key(self.model_key, item["key"])
+            t0 = time.perf_counter()
             embeds = self.visual_cache.get(key) if self.visual_cache is not None else None
             if embeds is None:
                 if item.get("stream") is not None:  # decode the next chunk while this one is encoded
@@ -134,12 +127,29 @@ class Owl3Runtime(ModelRuntime):
                 else:
                     embeds = self.model.encode_images(item["pixels"])
                 self.stats["encoded_crops"] += embeds.shape[0]
+                item["visual_cache"] = "miss" if self.visual_cache is not None else "off"
                 if self.visual_cache is not None:
-                    self.visual_cache.put(key, embeds)
+                    media = item.get("media")
+                    self.visual_cache.put(key, embeds, media.remember() if isinstance(media, PreparedVideo) else None)
             else:
                 self.stats["cached_crops"] += embeds.shape[0]
+                item["visual_cache"] = "hit"
+            item["encode_s"] = item.get("encode_s", 0.0) + time.perf_counter() - t0
             parts.append(embeds.to(self.device))
         return torch.cat(parts) if parts else None
+
+    def media_audit(self, inputs: Owl3Inputs) -> list[dict]:
+        """Per image/video of the request, in prompt order: what was used and what it cost (see
+        `engine.Generation.media`)."""
+        out = []
+        for item in inputs.get("media_items") or []:
+            media = item.get("media")
+            record = media.describe() if isinstance(media, PreparedVideo) else dict(media or {"type": "image"})
+            record["crops"] = item["crops"]
+            record["visual_cache"] = item.get("visual_cache", "reused")  # an earlier turn's, kept
+            record["encode_s"] = item.get("encode_s", 0.0)
+            out.append(record)
+        return out
 
     @torch.inference_mode()
     def encode_media(self, inputs: Owl3Inputs) -> Owl3Inputs:
@@ -193,13 +203,6 @@ class Owl3Runtime(ModelRuntime):
         state.position = end
         return logits[0, -1] if end == len(job.ids) else None
 
-    def prefill(self, inputs: Owl3Inputs, chunk_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
-        job = self.begin_prefill(inputs)
-        logits = None
-        while logits is None:
-            logits = self.prefill_step(job, chunk_tokens)
-        return logits, job.state
-
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
@@ -238,40 +241,18 @@ class Owl3Runtime(ModelRuntime):
             return None, 0
         return self._prefixes.pop(best), best_len
 
-    # -- batched decoding --------------------------------------------------------------------------
+    # -- batched decoding (the loop is `ModelRuntime`'s; the rows' visual memories are padded together) --
 
-    def start_batch(self, states: list[DecodeState]) -> BatchState:
+    def batch_memory(self, states: list[DecodeState]) -> BatchedVisualMemory | None:
         layers = [h.layer_index for h in self.model.hyper_attentions()]
-        return BatchState(cache=RaggedKVCache.from_caches([s.cache for s in states]),
-                          visual=BatchedVisualMemory.from_memories([s.visual for s in states], layers),
-                          positions=torch.tensor([s.position for s in states], device=self.device),
-                          rows=list(states))
+        return BatchedVisualMemory.from_memories([s.visual for s in states], layers)
 
-    def join_batch(self, batch: BatchState, newcomers: BatchState) -> None:
-        """Requests prefilled since the last step join the running batch (continuous batching)."""
-        batch.visual = BatchedVisualMemory.concat(batch.visual, len(batch.rows), newcomers.visual,
-                                                  len(newcomers.rows))
-        batch.cache.extend(newcomers.cache)
-        batch.positions = torch.cat([batch.positions, newcomers.positions])
-        batch.rows.extend(newcomers.rows)
+    def join_memory(self, memory: BatchedVisualMemory | None, rows: int, newcomers: BatchedVisualMemory | None,
+                    new_rows: int) -> BatchedVisualMemory | None:
+        return BatchedVisualMemory.concat(memory, rows, newcomers, new_rows)
 
-    def keep_rows(self, batch: BatchState, rows: list[int]) -> None:
-        batch.cache.keep(rows)
-        batch.visual = batch.visual.keep(rows) if batch.visual is not None else None
-        batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        batch.rows = [batch.rows[i] for i in rows]
-
-    @torch.inference_mode()
-    def decode_batch(self, batch: BatchState, token_ids: list[int]) -> torch.Tensor:
-        """One decoding step for every row: logits [B, vocab]."""
-        model = self.model
-        ids = torch.tensor(token_ids, device=self.device)[:, None]
-        inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
-                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
-        h = model.llm(model.llm.embed_tokens(ids), inputs)
-        batch.cache.advance(1)
-        batch.positions = batch.positions + 1
-        return model.logits(h[:, -1])
+    def keep_memory(self, memory: BatchedVisualMemory, rows: list[int]) -> BatchedVisualMemory | None:
+        return memory.keep(rows)
 
     def _forward(self, ids: torch.Tensor, start: int, cache: KVCache, visual: VisualMemory | None,
                  last_only: bool = True) -> torch.Tensor:

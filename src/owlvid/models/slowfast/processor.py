@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...cache import PreparedVideo, image_record
 from ...errors import InputError
 from ...tokenizer import QwenTokenizer
 from .config import IMAGE_TOKEN_INDEX, SlowFastConfig
@@ -97,7 +98,7 @@ class ClipImageProcessor:
 class SlowFastInputs(dict):
     """`input_ids` [1, n] (with -200 at `<image>`) and `pixel_values` [T, 3, 576, 576] (or None) as the
     official pipeline, plus `prompt`, `num_frames`, `num_fast_tokens`, `num_slow_tokens`, `seq_len`
-    (prefill length after splicing and truncation) and `truncated`."""
+    (prefill length after splicing and truncation), `truncated` and `media` (the visual's audit record)."""
 
     @property
     def seq_len(self) -> int:
@@ -160,7 +161,9 @@ class SlowFastProcessor:
         """`cut_enable` is accepted for API symmetry with mPLUG-Owl3 and ignored (no image cutting)."""
         del cut_enable
         images = list(images or [])
+        media = [v.describe() if isinstance(v, PreparedVideo) else {"type": "video"} for v in videos or []]
         videos = [self._frames(v) for v in (videos or [])]
+        media += [image_record(as_rgb(i) if isinstance(i, Image.Image) else i) for i in images]
         prompt = render_qwen_1_5(messages)
         n_placeholders = prompt.count(IMAGE)
         n_visuals = len(images) + len(videos)
@@ -188,7 +191,7 @@ class SlowFastProcessor:
             input_ids=torch.tensor([ids], dtype=torch.long),
             pixel_values=self.image_processor(frames) if frames else None,
             modality=modality, prompt=prompt, num_frames=num_frames, num_fast_tokens=n_fast,
-            num_slow_tokens=n_slow, seq_len=seq_len, truncated=truncated)
+            num_slow_tokens=n_slow, seq_len=seq_len, truncated=truncated, media=media)
 
     @staticmethod
     def _frames(video) -> list:

@@ -1,9 +1,14 @@
-"""Slow-Fast video MLLM runtime (SHI-Labs, arXiv 2504.01328): loading, request preparation, prefill
-with the slow-token cross-attention, and cached decoding (plain Qwen2 steps, as the official model)."""
+"""Slow-Fast video MLLM runtime (SHI-Labs, arXiv 2504.01328): loading, request preparation, chunked
+prefill with the slow-token cross-attention, and cached decoding, alone or batched.
+
+Decode steps are plain Qwen2 steps (the official model gives generated tokens no cross-attention), so
+the slow tokens' keys/values live only as long as the prefill, and a decoding batch is rows of ragged
+text caches without any visual memory (`ModelRuntime`'s batched decoding, nothing added here)."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +17,10 @@ import torch
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import CheckpointError, InputError
 from ...layers import KVCache, RotaryTable
-from ...runtime import DecodeState, ModelRuntime
+from ...runtime import DecodeState, ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer
 from .config import IMAGE_TOKEN_INDEX, SlowFastConfig, slowfast_config
+from .language import SlowMemory
 from .model import SlowFast, checkpoint_key_map
 from .processor import IMAGE, SlowFastInputs, SlowFastProcessor
 
@@ -29,11 +35,23 @@ class PreparedSequence:
     slow: torch.Tensor | None  # [N_slow, hidden]
 
 
+@dataclass
+class SlowFastPrefill(PrefillJob):
+    """A prefill in progress: `state.position` positions of `embeds` are in the cache. The spliced
+    sequence and the slow-token K/V are dropped when the last chunk is done."""
+
+    embeds: torch.Tensor | None  # [1, L, hidden]
+    memory: SlowMemory | None  # query rows are positions in the whole sequence
+    length: int
+
+
 class SlowFastRuntime(ModelRuntime):
     architecture = "slowfast"
     image_placeholder = IMAGE
     video_placeholder = IMAGE
     default_video_sampling = "slowfast"
+    supports_chunked_prefill = True
+    supports_batching = True
     # The official generate() runs from inputs_embeds, so a repetition penalty only sees generated ids.
     penalize_prompt = False
 
@@ -111,7 +129,9 @@ class SlowFastRuntime(ModelRuntime):
         is_image = ids == IMAGE_TOKEN_INDEX
         fast = slow = None
         if int(is_image.sum()) and inputs.get("pixel_values") is not None:
+            t0 = time.perf_counter()
             fast, slow = model.fast_and_slow(model.encode_frames(inputs["pixel_values"]))
+            inputs["encode_s"] = time.perf_counter() - t0
             if fast.shape[0] != inputs["num_fast_tokens"]:
                 raise AssertionError(f"fast tokens {fast.shape[0]} != planned {inputs['num_fast_tokens']}")
         if (int(is_image.sum()) > 0) != (fast is not None):
@@ -132,18 +152,55 @@ class SlowFastRuntime(ModelRuntime):
         rows = types.nonzero().flatten()
         return PreparedSequence(embeds[None], rows, num_fast, slow if num_fast else None)
 
+    def media_audit(self, inputs: SlowFastInputs) -> list[dict]:
+        """The request's one visual (see `engine.Generation.media`): no visual cache in this family."""
+        return [{**record, "visual_cache": "off", "encode_s": inputs.get("encode_s", 0.0)}
+                for record in inputs.get("media") or []]
+
     @torch.inference_mode()
-    def prefill(self, inputs: SlowFastInputs) -> tuple[torch.Tensor, DecodeState]:
-        cfg = self.cfg.llm
+    def encode_media(self, inputs: SlowFastInputs) -> SlowFastInputs:
+        """Vision tower, splicing and the slow tokens' K/V now (any thread: they only read the weights), so
+        that the prefill does not; the result rides along in `inputs` until `begin_prefill` takes it."""
+        if "prepared" not in inputs:
+            inputs["prepared"] = self._prepared(inputs)
+        return inputs
+
+    def _prepared(self, inputs: SlowFastInputs) -> tuple[torch.Tensor, SlowMemory | None]:
         seq = self.sequence(inputs)
-        length = seq.embeds.shape[1]
-        memory = None
-        if seq.slow is not None:  # K/V of the slow tokens: once per request, dropped after the prefill
-            memory = self.model.slow_memory(seq.slow, seq.text_rows)
+        # K/V of the slow tokens: once per request, dropped after the prefill
+        memory = self.model.slow_memory(seq.slow, seq.text_rows) if seq.slow is not None else None
+        return seq.embeds, memory
+
+    @torch.inference_mode()
+    def begin_prefill(self, inputs: SlowFastInputs) -> SlowFastPrefill:
+        """Everything before the LLM prefill (vision, slow K/V unless `encode_media` ran); `prefill_step`
+        then feeds the spliced sequence chunk by chunk."""
+        cfg = self.cfg.llm
+        embeds, memory = inputs.pop("prepared", None) or self._prepared(inputs)
+        length = embeds.shape[1]
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length + 256,
                         self.dtype, self.device)
-        h = self.run_decoder(seq.embeds, 0, cache, memory)
-        return self.model.logits(h[:, -1])[0], DecodeState(cache, length)
+        return SlowFastPrefill(DecodeState(cache, 0), embeds, memory, length)
+
+    @torch.inference_mode()
+    def prefill_step(self, job: SlowFastPrefill, max_tokens: int | None = None) -> torch.Tensor | None:
+        """Feed the next `max_tokens` positions (all if None); the next-token logits after the last chunk,
+        None before. Chunks give the result of one call: the cross-attention is per query row over all of
+        the request's slow tokens (no text-to-text interaction), and positions are absolute."""
+        state = job.state
+        start = state.position
+        end = job.length if max_tokens is None else min(job.length, start + max_tokens)
+        memory = None
+        if job.memory is not None:
+            rows = job.memory.query_rows
+            rows = rows[(rows >= start) & (rows < end)] - start
+            memory = SlowMemory(query_rows=rows, kv=job.memory.kv)
+        h = self.run_decoder(job.embeds[:, start:end], start, state.cache, memory)
+        state.position = end
+        if end < job.length:
+            return None
+        job.embeds = job.memory = None
+        return self.model.logits(h[:, -1])[0]
 
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
@@ -152,8 +209,6 @@ class SlowFastRuntime(ModelRuntime):
         h = self.run_decoder(self.model.llm.embed_tokens(ids), state.position, state.cache, None)
         state.position += 1
         return self.model.logits(h[:, -1])[0]
-
-
 
 
 def _stop_ids(folder: Path, raw: dict, tokenizer: QwenTokenizer) -> list[int]:
