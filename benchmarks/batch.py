@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,23 +72,10 @@ def machine() -> dict:
 
 def write_videos(folder: Path, count: int, seconds: int = 4, fps: int = 25) -> list[Path]:
     """`count` different synthetic clips (moving random texture, 640x360 H.264)."""
-    import av
-
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for v in range(count):
-        path = folder / f"video{v:03d}.mp4"
-        base = np.random.default_rng(v).integers(0, 256, (360, 640, 3), dtype=np.uint8)
-        with av.open(str(path), "w") as out:
-            stream = out.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
-            for i in range(seconds * fps):
-                frame = av.VideoFrame.from_ndarray(np.roll(base, 5 * i, axis=1), format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
-        paths.append(path)
+    paths = [folder / f"video{v:03d}.mp4" for v in range(count)]
+    for v, path in enumerate(paths):
+        perf.synthetic_video(path, seconds, fps, seed=v)
     return paths
 
 

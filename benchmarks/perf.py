@@ -424,7 +424,7 @@ def bench_slowfast_batch(model: Model, sizes: list[int], tokens: int) -> list[di
     return rows
 
 
-def synthetic_video(path: Path, seconds: int, fps: int = 25) -> str | None:
+def synthetic_video(path: Path, seconds: int, fps: int = 25, seed: int = 0) -> str | None:
     try:
         import av
     except ImportError:
@@ -432,8 +432,7 @@ def synthetic_video(path: Path, seconds: int, fps: int = 25) -> str | None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
-        rng = np.random.default_rng(0)
-        base = rng.integers(0, 256, (360, 640, 3), dtype=np.uint8)
+        base = np.random.default_rng(seed).integers(0, 256, (360, 640, 3), dtype=np.uint8)
         for i in range(seconds * fps):
             frame = av.VideoFrame.from_ndarray(np.roll(base, 5 * i, axis=1), format="rgb24")
             for packet in stream.encode(frame):
