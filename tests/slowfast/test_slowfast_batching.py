@@ -95,11 +95,15 @@ def test_generate_each_and_run_batch_use_the_batch(model, no_stop_tokens):
     """Batch jobs (`jobs.generate_each`) and `run_batch` decode Slow-Fast requests together."""
     convs = conversations()
     alone = [model.generate(c, max_new_tokens=5).token_ids for c in convs]
+    jobs = [(i, (c, {"max_new_tokens": 5})) for i, c in enumerate(convs)]
+    # prefetch=0: jobs are prepared on the engine thread, so all four are admitted before the first step
     with llm_calls(model) as calls:
-        results = dict(generate_each(model, [(i, (c, {"max_new_tokens": 5})) for i, c in enumerate(convs)],
-                                     max_batch=4))
+        results = dict(generate_each(model, jobs, max_batch=4, prefetch=0))
     assert [results[i].token_ids for i in range(4)] == alone
     assert calls.count(4) == 4
+    # with prefetching (the default) jobs join as they are ready: the same tokens
+    results = dict(generate_each(model, jobs, max_batch=4))
+    assert [results[i].token_ids for i in range(4)] == alone
     items = [(*model.prepare(c), SamplingParams(max_new_tokens=5)) for c in convs]
     assert [g.token_ids for g in run_batch(model.runtime, items, max_batch=2, prefill_chunk=16)] == alone
 
