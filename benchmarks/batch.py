@@ -224,6 +224,8 @@ def measure(label: str, args: argparse.Namespace, work: Path) -> list[dict]:
     warm = work / f"warm-{label}.jsonl"
     warm.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
     run_batch(model, warm, work, False, 2, args.prefetch)
+    if args.ray_only:  # the Ray rows and their single-process reference only (long jobs: start-up amortized)
+        return ray_rows(label, source, work, args)
     n = len(lines)
     runs: list[tuple[str, Callable[[], float]]] = [
         ("loop, cache off", lambda: run_loop(model, lines, max_tokens, False)),
@@ -235,6 +237,8 @@ def measure(label: str, args: argparse.Namespace, work: Path) -> list[dict]:
         (f"batch, cache on, max_batch {args.max_batch}, prefetch 0",
          lambda: run_batch(model, source, work, True, args.max_batch, 0)),
     ]
+    if args.runs:  # a subset (long real-shape runs); the speed-up split needs all of them
+        runs = [(name, fn) for name, fn in runs if name in args.runs]
     rows = []
     for name, fn in runs:
         seconds = min(fn() for _ in range(args.repeat))  # the least disturbed run on a shared machine
@@ -242,6 +246,8 @@ def measure(label: str, args: argparse.Namespace, work: Path) -> list[dict]:
                      "frames": frames, "max_tokens": max_tokens, "seconds": seconds, "requests_per_s": n / seconds})
         perf.table(f"{label}: {name}", rows[-1:])
     rows += ray_rows(label, source, work, args)
+    if args.runs:
+        return rows
     rate = {r["run"]: r["requests_per_s"] for r in rows}
     base = rate["loop, cache off"]
     for r in rows:
@@ -273,6 +279,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest counts")
     ap.add_argument("--quick", action="store_true", help="2 videos x 4 questions, 1 frame, 4 tokens")
     ap.add_argument("--ray", default="", help="replica counts for Ray rows, e.g. 1,2 (see ray_rows)")
+    ap.add_argument("--runs", type=lambda t: [x.strip() for x in t.split(";") if x.strip()], default=None,
+                    help="only these rows, by name, ';'-separated (e.g. 'loop, cache on;batch, cache on, max_batch 8')")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray rows and the single-process job")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     if args.quick:

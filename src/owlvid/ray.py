@@ -172,7 +172,9 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
     reachable from every node). Uses the Ray connection of this process if there is one, else
     `ray.init(address=ray_address)` (None: `RAY_ADDRESS`, or a new local cluster), closed at the end.
     `requests_per_batch` is the size of a Ray batch (default: about 4 batches per replica, from max_batch to
-    4 x max_batch requests): smaller spreads the work more evenly, larger keeps batching fuller.
+    16 x max_batch requests): smaller spreads the work more evenly; larger keeps batching fuller and lets a
+    replica decode the next videos of its batch while it answers (with at most 4 x max_batch, a replica
+    waited for each new video: +23% on a 1024-request job against one process; +6% with 16 x).
     Returns `batch.run`'s summary."""
     if num_replicas < 1:
         raise InputError("num_replicas must be at least 1")
@@ -188,7 +190,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
     root = str(plan.root.resolve()) if allowed_local_media_path is not None else None
     lines = Path(input_path).read_bytes().split(b"\n")  # as read_requests numbers them
     groups = [[lines[r.line - 1].decode("utf-8") for r in group] for group in batch.job_groups(plan.todo)]
-    per_batch = requests_per_batch or max(max_batch, min(4 * max_batch,
+    per_batch = requests_per_batch or max(max_batch, min(16 * max_batch,
                                                           math.ceil(len(plan.todo) / (4 * num_replicas))))
     started = _connect(ray, ray_address)
     import ray.data  # configures its logger: quieted below, after that
