@@ -19,7 +19,7 @@ import os
 import random
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,9 +261,5 @@ def _record(q: Question, proto: Protocol, runtime: Any, result: Any, audit: dict
         return {**base, **answered, "predicted": None, "correct": False, "parsed": False,
                 "error": f"cannot score: {e}"}
     return {**base, **answered, "predicted": score.predicted, "correct": bool(score.correct),
-            "parsed": bool(score.parsed), "note": getattr(score, "note", ""), "error": None}
+            "parsed": bool(score.parsed), "note": score.note, "error": None}
 
-
-def iter_records(outdir: str | os.PathLike) -> Iterator[dict]:
-    """The prediction lines of a run folder."""
-    yield from _read_predictions(Path(outdir) / PREDICTIONS)
