@@ -32,7 +32,7 @@ def _nucleus(logits: torch.Tensor, top_p: float, temperature: float) -> set[int]
 def test_top_k_draws_only_among_the_k_best(top_k):
     logits = _crafted_logits()
     allowed = set(torch.topk(logits, top_k).indices.tolist())
-    drawn = {Sampler(SamplingParams(temperature=1.5, top_k=top_k, seed=seed))(logits, []) for seed in range(300)}
+    drawn = {Sampler(SamplingParams(temperature=1.5, top_k=top_k, seed=seed))(logits) for seed in range(300)}
     assert drawn <= allowed
     assert len(drawn) == min(top_k, 3) or len(drawn) > 3  # really sampled, not always the argmax
     if top_k > 1:
@@ -43,14 +43,14 @@ def test_top_k_one_is_greedy():
     for seed in range(20):
         logits = _crafted_logits(seed=seed)
         params = SamplingParams(temperature=2.0, top_k=1, seed=seed)
-        assert Sampler(params)(logits, []) == int(torch.argmax(logits))
+        assert Sampler(params)(logits) == int(torch.argmax(logits))
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
 def test_top_p_draws_only_from_the_nucleus(top_p):
     logits = _crafted_logits(seed=1)
     allowed = _nucleus(logits, top_p, 1.3)
-    drawn = {Sampler(SamplingParams(temperature=1.3, top_p=top_p, seed=seed))(logits, []) for seed in range(300)}
+    drawn = {Sampler(SamplingParams(temperature=1.3, top_p=top_p, seed=seed))(logits) for seed in range(300)}
     assert drawn <= allowed
     assert len(drawn) == len(allowed) or len(allowed) > 5  # every member of a small nucleus shows up
 
@@ -58,7 +58,7 @@ def test_top_p_draws_only_from_the_nucleus(top_p):
 def test_top_k_and_top_p_together_draw_from_the_intersection():
     logits = _crafted_logits(seed=2)
     allowed = set(torch.topk(logits, 4).indices.tolist()) & _nucleus(logits, 0.5, 1.0)
-    drawn = {Sampler(SamplingParams(temperature=1.0, top_k=4, top_p=0.5, seed=s))(logits, []) for s in range(200)}
+    drawn = {Sampler(SamplingParams(temperature=1.0, top_k=4, top_p=0.5, seed=s))(logits) for s in range(200)}
     assert drawn <= allowed
 
 

@@ -15,35 +15,8 @@ import torch
 
 from .errors import InputError, UnsupportedError
 from .runtime import ModelRuntime
+from .sampling import Sampler, SamplingParams, sample
 from .tokenizer import IncrementalDecoder
-
-
-@dataclass
-class SamplingParams:
-    """Decoding settings. temperature 0 (the default) is greedy, as the official README path."""
-
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self) -> SamplingParams:
-        if self.max_new_tokens < 1:
-            raise InputError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise InputError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InputError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise InputError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise InputError("repetition_penalty must be > 0")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        return self
 
 
 def check_context(prompt_tokens: int, max_positions: int, max_new_tokens: int | None = None) -> None:
@@ -86,36 +59,6 @@ class Generation:
     media: list[dict] = field(default_factory=list)
 
 
-class Sampler:
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
-        self.params = params
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        p = self.params
-        logits = logits.float().cpu().clone()  # a normal tensor: edited in place below
-        if p.repetition_penalty != 1.0 and history:
-            ids = torch.tensor(sorted(set(history)), dtype=torch.long)
-            ids = ids[ids < logits.shape[-1]]
-            seen = logits[ids]
-            logits[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
-            logits[order[drop]] = float("-inf")
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
 @dataclass
 class TokenEvent:
     token_id: int
@@ -131,11 +74,10 @@ class RequestStream:
         self.params = params
         self.prompt_ids = list(prompt_ids)
         self.budget = min(params.max_new_tokens, runtime.max_positions - len(prompt_ids))
-        self.sampler = Sampler(params)
+        # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
+        self.sampler = Sampler(params, history=prompt_ids if runtime.penalize_prompt else ())
         self.decoder = IncrementalDecoder(runtime.tokenizer)
         self.stops = set(runtime.stop_token_ids)
-        # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
-        self.history = list(prompt_ids) if runtime.penalize_prompt else []
         self.generated: list[int] = []
         self.text = ""  # text emitted so far (the final text once done)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
@@ -150,14 +92,17 @@ class RequestStream:
         return self.finish_reason is not None
 
     def accept(self, logits: torch.Tensor) -> list[TokenEvent]:
-        """Sample the next token from `logits`; returns the text it completes. Sets `done` when finished.
-        When not done, the caller feeds `self.generated[-1]` to the model for the next logits."""
-        token = self.sampler(logits, self.history)
+        """Sample the next token from `logits` [vocab]; see `accept_token`."""
+        return self.accept_token(self.sampler(logits))
+
+    def accept_token(self, token: int) -> list[TokenEvent]:
+        """The next token (sampled by `self.sampler`); returns the text it completes. Sets `done` when
+        finished. When not done, the caller feeds `self.generated[-1]` to the model for the next logits."""
         if token in self.stops:
             self.finish_reason = "stop"
             return self._finish_text(self.generated[-1] if self.generated else -1)
         self.generated.append(token)
-        self.history.append(token)
+        self.sampler.observe(token)
         events = self._emit(token, self.decoder.push(token), final=False)
         if not self.done and len(self.generated) >= self.budget:
             self.finish_reason = "length"
@@ -287,16 +232,16 @@ class BatchEngine:
     def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
         events = stream.accept(logits)
         if not stream.done:
-            self._join(stream, state)
+            self._join([(stream, state)])
         return events
 
-    def _join(self, stream: RequestStream, state: Any) -> None:
-        newcomer = self.runtime.start_batch([state])
+    def _join(self, joining: list[tuple[RequestStream, Any]]) -> None:
+        states = [state for _, state in joining]
         if self.batch is None:
-            self.batch = newcomer
+            self.batch = self.runtime.start_batch(states, max_rows=self.max_batch)
         else:
-            self.runtime.join_batch(self.batch, newcomer)
-        self.streams.append(stream)
+            self.runtime.join_batch(self.batch, states)
+        self.streams += [stream for stream, _ in joining]
 
     def remove(self, stream: RequestStream) -> None:
         """Drop a request from the batch or the prefill queue (its client went away)."""
@@ -318,8 +263,7 @@ class BatchEngine:
         finished requests leave the batch. A request whose prefill completes here gets its first token."""
         out = []
         if self.joining:
-            for stream, state in self.joining:
-                self._join(stream, state)
+            self._join(self.joining)
             self.joining = []
         elif self.prefilling:
             stream, job = self.prefilling[0]
@@ -336,11 +280,12 @@ class BatchEngine:
             return out
         t0 = time.perf_counter()
         logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
+        tokens = sample(logits, [s.sampler for s in self.streams]).tolist()  # the step's one device read
         seconds = time.perf_counter() - t0
         for s in self.streams:
             s.timings["decode_s"] = s.timings.get("decode_s", 0.0) + seconds
             s.timings["decode_steps"] = s.timings.get("decode_steps", 0) + 1
-        out += [(s, s.accept(logits[i])) for i, s in enumerate(self.streams)]
+        out += [(s, s.accept_token(t)) for s, t in zip(self.streams, tokens)]
         keep = [i for i, s in enumerate(self.streams) if not s.done]
         if len(keep) != len(self.streams):
             self.streams = [self.streams[i] for i in keep]

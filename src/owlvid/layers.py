@@ -48,14 +48,18 @@ class RotaryTable:
         emb = torch.outer(t, self.inv_freq).repeat(1, 2)
         self._cos, self._sin = emb.cos(), emb.sin()
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 cos/sin rows for integer `positions` (any shape) -> [..., head_dim]."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+    def table(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin rows for integer `positions` (any shape) -> [..., head_dim]. `max_position`, when
+        the caller knows it, spares reading the largest position back from the device."""
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else -1
+        self._ensure(max_position + 1)
         return self._cos[positions], self._sin[positions]
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for `positions` ([..., T]) in `dtype`, shaped [..., T, head_dim]."""
-        cos, sin = self.table(positions)
+        cos, sin = self.table(positions, max_position)
         return cos.to(dtype), sin.to(dtype)
 
 
@@ -177,77 +181,123 @@ class KVCache:
 
 
 class RaggedKVCache:
-    """Key/value storage for a decoding batch whose sequences have different lengths.
+    """Key/value storage for a decoding batch whose sequences have different lengths, allocated once.
 
-    Row b holds `lengths[b]` valid entries; `append` writes one new token per row at its own length,
-    and `valid_mask()` hides the padding from attention. Rows can join and leave between steps.
+    Storage is [rows, Hkv, capacity, D] per layer for up to `rows` requests; the batch's B requests are
+    its first B rows, row b holding `lengths[b]` valid entries. `append` writes one new token per row at
+    its own length, in place, and `valid_mask()` hides the padding from attention. Requests join into the
+    next free rows and leaving rows are compacted in place, so the storage is reallocated only when the
+    batch outgrows it (capacity doubles). The lengths are mirrored on the host: no step reads them back
+    from the device (on a GPU every such read is a synchronisation).
     """
 
-    def __init__(self, layers: list[LayerKV], lengths: torch.Tensor) -> None:
-        self.layers = layers
-        self.lengths = lengths  # [B] long
+    def __init__(self, layers: list[LayerKV], lengths: list[int], device: torch.device | str) -> None:
+        self.layers = layers  # [rows, Hkv, capacity, D] each; only the first len(host_lengths) rows in use
+        self.host_lengths = list(lengths)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)  # [B] on the device
 
     @classmethod
-    def from_caches(cls, caches: list[KVCache], extra: int = 64) -> RaggedKVCache:
-        lengths = torch.tensor([c.length for c in caches], dtype=torch.long)
-        capacity = int(lengths.max()) + extra
-        layers = []
-        for i in range(len(caches[0].layers)):
-            ref = caches[0].layers[i].k
-            shape = (len(caches), ref.shape[1], capacity, ref.shape[3])
-            k, v = ref.new_zeros(shape), ref.new_zeros(shape)
-            for b, c in enumerate(caches):
-                k[b, :, : c.length] = c.layers[i].k[0, :, : c.length]
-                v[b, :, : c.length] = c.layers[i].v[0, :, : c.length]
-            layers.append(LayerKV(k, v))
-        return cls(layers, lengths.to(ref.device))
+    def from_caches(cls, caches: list[KVCache], rows: int | None = None, extra: int = 64) -> RaggedKVCache:
+        """A batch of these prefilled requests, with room for `rows` requests (default: just these)."""
+        ref = caches[0].layers[0].k
+        cache = cls.allocate(len(caches[0].layers), max(rows or 0, len(caches)), ref.shape[1],
+                             max(c.length for c in caches) + extra, ref.shape[3], ref.dtype, ref.device)
+        cache.add(caches)
+        return cache
+
+    @classmethod
+    def allocate(cls, num_layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> RaggedKVCache:
+        """Empty storage. Zeros, not `empty`: padding is masked, but a NaN there would still reach the
+        output through 0 * NaN in the attention's weighted sum."""
+        shape = (rows, kv_heads, capacity, head_dim)
+        return cls([LayerKV(torch.zeros(shape, dtype=dtype, device=device),
+                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)], [], device)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.host_lengths)
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0].k.shape[0]
 
     @property
     def capacity(self) -> int:
         return self.layers[0].k.shape[2]
 
+    def add(self, caches: list[KVCache]) -> None:
+        """Prefilled requests join the batch: their keys/values are copied into the next free rows."""
+        start, end = self.batch_size, self.batch_size + len(caches)
+        longest = max([c.length for c in caches] + self.host_lengths)
+        self._reserve(end, longest + 1)
+        for i, entry in enumerate(self.layers):
+            for b, c in enumerate(caches, start):
+                entry.k[b, :, : c.length] = c.layers[i].k[0, :, : c.length]
+                entry.v[b, :, : c.length] = c.layers[i].v[0, :, : c.length]
+        self.host_lengths += [c.length for c in caches]
+        self.lengths = torch.cat([self.lengths, torch.tensor([c.length for c in caches], dtype=torch.long,
+                                                             device=self.lengths.device)])
+
+    def extend(self, other: RaggedKVCache) -> None:
+        """Append the rows of another ragged cache (another batch's requests)."""
+        start, end = self.batch_size, self.batch_size + other.batch_size
+        self._reserve(end, max(other.host_lengths + self.host_lengths) + 1)
+        for mine, theirs in zip(self.layers, other.layers):
+            n = min(other.capacity, self.capacity)
+            mine.k[start:end, :, :n] = theirs.k[: other.batch_size, :, :n]
+            mine.v[start:end, :, :n] = theirs.v[: other.batch_size, :, :n]
+        self.host_lengths += other.host_lengths
+        self.lengths = torch.cat([self.lengths, other.lengths])
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (ascending) stay: each moves down into the first free row, in place."""
+        for i, r in enumerate(rows):
+            if r != i:
+                n = self.host_lengths[r]
+                for entry in self.layers:
+                    entry.k[i, :, :n] = entry.k[r, :, :n]
+                    entry.v[i, :, :n] = entry.v[r, :, :n]
+        self.host_lengths = [self.host_lengths[r] for r in rows]
+        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.lengths.device)]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if int(self.lengths.max()) + 1 > self.capacity:
-            self._grow(2 * self.capacity)
-        entry = self.layers[layer]
-        rows = torch.arange(k.shape[0], device=k.device)
+        """Store one new token per row (k/v [B, Hkv, 1, D]) at each row's length; all keys/values up to the
+        longest row (the padding is hidden by `valid_mask`)."""
+        end = self.end
+        if end > self.capacity:
+            self._reserve(self.batch_size, end)
+        entry, b = self.layers[layer], k.shape[0]
+        rows = torch.arange(b, device=k.device)
         entry.k[rows, :, self.lengths] = k[:, :, 0]
         entry.v[rows, :, self.lengths] = v[:, :, 0]
-        end = int(self.lengths.max()) + 1
-        return entry.k[:, :, :end], entry.v[:, :, :end]
+        return entry.k[:b, :, :end], entry.v[:b, :, :end]
+
+    @property
+    def end(self) -> int:
+        """Keys visible to this step: the longest row plus its new token."""
+        return max(self.host_lengths) + 1
 
     def valid_mask(self) -> torch.Tensor:
         """Bool [B, 1, 1, S] over the keys after this step's append."""
-        end = int(self.lengths.max()) + 1
-        return (torch.arange(end, device=self.lengths.device)[None, :] <= self.lengths[:, None])[:, None, None]
+        return (torch.arange(self.end, device=self.lengths.device)[None, :] <= self.lengths[:, None])[:, None, None]
 
     def advance(self, n: int = 1) -> None:
-        self.lengths = self.lengths + n
+        self.lengths += n
+        self.host_lengths = [length + n for length in self.host_lengths]
 
-    def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        for entry in self.layers:
-            entry.k, entry.v = entry.k[index], entry.v[index]
-        self.lengths = self.lengths[index]
-
-    def extend(self, other: RaggedKVCache) -> None:
-        """Append the rows of `other` (requests joining the batch)."""
-        capacity = max(self.capacity, other.capacity)
-        for mine, theirs in zip(self.layers, other.layers):
-            for name in ("k", "v"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                out = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
-                out[: a.shape[0], :, : a.shape[2]] = a
-                out[a.shape[0]:, :, : b.shape[2]] = b
-                setattr(mine, name, out)
-        self.lengths = torch.cat([self.lengths, other.lengths])
-
-    def _grow(self, capacity: int) -> None:
+    def _reserve(self, rows: int, capacity: int) -> None:
+        """Grow the storage (doubling) to at least `rows` rows of `capacity` keys, keeping the contents."""
+        if rows <= self.rows and capacity <= self.capacity:
+            return
+        new_rows = self.rows if rows <= self.rows else max(rows, 2 * self.rows)
+        new_capacity = self.capacity if capacity <= self.capacity else max(capacity, 2 * self.capacity)
+        used = self.batch_size
         for entry in self.layers:
             for name in ("k", "v"):
                 old = getattr(entry, name)
-                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-                new[:, :, : old.shape[2]] = old
+                new = old.new_zeros((new_rows, old.shape[1], new_capacity, old.shape[3]))
+                new[:used, :, : old.shape[2]] = old[:used]
                 setattr(entry, name, new)
 
 
@@ -304,7 +354,7 @@ class AttentionInputs:
     positions: torch.Tensor  # [B, T] RoPE positions of the new tokens
     cos: torch.Tensor  # [B, 1, T, D] in activation dtype
     sin: torch.Tensor
-    cache: KVCache
+    cache: KVCache | RaggedKVCache
     causal_mask: torch.Tensor | None  # [B, 1, T, S] bool over cached+new text keys, None = plain causal
     visual: object | None = None  # model-specific per-request visual memory (see the model files)
 
@@ -431,10 +481,10 @@ class Qwen2Decoder(nn.Module):
         return self.norm(h)
 
 
-def new_attention_inputs(rope: RotaryTable, positions: torch.Tensor, cache: KVCache, dtype: torch.dtype,
-                         causal_mask: torch.Tensor | None = None, visual: object | None = None
-                         ) -> AttentionInputs:
-    cos, sin = rope.lookup(positions, dtype)
+def new_attention_inputs(rope: RotaryTable, positions: torch.Tensor, cache: KVCache | RaggedKVCache,
+                         dtype: torch.dtype, causal_mask: torch.Tensor | None = None, visual: object | None = None,
+                         max_position: int | None = None) -> AttentionInputs:
+    cos, sin = rope.lookup(positions, dtype, max_position)
     return AttentionInputs(positions=positions, cos=cos[:, None], sin=sin[:, None], cache=cache,
                            causal_mask=causal_mask, visual=visual)
 

@@ -22,7 +22,7 @@ so that the API, the server and batch jobs apply it the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,6 +61,7 @@ class DecodeBatch:
     positions: torch.Tensor  # [B]
     rows: list[DecodeState]
     visual: Any = None
+    host_positions: list[int] = field(default_factory=list)  # `positions` on the host (no device reads)
 
 
 class ModelRuntime:
@@ -150,41 +151,51 @@ class ModelRuntime:
     def prefill_step(self, job: Any, max_tokens: int | None = None) -> torch.Tensor | None:
         raise UnsupportedError(f"{self.architecture} has no chunked prefill")
 
-    def start_batch(self, states: list[DecodeState]) -> DecodeBatch:
-        """A decoding batch of prefilled requests (their caches are copied into one ragged cache)."""
+    @torch.inference_mode()
+    def start_batch(self, states: list[DecodeState], max_rows: int | None = None) -> DecodeBatch:
+        """A decoding batch of prefilled requests (their caches are copied into one ragged cache with room
+        for `max_rows` requests, so that later ones join without reallocating it)."""
         self._require_batching()
-        return DecodeBatch(cache=RaggedKVCache.from_caches([s.cache for s in states]),
+        return DecodeBatch(cache=RaggedKVCache.from_caches([s.cache for s in states], rows=max_rows),
                            positions=torch.tensor([s.position for s in states], device=self.device),
-                           rows=list(states), visual=self.batch_memory(states))
+                           rows=list(states), visual=self.batch_memory(states),
+                           host_positions=[s.position for s in states])
 
-    def join_batch(self, batch: DecodeBatch, newcomers: DecodeBatch) -> None:
+    @torch.inference_mode()
+    def join_batch(self, batch: DecodeBatch, states: list[DecodeState]) -> None:
         """Requests prefilled since the last step join the running batch (continuous batching)."""
         self._require_batching()
-        batch.visual = self.join_memory(batch.visual, len(batch.rows), newcomers.visual, len(newcomers.rows))
-        batch.cache.extend(newcomers.cache)
-        batch.positions = torch.cat([batch.positions, newcomers.positions])
-        batch.rows.extend(newcomers.rows)
+        batch.visual = self.join_memory(batch.visual, len(batch.rows), self.batch_memory(states), len(states))
+        batch.cache.add([s.cache for s in states])
+        batch.positions = torch.cat([batch.positions, torch.tensor([s.position for s in states], device=self.device)])
+        batch.host_positions += [s.position for s in states]
+        batch.rows.extend(states)
 
+    @torch.inference_mode()
     def keep_rows(self, batch: DecodeBatch, rows: list[int]) -> None:
-        """Only these rows (indices into the batch, in order) go on decoding."""
+        """Only these rows (indices into the batch, ascending) go on decoding."""
         self._require_batching()
         batch.cache.keep(rows)
         batch.visual = self.keep_memory(batch.visual, rows) if batch.visual is not None else None
         batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        batch.host_positions = [batch.host_positions[i] for i in rows]
         batch.rows = [batch.rows[i] for i in rows]
 
     @torch.inference_mode()
-    def decode_batch(self, batch: DecodeBatch, token_ids: list[int]) -> torch.Tensor:
-        """One decoding step for every row in one forward call: logits [B, vocab]. Each row attends only
-        to its own keys (the padding of the ragged cache is masked) at its own position."""
+    def decode_batch(self, batch: DecodeBatch, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """One decoding step for every row in one forward call: float32 logits [B, vocab] on the device.
+        Each row attends only to its own keys (the padding of the ragged cache is masked) at its own
+        position. `token_ids` may be a device tensor [B] (the sampler's output): nothing is read back."""
         self._require_batching()
         model = self.model
-        ids = torch.tensor(token_ids, device=self.device)[:, None]
+        ids = torch.as_tensor(token_ids, device=self.device).reshape(-1, 1)
         inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
-                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual)
+                                      causal_mask=batch.cache.valid_mask(), visual=batch.visual,
+                                      max_position=max(batch.host_positions))
         h = model.llm(model.llm.embed_tokens(ids), inputs)
         batch.cache.advance(1)
-        batch.positions = batch.positions + 1
+        batch.positions += 1
+        batch.host_positions = [p + 1 for p in batch.host_positions]
         return model.logits(h[:, -1])
 
     # Hooks of `supports_batching` for a family whose decode steps read a visual memory (default: none).
@@ -212,7 +223,8 @@ class ModelRuntime:
         `cache`; `memory` is the family's visual memory read by its special layers. Hidden states out."""
         model = self.model
         positions = torch.arange(start, start + embeds.shape[1], device=self.device)[None]
-        inputs = new_attention_inputs(model.rope, positions, cache, self.dtype, visual=memory)
+        inputs = new_attention_inputs(model.rope, positions, cache, self.dtype, visual=memory,
+                                      max_position=start + embeds.shape[1] - 1)
         h = model.llm(embeds, inputs)
         cache.advance(embeds.shape[1])
         return h

@@ -81,6 +81,7 @@ class BatchedVisualMemory:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     key_mask: torch.Tensor
     has_media: torch.Tensor
+    media_rows: list[bool]  # `has_media` on the host: rows leaving the batch need no device read
 
     @classmethod
     def from_memories(cls, memories: list[VisualMemory | None], layers: list[int]) -> BatchedVisualMemory | None:
@@ -100,7 +101,7 @@ class BatchedVisualMemory:
             kv[layer] = (k, v)
         sizes_t = torch.tensor(sizes, device=ref_k.device)
         key_mask = torch.arange(n_max, device=ref_k.device)[None, :] < sizes_t[:, None]
-        return cls(kv=kv, key_mask=key_mask, has_media=sizes_t > 0)
+        return cls(kv=kv, key_mask=key_mask, has_media=sizes_t > 0, media_rows=[n > 0 for n in sizes])
 
     @staticmethod
     def concat(a: BatchedVisualMemory | None, rows_a: int, b: BatchedVisualMemory | None, rows_b: int
@@ -120,17 +121,19 @@ class BatchedVisualMemory:
                     k[lo:hi, :, :n], v[lo:hi, :, :n] = m.kv[layer]
             kv[layer] = (k, v)
         mask = torch.zeros(rows_a + rows_b, n_max, dtype=torch.bool, device=ref.key_mask.device)
+        media_rows = []
         for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
             if m is not None:
                 mask[lo:hi, : m.key_mask.shape[1]] = m.key_mask
-        return BatchedVisualMemory(kv=kv, key_mask=mask, has_media=mask.any(dim=1))
+            media_rows += m.media_rows if m is not None else [False] * (hi - lo)
+        return BatchedVisualMemory(kv=kv, key_mask=mask, has_media=mask.any(dim=1), media_rows=media_rows)
 
     def keep(self, rows: list[int]) -> BatchedVisualMemory | None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.key_mask.device)
-        if not bool(self.has_media[index].any()):
+        if not any(self.media_rows[i] for i in rows):
             return None
+        index = torch.tensor(rows, dtype=torch.long, device=self.key_mask.device)
         return BatchedVisualMemory({layer: (k[index], v[index]) for layer, (k, v) in self.kv.items()},
-                                   self.key_mask[index], self.has_media[index])
+                                   self.key_mask[index], self.has_media[index], [self.media_rows[i] for i in rows])
 
 
 class HyperAttention(Qwen2Attention):
