@@ -79,8 +79,13 @@ class RequestStream:
         self.decoder = IncrementalDecoder(runtime.tokenizer)
         self.stops = set(runtime.stop_token_ids)
         self.generated: list[int] = []
-        self.text = ""  # text emitted so far (the final text once done)
+        self._parts: list[str] = []  # text emitted so far, in pieces joined on demand (see `text`)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        self._stops = [s for s in params.stop if s]
+        # A stop string can only begin in the held text (see `_emit`); the last max(len)-1 emitted characters
+        # are kept too, so the scanned window is bounded by the stop strings, not by the text length.
+        self._tail_len = max(map(len, self._stops), default=1) - 1
+        self._tail = ""
         self.finish_reason: str | None = None
         self.timings: dict[str, float] = {}
         self.media: list[dict] = []  # the request's media audit (`Generation.media`), set once prefilled
@@ -90,6 +95,13 @@ class RequestStream:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far (the final text once done)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def accept(self, logits: torch.Tensor) -> list[TokenEvent]:
         """Sample the next token from `logits` [vocab]; see `accept_token`."""
@@ -113,18 +125,22 @@ class RequestStream:
         """Add decoded text and return the part that is certain. Text that may be the start of a stop
         string is held back until it cannot be (or the generation ends), so the streamed deltas always
         join to exactly the final text, which ends before the first stop string."""
-        candidate = self.text + self._held + delta
-        stops = [s for s in self.params.stop if s]
+        # Only a bounded window is scanned: the held text, the delta and the emitted tail (where no stop
+        # string can start, as it would have been held back, but kept to match any overlap exactly).
+        tail = self._tail
+        window = tail + self._held + delta
+        stops = self._stops
         if stops:
-            start = max(0, len(self.text) - max(map(len, stops)))  # self.text holds no complete stop string
-            hits = [i for i in (candidate.find(s, start) for s in stops) if i >= 0]
+            hits = [i for i in (window.find(s) for s in stops) if i >= 0]
             if hits:
-                final, candidate = True, candidate[: min(hits)]
+                final, window = True, window[: min(hits)]
                 self.finish_reason = "stop"
-        keep = 0 if final else _stop_prefix_length(candidate, stops, len(self.text))
-        out = candidate[len(self.text): len(candidate) - keep]
-        self._held = candidate[len(candidate) - keep:]
-        self.text += out
+        keep = 0 if final else _stop_prefix_length(window, stops, len(tail))
+        out = window[len(tail): len(window) - keep]
+        self._held = window[len(window) - keep:]
+        if out:
+            self._parts.append(out)
+            self._tail = (tail + out)[-self._tail_len:] if self._tail_len else ""
         return [TokenEvent(token, out)]
 
     def _finish_text(self, token: int) -> list[TokenEvent]:

@@ -75,24 +75,36 @@ class QwenTokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas that never split a UTF-8 character."""
+    """Turns a stream of ids into text deltas that never split a UTF-8 character.
+
+    Built on `tokenizers.decoders.DecodeStream`, which decodes only a short window (the ids of the last
+    chunk it gave out, as context, plus those not given out yet) per id instead of the whole sequence.
+    The deltas joined with `flush()` equal `tokenizer.decode(all ids)` exactly: every chunk ends after a
+    complete character, so the byte-level text splits cleanly there.
+    """
 
     def __init__(self, tokenizer: QwenTokenizer) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+        self._stream = decoders.DecodeStream(skip_special_tokens=True)
+        self._pending: list[int] = []  # ids fed to the stream whose text has not come out yet
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for the next token
+        tok = self.tokenizer
+        # Ids past the vocabulary and (skipped) special tokens have no text; keeping them out of the stream
+        # also keeps its window short when a model emits many of them in a row.
+        if not 0 <= token_id < tok.vocab_size or token_id in tok.special_ids:
             return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+        self._pending.append(token_id)
+        chunk = self._stream.step(tok._tok, token_id)
+        if chunk is None:  # an incomplete character (or a text ending in U+FFFD): wait for the next id
+            return ""
+        self._pending.clear()
+        return chunk
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+        """The text of the ids still held back (with the U+FFFD a full decode gives an incomplete character);
+        the decoder starts afresh afterwards."""
+        text = self.tokenizer.decode(self._pending) if self._pending else ""
+        self._pending = []
+        self._stream = decoders.DecodeStream(skip_special_tokens=True)
+        return text
