@@ -47,30 +47,35 @@ class SamplingParams:
 
 class Sampler:
     """One request's sampling state: its settings, its random generator (seeded requests) and, with a
-    repetition penalty, the set of token ids seen so far as a bool mask on the device."""
+    repetition penalty, the token ids seen so far (on the host, and as an index tensor on the device)."""
 
     def __init__(self, params: SamplingParams, history: Iterable[int] = ()) -> None:
         self.params = params
         self.seed = params.seed
         self.generator: torch.Generator | None = None  # made on the logits' device at the first draw
         self.penalized = params.repetition_penalty != 1.0
-        self._pending = list(history) if self.penalized else []  # ids not yet in `_seen`
-        self._seen: torch.Tensor | None = None
+        self._seen: set[int] = set()
+        self._new: list[int] = []  # seen ids not yet in `_ids`
+        self._ids: torch.Tensor | None = None
+        for token_id in history if self.penalized else ():
+            self.observe(token_id)
 
     def observe(self, token_id: int) -> None:
         """A token joined the sequence (it is penalised from the next step on)."""
-        if self.penalized:
-            self._pending.append(token_id)
+        if self.penalized and token_id not in self._seen:
+            self._seen.add(token_id)
+            self._new.append(token_id)
 
-    def seen(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """Bool [vocab]: the ids the repetition penalty applies to (ids past the vocabulary are ignored)."""
-        if self._seen is None:
-            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        if self._pending:
-            ids = torch.tensor([i for i in self._pending if 0 <= i < vocab], dtype=torch.long)
-            self._seen[ids.to(device, non_blocking=True)] = True
-            self._pending.clear()
-        return self._seen
+    def seen_ids(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The distinct ids the repetition penalty applies to, as a long tensor on `device` (ids past the
+        vocabulary are ignored). Only ids new since the last call are copied to the device."""
+        if self._ids is None:
+            self._ids = torch.empty(0, dtype=torch.long, device=device)
+        new = [i for i in self._new if 0 <= i < vocab]
+        if new:
+            self._ids = torch.cat([self._ids, torch.tensor(new, dtype=torch.long).to(device, non_blocking=True)])
+        self._new.clear()
+        return self._ids
 
     def rng(self, device: torch.device) -> torch.Generator | None:
         if self.seed is not None and self.generator is None:
@@ -78,46 +83,60 @@ class Sampler:
         return self.generator
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """The next token from one row of logits [vocab]."""
+        """The next token from one row of logits [vocab] (penalised in place, see `sample`)."""
         return int(sample(logits[None], [self])[0])
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     """One token per row of `logits` [B, vocab], row b sampled with `samplers[b]`: a [B] long tensor on
-    the logits' device (the caller reads it back once per step)."""
+    the logits' device (the caller reads it back once per step). The repetition penalty is applied to
+    `logits` in place (float32 logits; other dtypes are converted to a float32 copy first)."""
     x = logits.float()
-    device, (batch, vocab) = x.device, x.shape
+    device, vocab = x.device, x.shape[1]
     penalized = [b for b, s in enumerate(samplers) if s.penalized]
     if penalized:
-        x = x.clone()  # edited in place below; the caller's logits stay as they were
         # Like the official generate(): a seen token's logit is divided by the penalty if positive,
-        # multiplied if negative.
-        rows = torch.tensor(penalized, device=device)
-        seen = torch.stack([samplers[b].seen(vocab, device) for b in penalized])
-        penalty = torch.tensor([samplers[b].params.repetition_penalty for b in penalized], device=device)[:, None]
-        part = x[rows]
-        x[rows] = torch.where(seen, torch.where(part > 0, part / penalty, part * penalty), part)
+        # multiplied if negative. Only the seen entries are read and written.
+        ids = [samplers[b].seen_ids(vocab, device) for b in penalized]
+        lengths = [len(i) for i in ids]
+        counts, total = torch.tensor(lengths, device=device), sum(lengths)  # the total known here: no read
+        rows = torch.tensor(penalized, device=device).repeat_interleave(counts, output_size=total)
+        cols = torch.cat(ids)
+        penalty = torch.tensor([samplers[b].params.repetition_penalty for b in penalized],
+                               device=device).repeat_interleave(counts, output_size=total)
+        seen = x[rows, cols]
+        x[rows, cols] = torch.where(seen > 0, seen / penalty, seen * penalty)
     sampled = [b for b, s in enumerate(samplers) if s.params.temperature > 0]
-    if not sampled:
-        return x.argmax(-1)
-    out = x.argmax(-1) if len(sampled) < batch else torch.empty(batch, dtype=torch.long, device=device)
-    for b in sampled:  # per row: top-k / top-p widths and the random stream are the row's own
-        out[b] = _draw(x[b], samplers[b], device)
+    if len(sampled) < len(samplers):
+        out = x.argmax(-1)
+        if not sampled:
+            return out
+    else:
+        out = torch.empty(len(samplers), dtype=torch.long, device=device)
+    top_k = [b for b in sampled if samplers[b].params.top_k > 0]
+    if top_k:  # the candidates of every top-k row in one call (dividing by the temperature keeps the order)
+        widest = min(vocab, max(samplers[b].params.top_k for b in top_k))
+        rows = x if len(top_k) == len(samplers) else x[torch.tensor(top_k, device=device)]
+        values, candidates = torch.topk(rows, widest)
+    for b in sampled:  # the draw itself per row: its own width and random stream
+        p = samplers[b].params
+        if p.top_k > 0:
+            j, k = top_k.index(b), min(p.top_k, vocab)
+            out[b] = candidates[j, _draw(values[j, :k] / p.temperature, p.top_p, samplers[b].rng(device))]
+        elif p.top_p < 1.0:
+            row, order = torch.sort(x[b] / p.temperature, descending=True)
+            out[b] = order[_draw(row, p.top_p, samplers[b].rng(device))]
+        else:
+            out[b] = _draw(x[b] / p.temperature, 1.0, samplers[b].rng(device))
     return out
 
 
-def _draw(row: torch.Tensor, sampler: Sampler, device: torch.device) -> torch.Tensor:
-    """Sample one id from a row of (penalised) logits: temperature, top-k, top-p, then a multinomial draw.
-    With top-k the draw runs over the k candidates only (a sort of k values instead of the vocabulary)."""
-    p = sampler.params
-    row = row / p.temperature
-    if p.top_k > 0:
-        values, ids = torch.topk(row, min(p.top_k, row.shape[-1]))  # descending
-    else:
-        values, ids = torch.sort(row, descending=True) if p.top_p < 1.0 else (row, None)
-    if p.top_p < 1.0:
+def _draw(values: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """An index into `values` (tempered logits; sorted descending when `top_p` < 1) drawn from their
+    softmax, restricted to the smallest prefix whose probability reaches `top_p`."""
+    if top_p < 1.0:
         probs = values.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p
         values = values.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(values.softmax(-1), 1, generator=sampler.rng(device))
-    return choice[0] if ids is None else ids[choice[0]]
+    return torch.multinomial(values.softmax(-1), 1, generator=generator)[0]
