@@ -2,6 +2,7 @@
 
     python benchmarks/perf.py                      # 1B-241014 shape, bf16 + fp32, default points
     python benchmarks/perf.py --models 1b,2b --dtypes bfloat16 --ttft-frames 1,8,32,128 --concat-frames 8,32
+    python benchmarks/perf.py --device cuda --models 7b --dtypes bfloat16   # on a GPU (benchmarks/gpu.sh)
 
 Prints one table per section and writes JSON (benchmarks/results/perf-<host>.json). Sections:
   machine      measured GEMM rate (bf16 / fp32) in this run, the reference for the ratios below
@@ -18,8 +19,13 @@ Prints one table per section and writes JSON (benchmarks/results/perf-<host>.jso
                ConvNeXt tower (the section measures the LLM), in the dtype owlvid.load(dtype="auto") picks
 Shapes: 1B-241014 = Qwen2-0.5B LLM (hidden 896, 24 layers, hyper layers [6, 13, 20, 22]); 2B-241014 =
 Qwen2-1.5B (hidden 1536, 28 layers; its hyper layers are not public, [1, 9, 17, 25] assumed). Both
-use SigLIP-so400m at 384 px (26 of 27 layers run). The prompt tokenizer is a small byte-level BPE, so
-text prompts are a few tokens longer than with the real Qwen2 vocabulary.
+use SigLIP-so400m at 384 px (26 of 27 layers run). 7B-241101 = Qwen2-7B (hidden 3584, 28 layers, 28 heads /
+4 KV heads, MLP 18944, 151651 embedding rows, separate LM head, hyper layers [7, 15, 23, 26]) with fused
+hyper attention, the GELU MLP projector and SigLIP at 378 px. `--layers N` builds only the first N decoder
+layers (and the hyper layers among them). The prompt tokenizer is a small byte-level BPE, so text prompts
+are a few tokens longer than with the real Qwen2 vocabulary.
+With `--device cuda` the model is built on the GPU, every timer read waits for the GPU's queued work, and
+peak memory is the GPU memory allocated (torch.cuda.max_memory_allocated) instead of the process RSS.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import platform
 import socket
 import sys
 import tempfile
-import time
+import time as _time
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +57,21 @@ from owlvid.models.slowfast.config import slowfast_config
 from owlvid.testing import write_tiny_tokenizer
 from owlvid.tokenizer import QwenTokenizer
 
+SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
+              image_size=384, patch_size=14)
+VOCAB = 151851
 SHAPES = {
     "1b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                num_key_value_heads=2, hyper_layers=[6, 13, 20, 22], tie_word_embeddings=True),
     "2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                num_key_value_heads=2, hyper_layers=[1, 9, 17, 25], tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, hyper_layers=[7, 15, 23, 26], tie_word_embeddings=False,
+               vocab_size=151651, vision_config=dict(SIGLIP, image_size=378)),
 }
-SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
-              image_size=384, patch_size=14)
-VOCAB = 151851
+# The variant follows from the checkpoint keys (owl3_config): 241014 = static gate vector, Linear projector,
+# LM head tied to the embeddings; 241101 = fused hyper attention (no gate), GELU MLP projector, own LM head.
+RELEASES = {"1b": "241014", "2b": "241014", "7b": "241101"}
 # Slow-Fast = Qwen2-7B-Instruct + hybrid cross-attention layers every 8 layers (0, 8, 16, 24).
 SLOWFAST_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                    num_key_value_heads=4)
@@ -68,8 +80,29 @@ SLOWFAST_VOCAB, SLOWFAST_TOKENIZER_LEN = 152064, 151646  # rows stored / kept (l
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+DEVICE = torch.device("cpu")  # set from --device in main(); read by the timers and the memory counters
+
+
+class _DeviceTime:
+    """This file's `time`: on a GPU, `perf_counter()` first waits for the work queued on it (kernels run
+    asynchronously), so every timer read in the sections below measures finished work."""
+
+    def perf_counter(self) -> float:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return _time.perf_counter()
+
+    def __getattr__(self, name: str):
+        return getattr(_time, name)
+
+
+time = _DeviceTime()
+
 
 def peak_reset() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -78,6 +111,10 @@ def peak_reset() -> None:
 
 
 def rss_bytes(field: str = "VmHWM") -> int:
+    """The process's resident memory (VmRSS) or its peak since `peak_reset` (VmHWM); on a GPU the device
+    memory allocated now or at its peak instead."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()
     try:
         for line in open("/proc/self/status"):
             if line.startswith(field):
@@ -87,33 +124,46 @@ def rss_bytes(field: str = "VmHWM") -> int:
     return 0
 
 
-def build_model(shape: str, dtype: torch.dtype, tokenizer_dir: Path) -> Model:
-    """An Owl3 at real shapes with random weights, built in memory (static gate, Linear projector)."""
-    raw = dict(SHAPES[shape], model_type="mplugowl3", vocab_size=VOCAB, rms_norm_eps=1e-6, rope_theta=1e6,
-               max_position_embeddings=32768, vision_config=SIGLIP)
+def owl3_shape_config(shape: str, layers: int | None = None):
+    """The Owl3Config of a shape, its variant picked from the keys its release's checkpoints have;
+    `layers`: only the first N decoder layers (hyper layers past them dropped; the first one if none is left)."""
+    raw = {"vocab_size": VOCAB, "vision_config": SIGLIP, **SHAPES[shape]}
+    raw.update(model_type="mplugowl3", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
+    if layers:
+        raw["num_hidden_layers"] = layers
+        raw["hyper_layers"] = [i for i in raw["hyper_layers"] if i <= layers] or [1]
     keys = {f"language_model.model.layers.{i - 1}.self_attn.v_kv_proj.weight": () for i in raw["hyper_layers"]}
-    keys.update({f"language_model.model.layers.{raw['hyper_layers'][0] - 1}.self_attn.gate": (),
-                 "vision2text_model.weight": ()})
-    cfg = owl3_config(raw, keys)
+    if RELEASES[shape] == "241014":
+        keys.update({f"language_model.model.layers.{raw['hyper_layers'][0] - 1}.self_attn.gate": (),
+                     "vision2text_model.weight": ()})
+    else:
+        keys.update({"vision2text_model.0.weight": (), "language_model.lm_head.weight": ()})
+    return owl3_config(raw, keys)
+
+
+def build_model(shape: str, dtype: torch.dtype, tokenizer_dir: Path, device: torch.device | str = "cpu",
+                layers: int | None = None) -> Model:
+    """An Owl3 at real shapes with random weights, built in memory directly on `device`."""
+    cfg = owl3_shape_config(shape, layers)
     with torch.device("meta"):
-        model = Owl3(cfg)
-    model = model.to_empty(device="cpu")
-    _random_init(model, torch.Generator().manual_seed(0))
-    model = model.to(dtype)
-    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings)
+        model = Owl3(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    _random_init(model, torch.Generator(device).manual_seed(0))
+    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
     model.eval()
-    runtime = Owl3Runtime(model, cfg, QwenTokenizer.from_dir(tokenizer_dir), tokenizer_dir, torch.device("cpu"),
+    runtime = Owl3Runtime(model, cfg, QwenTokenizer.from_dir(tokenizer_dir), tokenizer_dir, device,
                           dtype, visual_cache=owlvid.cache.VisualCache(8 << 30))
     return Model(runtime, name=f"random-{shape}")
 
 
 def _random_init(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Random weights of a sensible scale, one parameter at a time (float32 draws, cast in place)."""
+    """Random weights of a sensible scale, one parameter at a time (float32 draws on the generator's device,
+    cast in place)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 fan_in = math.prod(p.shape[1:])
-                draw = torch.randn(p.shape, generator=gen)
+                draw = torch.randn(p.shape, generator=gen, device=gen.device)
                 p.copy_(draw / math.sqrt(fan_in) if "embed" not in name else draw)
                 del draw
             elif name.endswith("gate"):
@@ -122,7 +172,8 @@ def _random_init(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.fill_(1.0 if "norm" in name else 0.0)
 
 
-def build_slowfast(layers: int, dtype: torch.dtype, tokenizer_dir: Path) -> Model:
+def build_slowfast(layers: int, dtype: torch.dtype, tokenizer_dir: Path, device: torch.device | str = "cpu"
+                   ) -> Model:
     """A Slow-Fast at Qwen2-7B layer widths with `layers` decoder layers (hybrid layers every 8: 0, 8, ...),
     the real vocabulary (152064 rows stored, 151646 kept) and a tiny ConvNeXt tower, random weights."""
     raw = dict(SLOWFAST_7B, num_hidden_layers=layers, model_type="llava_qwen_slow_fast", vocab_size=SLOWFAST_VOCAB,
@@ -139,13 +190,13 @@ def build_slowfast(layers: int, dtype: torch.dtype, tokenizer_dir: Path) -> Mode
     cfg = slowfast_config(raw, shapes)
     with torch.device("meta"):
         model = SlowFast(cfg).to(dtype)
-    model = model.to_empty(device="cpu")
-    _random_init(model, torch.Generator().manual_seed(0))
+    model = model.to_empty(device=device)
+    _random_init(model, torch.Generator(device).manual_seed(0))
     model.truncate_vocab(SLOWFAST_TOKENIZER_LEN)
-    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings)
+    model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
     model.eval()
     tokenizer = QwenTokenizer.from_dir(tokenizer_dir)
-    runtime = SlowFastRuntime(model, cfg, tokenizer, tokenizer_dir, torch.device("cpu"), dtype,
+    runtime = SlowFastRuntime(model, cfg, tokenizer, tokenizer_dir, device, dtype,
                               [tokenizer.token_id("<|im_end|>")])
     return Model(runtime, name=f"random-slowfast-{layers}-layers")
 
@@ -198,10 +249,16 @@ def fmt(v) -> str:
 # ----------------------------------------------------------------------------------------------- sections
 
 
-def bench_matmul(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+def gemm_size() -> int:
+    """The matmul size of the machine's reference rate: 1024 on a CPU, 8192 on a GPU (fills all its SMs)."""
+    return 8192 if DEVICE.type == "cuda" else 1024
+
+
+def bench_matmul(dtype: torch.dtype, n: int | None = None, seconds: float = 2.0) -> float:
     """GFLOP/s of an n x n matmul in `dtype`, time-boxed (a CPU without a bf16 path runs it ~100x slower)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    n = n or gemm_size()
+    a = torch.randn(n, n, device=DEVICE).to(dtype)
+    b = torch.randn(n, n, device=DEVICE).to(dtype)
     a @ b  # warm up
     count, t = 0, time.perf_counter()
     while count == 0 or time.perf_counter() - t < seconds:
@@ -213,7 +270,7 @@ def bench_matmul(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> flo
 def bench_vision(model: Model, crops: int) -> dict:
     runtime = model.runtime
     size = runtime.cfg.vision.image_size
-    pixels = torch.randn(crops, 3, size, size)
+    pixels = torch.randn(crops, 3, size, size, device=DEVICE)
     runtime.model.encode_images(pixels[:1])  # warm up
     t = time.perf_counter()
     runtime.model.encode_images(pixels)
@@ -242,8 +299,8 @@ def bench_concat(model: Model, n: int, embeds_per_frame: int = 729) -> dict:
     request, ids = model.prepare(video_messages(n))
     starts = request["media_starts"]
     dtype = runtime.dtype
-    embeds = torch.randn(n, embeds_per_frame, cfg.hidden_size).to(dtype)
-    text = runtime.model.llm.embed_tokens(torch.tensor(ids))
+    embeds = torch.randn(n, embeds_per_frame, cfg.hidden_size, device=DEVICE).to(dtype)
+    text = runtime.model.llm.embed_tokens(torch.tensor(ids, device=DEVICE))
     pieces, last = [], 0
     for j, s in enumerate(starts):
         pieces += [text[last:s], embeds[j]]
@@ -255,8 +312,8 @@ def bench_concat(model: Model, n: int, embeds_per_frame: int = 729) -> dict:
     peak_reset()
     base = rss_bytes("VmRSS")
     t = time.perf_counter()
-    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length, dtype, "cpu")
-    positions = torch.arange(length)[None]
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length, dtype, DEVICE)
+    positions = torch.arange(length, device=DEVICE)[None]
     inputs = new_attention_inputs(runtime.model.rope, positions, cache, dtype)
     out = runtime.model.llm(h, inputs)
     runtime.model.logits(out[:, -1:])
@@ -271,15 +328,16 @@ def bench_prefill(model: Model, n: int) -> dict:
     runtime = model.runtime
     cfg = runtime.cfg.llm
     request, ids = model.prepare(video_messages(n))
-    embeds = torch.randn(n, 729, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(runtime.dtype)
+    gen = torch.Generator(DEVICE).manual_seed(n)
+    embeds = torch.randn(n, 729, cfg.hidden_size, generator=gen, device=DEVICE).to(runtime.dtype)
     visual = runtime.model.visual_memory(embeds, request["media_starts"])
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 8,
-                    runtime.dtype, "cpu")
+                    runtime.dtype, DEVICE)
     gc.collect()
     peak_reset()
     base = rss_bytes("VmRSS")
     t = time.perf_counter()
-    runtime._forward(torch.tensor([ids]), 0, cache, visual)
+    runtime._forward(torch.tensor([ids], device=DEVICE), 0, cache, visual)
     return {"frames": n, "prompt_tokens": len(ids), "prefill_s": time.perf_counter() - t,
             "peak_mem_gb": (rss_bytes() - base) / 1e9}
 
@@ -292,14 +350,14 @@ def bench_decode(model: Model, n: int, tokens: int) -> dict:
     cfg = runtime.cfg.llm
     visual = None
     if n:
-        embeds = torch.randn(n, 729, cfg.hidden_size).to(runtime.dtype)
+        embeds = torch.randn(n, 729, cfg.hidden_size, device=DEVICE).to(runtime.dtype)
         visual = runtime.model.visual_memory(embeds, request["media_starts"])
     from owlvid.models.owl3.runtime import DecodeState
 
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + tokens + 8,
-                    runtime.dtype, "cpu")
+                    runtime.dtype, DEVICE)
     state = DecodeState(cache, len(ids), visual)
-    runtime._forward(torch.tensor([ids]), 0, cache, visual)
+    runtime._forward(torch.tensor([ids], device=DEVICE), 0, cache, visual)
     token = 100
     for _ in range(2):  # warm up
         runtime.decode(state, token)
@@ -348,7 +406,7 @@ def bench_batch(model: Model, sizes: list[int], tokens: int) -> list[dict]:
             model.generate(c, max_new_tokens=tokens, cut_enable=False)
         seq = b * tokens / (time.perf_counter() - t)
         t = time.perf_counter()
-        results = model.generate_batch(convs[:b], max_new_tokens=tokens, cut_enable=False)
+        results = model.generate_batch(convs[:b], max_new_tokens=tokens, cut_enable=False, max_batch=b)
         bat = sum(r.completion_tokens for r in results) / (time.perf_counter() - t)
         rows.append({"requests": b, "sequential_tok_s": seq, "batched_tok_s": bat, "speedup": bat / seq})
     runtime.prefix_slots = 1
@@ -446,8 +504,11 @@ def synthetic_video(path: Path, seconds: int, fps: int = 25, seed: int = 0) -> s
 
 
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="1b")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--models", default="1b", help="shapes: 1b, 2b (241014), 7b (241101)")
+    ap.add_argument("--layers", type=int, default=None, help="build only the first N decoder layers of each shape")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--vision-crops", type=int, default=4)
     ap.add_argument("--ttft-frames", default="0,1,8,32")
@@ -466,14 +527,28 @@ def main() -> None:
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     sections = set(args.sections.split(","))
+    DEVICE = owlvid.checkpoint.resolve_device(args.device)
     torch.manual_seed(0)
     report = {"machine": {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "fast_bf16": owlvid.checkpoint.cpu_has_fast_bf16(), "torch": torch.__version__}}
+                          "fast_bf16": owlvid.checkpoint.cpu_has_fast_bf16(), "torch": torch.__version__,
+                          "device": str(DEVICE)}}
+    if DEVICE.type == "cuda":
+        props = torch.cuda.get_device_properties(DEVICE)
+        report["machine"].update(gpu=props.name, gpu_memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)
+    out = Path(args.json or Path(__file__).parent / "results" / f"perf-{socket.gethostname()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so that a run stopped part-way keeps what it measured
+        out.write_text(json.dumps(report, indent=2, default=str))
+
     rates = {dt: bench_matmul(getattr(torch, dt)) for dt in args.dtypes.split(",")}
     report["machine"]["gemm_gflops"] = rates
-    table("machine", [{"dtype": dt, "gemm_1024_gflops": r} for dt, r in rates.items()]
-          + [{"dtype": "cores/threads", "gemm_1024_gflops": f"{os.cpu_count()}/{torch.get_num_threads()}"}])
+    gemm = f"gemm_{gemm_size()}_gflops"
+    table("machine", [{"dtype": dt, gemm: r} for dt, r in rates.items()]
+          + [{"dtype": "cores/threads", gemm: f"{os.cpu_count()}/{torch.get_num_threads()}"}]
+          + ([{"dtype": "device", gemm: report["machine"]["gpu"]}] if DEVICE.type == "cuda" else []))
+    save()
     tok_dir = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tok_dir)
     video_dir = Path(tempfile.mkdtemp())
@@ -488,21 +563,31 @@ def main() -> None:
     for shape in args.models.split(","):
         for dt in [d for d in args.dtypes.split(",") if d not in slow]:
             dtype = getattr(torch, dt)
-            label = f"{shape}-241014 {dt}"
-            model = build_model(shape, dtype, tok_dir)
+            label = f"{shape}-{RELEASES[shape]} {dt}"
+            if args.layers:
+                label += f", {args.layers} of {SHAPES[shape]['num_hidden_layers']} layers"
+            if DEVICE.type == "cuda":
+                label += f", {report['machine']['gpu']}"
+            model = build_model(shape, dtype, tok_dir, DEVICE, args.layers)
             res = report.setdefault(label, {})
             if "vision" in sections:
                 v = bench_vision(model, args.vision_crops)
                 v["pct_of_gemm"] = 100 * v["gflops"] / rates[dt]
                 res["vision"] = v
                 table(f"vision encoder, {label}", [v])
+                save()
             if "ttft" in sections:
                 rows = []
                 per_crop = res.get("vision", {}).get("s_per_crop")
                 for n in ints(args.ttft_frames):
                     row = {"frames": n, **bench_ttft(model, n)}
                     if n in ints(args.concat_frames):
-                        c = bench_concat(model, n)
+                        try:
+                            c = bench_concat(model, n)
+                        except torch.OutOfMemoryError:  # N*729 tokens in the context: keep the owlvid row
+                            row["concat_llm_prefill_s"] = "out of memory"
+                            rows.append(row)
+                            continue
                         row["concat_llm_prefill_s"] = c["prefill_s"]
                         row["concat_context"] = c["context_tokens"]
                         row["concat_peak_mem_gb"] = c["peak_mem_gb"]
@@ -512,10 +597,12 @@ def main() -> None:
                     rows.append(row)
                 res["ttft"] = rows
                 table(f"time to first token, {label}", rows)
+                save()
             if "prefill" in sections:
                 rows = [bench_prefill(model, n) for n in ints(args.prefill_frames)]
                 res["prefill"] = rows
                 table(f"prefill over the visual memory, {label}", rows)
+                save()
             if "decode" in sections:
                 rows = [{"frames": n, **bench_decode(model, n, args.decode_tokens)} for n in ints(args.decode_frames)]
                 base = rows[0]["tokens_per_s"]
@@ -523,6 +610,7 @@ def main() -> None:
                     r["vs_text_only"] = r["tokens_per_s"] / base
                 res["decode"] = rows
                 table(f"decoding, {label}", rows)
+                save()
             if "cache" in sections:
                 # The owl3 preset takes ~1 frame per second: a 2N-second clip yields N frames.
                 path = synthetic_video(video_dir / "clip.mp4", seconds=2 * args.cache_frames)
@@ -531,25 +619,25 @@ def main() -> None:
                 c = bench_cache(model, args.cache_frames, path)
                 res["cache"] = c
                 table(f"second question on the same video, {label}", [c])
+                save()
             if "batch" in sections:
                 rows = bench_batch(model, ints(args.batch_sizes), args.batch_tokens)
                 res["batch"] = rows
                 table(f"concurrent requests, {label}", rows)
+                save()
             del model
             gc.collect()
     if "slowfast-batch" in sections:
-        dtype = owlvid.checkpoint.resolve_dtype("auto", torch.device("cpu"))
+        dtype = owlvid.checkpoint.resolve_dtype("auto", DEVICE)
         label = f"slowfast 7B widths, {args.sf_layers} of 28 layers, {str(dtype).removeprefix('torch.')}"
-        model = build_slowfast(args.sf_layers, dtype, tok_dir)
+        model = build_slowfast(args.sf_layers, dtype, tok_dir, DEVICE)
         rows = bench_slowfast_batch(model, ints(args.sf_batch_sizes), args.sf_tokens)
         report[label] = {"batch": rows, "bf16_hardware": owlvid.checkpoint.cpu_has_fast_bf16()}
         table(f"concurrent requests, {label} (dtype='auto'; AVX512-BF16/AMX: "
               f"{'yes' if owlvid.checkpoint.cpu_has_fast_bf16() else 'no'}; {args.sf_tokens} tokens each)", rows)
         del model
         gc.collect()
-    out = Path(args.json or Path(__file__).parent / "results" / f"perf-{socket.gethostname()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    save()
     print(f"\nwrote {out}")
 
 
