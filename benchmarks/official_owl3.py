@@ -11,7 +11,9 @@ once in the official layout (config.json in the official schema, official tensor
 under /tmp/owlvid-bench/ together with the real Qwen2 tokenizer (shared/fixtures/owl3/tokenizer); owlvid loads
 the same folder unchanged with `owlvid.load(path, dtype=...)`.
 
-Each engine runs in its own process, one after the other, with the same torch thread count:
+Each engine runs in its own process with the same torch thread count; both are loaded (one after the other) and
+kept, and their requests alternate (one warm-up each, then rounds in ABBA order), so that other work on a
+shared machine hits both alike:
   official  /work/official-venv/bin/python: `mPLUGOwl3Model.from_pretrained(path, attn_implementation="sdpa")`,
             `model.init_processor(tokenizer)`, `processor(messages, videos=...)`, `model.generate(...,
             do_sample=False, min_new_tokens=N)` (the README's entry points; flash-attn is not installed, so the
@@ -43,7 +45,9 @@ git dir + commit (`--official-git`, `--official-commit`, `--official-subdir`; th
 temporary folder at run time) or a folder holding them (`--official-dir`, e.g. a download of the HF repo).
 
     flock /work/bench.lock /work/main/.venv/bin/python benchmarks/official_owl3.py            # text only
-    flock /work/bench.lock /work/main/.venv/bin/python benchmarks/official_owl3.py --video-frames 8 --runs 1
+    flock /work/bench.lock /work/main/.venv/bin/python benchmarks/official_owl3.py --threads 1  # other load hurts less
+    flock /work/bench.lock /work/main/.venv/bin/python benchmarks/official_owl3.py --video-frames 8 --no-text \\
+        --runs 1 --warmup 0 --new-tokens 32                                                    # ~3 min
 """
 
 from __future__ import annotations
@@ -129,12 +133,22 @@ def case_messages(frames: int) -> list[dict]:
     return [{"role": "user", "content": VIDEO_QUESTION}, {"role": "assistant", "content": ""}]
 
 
-def summarize(runs: list[tuple[float, list[float], list[int]]]) -> dict:
-    """(start, per-token timestamps, tokens) per run -> TTFT and decode rate (medians) of the measured runs."""
-    ttft = [stamps[0] - t0 for t0, stamps, _ in runs]
-    rate = [(len(stamps) - 1) / (stamps[-1] - stamps[0]) for _, stamps, _ in runs]
-    return {"ttft_s": statistics.median(ttft), "ttft_all_s": ttft, "decode_tok_s": statistics.median(rate),
-            "decode_all_tok_s": rate, "tokens": runs[-1][2]}
+def run_record(start: float, stamps: list[float], tokens: list[int], prompt_ids: list[int]) -> dict:
+    """One request: TTFT (messages -> first token) and the decode rate over tokens 2..N."""
+    return {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "tokens": tokens, "prompt_ids": prompt_ids, "peak_rss_mib": peak_rss_mib()}
+
+
+def serve(one_run, info: dict) -> None:
+    """Worker loop: report `info` once loaded, then answer `run FRAMES` with one request's record and `quit`.
+    The driver interleaves the two engines' runs, so that other work on the machine hits both alike."""
+    print("RESULT " + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "run":
+            print("RESULT " + json.dumps(run_record(*one_run(int(cmd[1])))), flush=True)
+        elif cmd and cmd[0] == "quit":
+            return
 
 
 def set_threads(threads: int) -> None:
@@ -224,7 +238,7 @@ def official_worker(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     processor = model.init_processor(tokenizer)
     load_s, load_rss = time.perf_counter() - t0, rss_mib()
-    frames = video_frames(args.frames) if args.frames else None
+    frames_cache: dict[int, list] = {}
 
     class Stamps(StoppingCriteria):
         """Called by generate() right after each new token is appended: its timestamp."""
@@ -236,22 +250,19 @@ def official_worker(args: argparse.Namespace) -> None:
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    def one_run() -> tuple[float, list[float], list[int], list[int]]:
+    @torch.inference_mode()
+    def one_run(n_frames: int) -> tuple[float, list[float], list[int], list[int]]:
+        frames = frames_cache.setdefault(n_frames, video_frames(n_frames)) if n_frames else None
         stamps = Stamps()
         start = time.perf_counter()
-        inputs = processor(case_messages(args.frames), images=None, videos=[frames] if frames else None)
+        inputs = processor(case_messages(n_frames), images=None, videos=[frames] if frames else None)
         out = model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=args.new_tokens,
                              min_new_tokens=args.new_tokens, do_sample=False, num_beams=1,
                              stopping_criteria=StoppingCriteriaList([stamps]))
         return start, stamps.times, out[0].tolist(), inputs["input_ids"][0].tolist()
 
-    with torch.inference_mode():
-        one_run()  # warm-up
-        runs = [one_run() for _ in range(args.runs)]
-    result = summarize([r[:3] for r in runs])
-    result.update(prompt_ids=runs[-1][3], load_s=load_s, rss_after_load_mib=load_rss, peak_rss_mib=peak_rss_mib(),
-                  versions={"torch": torch.__version__, "transformers": transformers.__version__})
-    print("RESULT " + json.dumps(result), flush=True)
+    serve(one_run, {"load_s": load_s, "rss_after_load_mib": load_rss,
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__}})
 
 
 def owlvid_worker(args: argparse.Namespace) -> None:
@@ -266,30 +277,27 @@ def owlvid_worker(args: argparse.Namespace) -> None:
     model.runtime.prefix_slots = 0  # every request cold, like the official code's
     model.runtime.stop_token_ids = []  # decode exactly N tokens (the official side: min_new_tokens=N)
     load_s, load_rss = time.perf_counter() - t0, rss_mib()
-    frames = video_frames(args.frames) if args.frames else None
+    frames_cache: dict[int, list] = {}
 
-    def one_run() -> tuple[float, list[float], list[int], list[int]]:
+    @torch.inference_mode()
+    def one_run(n_frames: int) -> tuple[float, list[float], list[int], list[int]]:
+        frames = frames_cache.setdefault(n_frames, video_frames(n_frames)) if n_frames else None
+        videos = [frames] if frames else None
         times: list[float] = []
         start = time.perf_counter()
         result = None
-        for event in model.iter_generate(case_messages(args.frames), videos=[frames] if frames else None,
-                                         max_new_tokens=args.new_tokens):
+        for event in model.iter_generate(case_messages(n_frames), videos=videos, max_new_tokens=args.new_tokens):
             if isinstance(event, TokenEvent):
                 times.append(time.perf_counter())
             else:
                 result = event
         tokens = result.token_ids
+        _, prompt_ids = model.prepare(case_messages(n_frames), videos=videos)  # after timing: cheap, not timed
         # One TokenEvent per token, then possibly a text flush at the very end: keep one stamp per token.
-        return start, times[: len(tokens)], tokens, []
+        return start, times[: len(tokens)], tokens, prompt_ids
 
-    with torch.inference_mode():
-        one_run()
-        runs = [one_run() for _ in range(args.runs)]
-    _, prompt_ids = model.prepare(case_messages(args.frames), videos=[frames] if frames else None)
-    result = summarize([r[:3] for r in runs])
-    result.update(prompt_ids=prompt_ids, load_s=load_s, rss_after_load_mib=load_rss, peak_rss_mib=peak_rss_mib(),
-                  versions={"torch": torch.__version__, "owlvid": getattr(owlvid, "__version__", "?")})
-    print("RESULT " + json.dumps(result), flush=True)
+    serve(one_run, {"load_s": load_s, "rss_after_load_mib": load_rss,
+                    "versions": {"torch": torch.__version__, "owlvid": getattr(owlvid, "__version__", "?")}})
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -337,17 +345,54 @@ def ensure_checkpoint(args: argparse.Namespace, code: Path) -> None:
     tmp.rename(CHECKPOINT)
 
 
-def run_worker(python: str, argv: list[str], threads: int) -> dict:
+def worker_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([python, str(Path(__file__).resolve()), *argv], env=env, capture_output=True, text=True)
+    return env
+
+
+def run_worker(python: str, argv: list[str], threads: int) -> dict:
+    """A one-shot worker (the checkpoint build): its RESULT line."""
+    proc = subprocess.run([python, str(Path(__file__).resolve()), *argv], env=worker_env(threads),
+                          capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"worker {argv[:2]} failed (exit {proc.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class Worker:
+    """A loaded engine in its own process, answering `run FRAMES` requests one at a time."""
+
+    def __init__(self, name: str, python: str, argv: list[str], threads: int, tmp: Path) -> None:
+        self.name = name
+        self.stderr_path = tmp / f"{name}.stderr"
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), *argv], env=worker_env(threads),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.stderr_path, "w"), text=True, bufsize=1)
+        self.info = self.read()
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        self.proc.wait()
+        sys.stderr.write(self.stderr_path.read_text()[-8000:])
+        raise SystemExit(f"the {self.name} worker failed (exit {self.proc.returncode})")
+
+    def run(self, frames: int) -> dict:
+        self.proc.stdin.write(f"run {frames}\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
 
 
 def machine() -> dict:
@@ -382,7 +427,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--runs", type=int, default=3, help="measured runs per case (after one warm-up)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per engine before each case")
     p.add_argument("--video-frames", type=int, default=0, help="also measure this many video frames (0: text only)")
+    p.add_argument("--no-text", action="store_true", help="skip the text-only case (with --video-frames)")
     p.add_argument("--official-python", default=OFFICIAL_PYTHON)
     p.add_argument("--official-git", default=OFFICIAL_GIT)
     p.add_argument("--official-commit", default=OFFICIAL_COMMIT)
@@ -393,7 +440,6 @@ def main() -> None:
     p.add_argument("--code")
     p.add_argument("--out")
     p.add_argument("--checkpoint", default=str(CHECKPOINT))
-    p.add_argument("--frames", type=int, default=0)
     args = p.parse_args()
     if args.role == "build":
         return build_worker(args)
@@ -405,28 +451,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="official-owl3-") as tmp:
         code = official_code(args, Path(tmp))
         ensure_checkpoint(args, code)
-        common = ["--threads", str(args.threads), "--dtype", args.dtype, "--runs", str(args.runs),
-                  "--new-tokens", str(args.new_tokens), "--checkpoint", str(CHECKPOINT)]
+        common = ["--threads", str(args.threads), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
+                  "--checkpoint", str(CHECKPOINT), "--code", str(code)]
         identical = same_as_goldens(code)
-        rows = []
-        for frames in [0] + ([args.video_frames] if args.video_frames else []):
-            case = "text only" if frames == 0 else f"{frames} video frames"
-            res = {}
+        workers = {}
+        try:
+            # Loaded one after the other (load time is reported), then kept: both stay in memory.
             for engine, python in (("official", args.official_python), ("owlvid", sys.executable)):
-                print(f"running {engine}: {case} ...", flush=True)
-                load = os.getloadavg()[0]
-                res[engine] = run_worker(python, ["--role", engine, "--code", str(code), "--frames", str(frames),
-                                                  *common], args.threads)
-                res[engine]["loadavg"] = [load, os.getloadavg()[0]]  # other work on the machine, before/after
-            off, own = res["official"], res["owlvid"]
-            rows.append({"case": case, "prompt_tokens": len(off["prompt_ids"]),
-                         "same_prompt": off["prompt_ids"] == own["prompt_ids"],
-                         "agree": leading_equal(off["tokens"], own["tokens"]), "new_tokens": len(own["tokens"]),
-                         "official": off, "owlvid": own})
+                print(f"loading {engine} ...", flush=True)
+                workers[engine] = Worker(engine, python, ["--role", engine, *common], args.threads, Path(tmp))
+            cases = ([] if args.no_text else [0]) + ([args.video_frames] if args.video_frames else [])
+            rows = [measure_case(workers, frames, args.runs, args.warmup) for frames in cases]
+        finally:
+            for w in workers.values():
+                w.close()
     report(args, rows, identical)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows,
                                                "official_code_as_goldens": identical}, indent=1))
+
+
+def measure_case(workers: dict, frames: int, runs: int, warmup: int) -> dict:
+    """`warmup` unmeasured rounds, then `runs` rounds; the engine that goes first alternates (ABBA), so that a change in
+    the machine's other load during the rounds hits both engines alike."""
+    case = "text only" if frames == 0 else f"{frames} video frames"
+    order = ["official", "owlvid"]
+    records: dict[str, list[dict]] = {e: [] for e in order}
+    loads = []
+    for i in range(warmup + runs):
+        print(f"{case}: round {i + 1}{' (warm-up)' if i < warmup else ''} ...", flush=True)
+        loads.append(os.getloadavg()[0])
+        for engine in order if i % 2 == 0 else order[::-1]:
+            record = workers[engine].run(frames)
+            if i >= warmup:
+                records[engine].append(record)
+    row = {"case": case, "loadavg": loads + [os.getloadavg()[0]]}
+    for engine, recs in records.items():
+        row[engine] = {"ttft_s": statistics.median(r["ttft_s"] for r in recs),
+                       "ttft_all_s": [r["ttft_s"] for r in recs],
+                       "decode_tok_s": statistics.median(r["decode_tok_s"] for r in recs),
+                       "decode_all_tok_s": [r["decode_tok_s"] for r in recs],
+                       "peak_rss_mib": recs[-1]["peak_rss_mib"], "tokens": recs[-1]["tokens"],
+                       "prompt_ids": recs[-1]["prompt_ids"], **workers[engine].info}
+    off, own = row["official"], row["owlvid"]
+    row.update(prompt_tokens=len(off["prompt_ids"]), same_prompt=off["prompt_ids"] == own["prompt_ids"],
+               agree=leading_equal(off["tokens"], own["tokens"]), new_tokens=len(own["tokens"]))
+    return row
 
 
 def report(args: argparse.Namespace, rows: list[dict], identical: str) -> None:
@@ -436,18 +506,21 @@ def report(args: argparse.Namespace, rows: list[dict], identical: str) -> None:
           f"torch threads {args.threads}; dtype {args.dtype}; torch {v['torch']}, official side transformers "
           f"{v['transformers']} (sdpa)")
     print("checkpoint: random weights, mPLUG-Owl3-1B-241014 shape, official 7B-240728 code (dynamic gate); "
-          f"greedy, {args.new_tokens} new tokens; medians of {args.runs} runs after 1 warm-up; official files "
-          f"identical to the parity goldens' (sha256): {identical}\n")
-    print("| case | engine | TTFT s | decode tok/s | peak RSS MiB | load s |")
+          f"greedy, {args.new_tokens} new tokens; medians of {args.runs} runs after {args.warmup} warm-up; "
+          f"official files identical to the parity goldens' (sha256): {identical}\n")
+    print("| case | engine | TTFT s, median (best) | decode tok/s, median (best) | peak RSS MiB | load s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         for engine in ("official", "owlvid"):
             e = r[engine]
-            print(f"| {r['case']} | {engine} | {e['ttft_s']:.3f} | {e['decode_tok_s']:.2f} | "
-                  f"{e['peak_rss_mib']:.0f} | {e['load_s']:.1f} |")
+            print(f"| {r['case']} | {engine} | {e['ttft_s']:.3f} ({min(e['ttft_all_s']):.3f}) | "
+                  f"{e['decode_tok_s']:.2f} ({max(e['decode_all_tok_s']):.2f}) | {e['peak_rss_mib']:.0f} | "
+                  f"{e['load_s']:.1f} |")
         off, own = r["official"], r["owlvid"]
-        print(f"| {r['case']} | owlvid / official | {off['ttft_s'] / own['ttft_s']:.2f}x faster | "
-              f"{own['decode_tok_s'] / off['decode_tok_s']:.2f}x | "
+        print(f"| {r['case']} | **owlvid vs official** | **{off['ttft_s'] / own['ttft_s']:.2f}x faster** "
+              f"({min(off['ttft_all_s']) / min(own['ttft_all_s']):.2f}x) | "
+              f"**{own['decode_tok_s'] / off['decode_tok_s']:.2f}x** "
+              f"({max(own['decode_all_tok_s']) / max(off['decode_all_tok_s']):.2f}x) | "
               f"{own['peak_rss_mib'] / off['peak_rss_mib']:.2f}x | |")
     print()
     for r in rows:
@@ -456,8 +529,7 @@ def report(args: argparse.Namespace, rows: list[dict], identical: str) -> None:
               f"TTFT runs official {fmt_list(r['official']['ttft_all_s'])} owlvid "
               f"{fmt_list(r['owlvid']['ttft_all_s'])}; decode runs official "
               f"{fmt_list(r['official']['decode_all_tok_s'])} owlvid {fmt_list(r['owlvid']['decode_all_tok_s'])}; "
-              f"1-min load average before/after official {fmt_list(r['official']['loadavg'])} owlvid "
-              f"{fmt_list(r['owlvid']['loadavg'])}")
+              f"1-min load average at each round {fmt_list(r['loadavg'])}")
 
 
 def fmt_list(xs: list[float]) -> str:
