@@ -58,7 +58,7 @@ Measured (AMD EPYC, 2 cores shared with other jobs, no bf16 hardware, float32, t
              peak RSS 6036 vs 3784 MiB
   threads 1: TTFT 0.764 vs 0.634 s (1.20x); decode 6.20 vs 6.12 tok/s (0.99x)
   8 frames, threads 2, one run: TTFT 61.5 vs 42.1 s (1.46x); decode 3.01 vs 6.00 tok/s (2.0x)
-With 2 threads the official code slows down far more than owlvid when another process holds a core (OpenMP
+With 2 threads the official code slows down far more than owlvid when another process holds a core (probably OpenMP
 waits in its ~170 small parallel ops per token): 1.2 vs 5.5 tok/s in one such run. Compare runs at a quiet
 moment (the load average is printed).
 """
