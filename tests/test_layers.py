@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from owlvid.layers import Linear, causal_mask, linear, sdpa, sdpa_parts
 
@@ -115,3 +116,38 @@ def test_linear_in_bfloat16_is_f_linear(rows):
     out = linear(x, weight)
     assert out.shape == (rows, 1, 48)
     assert torch.equal(out, F.linear(x.reshape(rows, 40), weight).reshape(rows, 1, 48))
+
+
+class _OpLog(TorchDispatchMode):
+    """Every aten op run inside, with the element count of its output(s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.ops.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_position_logits_never_expand_the_weight(dtype):
+    """Regression: `F.linear` on a [B, 1, H] slice of a longer sequence (the logits of the last position)
+    goes through a batched matmul with the weight expanded per row; on oneDNN (AVX512-BF16) that copied the
+    whole tied 151851x896 embedding on every prefill (0.5 s). `linear` must run one 2-D GEMM instead."""
+    weight = torch.randn(5000, 64).to(dtype)
+    x = torch.randn(2, 7, 64).to(dtype)[:, -1:]
+    plain = _OpLog()
+    with plain:
+        F.linear(x, weight)
+    assert max(n for _, n in plain.ops) > weight.numel()  # the hazard exists: the weight is expanded
+    log = _OpLog()
+    with log:
+        out = linear(x, weight)
+    assert out.shape == (2, 1, 5000)
+    assert max(n for _, n in log.ops) <= weight.numel()
+    assert any(name.startswith(("aten.mm", "aten.addmm")) for name, _ in log.ops)
+    assert not any(name.startswith(("aten.bmm", "aten.expand")) for name, _ in log.ops)
