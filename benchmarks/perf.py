@@ -276,7 +276,14 @@ def bench_vision(model: Model, crops: int) -> dict:
     runtime.model.encode_images(pixels)
     el = time.perf_counter() - t
     flops = vision_flops_per_crop(hidden=runtime.cfg.llm.hidden_size) * crops
-    return {"crops_per_s": crops / el, "gflops": flops / el / 1e9, "s_per_crop": el / crops}
+    # Which path was measured: the dtype, whether this CPU has bf16 hardware, its ISA, crops per tower call.
+    dtype = runtime.model.llm.embed_tokens.weight.dtype
+    isa = torch.backends.cpu.get_cpu_capability()
+    path = (f"{str(dtype).replace('torch.', '')}, bf16 hardware: "
+            f"{'yes' if owlvid.checkpoint.cpu_has_fast_bf16() else 'no'} ({isa}), "
+            f"chunk {runtime.model.vision_chunk(runtime.model.llm.embed_tokens.weight.device, dtype)}")
+    return {"crops": crops, "crops_per_s": crops / el, "gflops": flops / el / 1e9, "s_per_crop": el / crops,
+            "path": path}
 
 
 def bench_ttft(model: Model, n: int) -> dict:
