@@ -202,3 +202,36 @@ def test_batched_results_are_unchanged_with_sampling_and_early_finishes(tiny_owl
         alone = run_batch(runtime, [(request, ids, params)], max_batch=1)[0]
         assert got.token_ids == alone.token_ids and got.text == alone.text
     assert all(g.token_ids for g in batched)
+
+
+def _visual(n: int, seed: int, layers=(1, 3)):
+    from owlvid.models.owl3.language import VisualMemory
+
+    gen = torch.Generator().manual_seed(seed)
+    kv = {layer: (torch.randn(1, 2, n, 4, generator=gen), torch.randn(1, 2, n, 4, generator=gen)) for layer in layers}
+    return VisualMemory(starts=torch.tensor([0]), tokens_per_item=n, kv=kv)
+
+
+def test_owl3_visual_memory_rows_join_and_leave_in_place():
+    """The batched visual memory: newcomers are copied into free rows (storage reused once it is big
+    enough), leaving rows are compacted in place, and the views equal a memory built from the rows kept."""
+    from owlvid.models.owl3.language import BatchedVisualMemory
+
+    layers = [1, 3]
+    memories = [_visual(6, 0), None, _visual(9, 1), _visual(3, 2)]
+    batch = BatchedVisualMemory.from_memories(memories[:2], layers)
+    batch = BatchedVisualMemory.concat(batch, 2, BatchedVisualMemory.from_memories(memories[2:], layers), 2)
+    kept = batch.keep([0, 2])  # rows 1 (no media) and 3 leave
+    storage = kept.storage[3][0].data_ptr()
+    expected = BatchedVisualMemory.from_memories([memories[0], memories[2]], layers)
+    for layer in layers:
+        for got, want in zip(kept.kv[layer], expected.kv[layer]):
+            assert got.shape == want.shape and torch.equal(got[expected.key_mask[:, None, :, None].expand_as(got)],
+                                                           want[expected.key_mask[:, None, :, None].expand_as(want)])
+    assert torch.equal(kept.key_mask, expected.key_mask) and kept.has_media.tolist() == [True, True]
+    joined = BatchedVisualMemory.concat(kept, 2, BatchedVisualMemory.from_memories([memories[3]], layers), 1)
+    assert joined is kept and joined.storage[3][0].data_ptr() == storage  # no reallocation
+    assert joined.sizes == [6, 9, 3] and joined.key_mask.sum(1).tolist() == [6, 9, 3]
+    assert torch.equal(joined.kv[1][1][2, :, :3], memories[3].kv[1][1][0])
+    assert BatchedVisualMemory.concat(joined, 3, None, 1).sizes == [6, 9, 3, 0]  # a text-only newcomer
+    assert joined.keep([3]) is None

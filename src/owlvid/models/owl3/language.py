@@ -12,6 +12,7 @@ memories into one ``BatchedVisualMemory``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,15 +74,18 @@ class VisualMemory:
         return self._segments[2]
 
 
-@dataclass
 class BatchedVisualMemory:
-    """Visual memories of a decoding batch, padded to the longest: K/V [B, Hkv, Nmax, D] per hyper layer,
-    `key_mask` [B, Nmax] (False on padding) and `has_media` [B]. Decode steps see all media of their row."""
+    """Visual memories of a decoding batch: K/V storage [rows, Hkv, capacity, D] per hyper layer and a key
+    mask [rows, capacity], allocated once and reused as requests join and leave (like the text cache,
+    `layers.RaggedKVCache`): a newcomer's memory is copied into the next free rows, leaving rows are
+    compacted in place, and the storage grows (doubling) only when the batch outgrows it. The batch's B rows
+    are the first B; `kv`, `key_mask` [B, N] (False on padding) and `has_media` [B] are views over the
+    longest row's N keys, which decode steps read. Each row sees all of its own media."""
 
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    key_mask: torch.Tensor
-    has_media: torch.Tensor
-    media_rows: list[bool]  # `has_media` on the host: rows leaving the batch need no device read
+    def __init__(self, storage: dict[int, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                 sizes: list[int]) -> None:
+        self.storage, self.mask, self.sizes = storage, mask, list(sizes)
+        self._refresh()
 
     @classmethod
     def from_memories(cls, memories: list[VisualMemory | None], layers: list[int]) -> BatchedVisualMemory | None:
@@ -90,50 +94,100 @@ class BatchedVisualMemory:
             return None
         ref_k, _ = present[0].kv[layers[0]]
         sizes = [m.kv[layers[0]][0].shape[2] if m is not None else 0 for m in memories]
-        n_max = max(sizes)
-        kv = {}
+        memory = cls.allocate(layers, len(memories), max(sizes), ref_k)
         for layer in layers:
-            shape = (len(memories), ref_k.shape[1], n_max, ref_k.shape[3])
-            k, v = ref_k.new_zeros(shape), ref_k.new_zeros(shape)
+            k, v = memory.storage[layer]
             for b, m in enumerate(memories):
                 if m is not None:
                     k[b, :, : sizes[b]], v[b, :, : sizes[b]] = m.kv[layer][0][0], m.kv[layer][1][0]
-            kv[layer] = (k, v)
-        sizes_t = torch.tensor(sizes, device=ref_k.device)
-        key_mask = torch.arange(n_max, device=ref_k.device)[None, :] < sizes_t[:, None]
-        return cls(kv=kv, key_mask=key_mask, has_media=sizes_t > 0, media_rows=[n > 0 for n in sizes])
+        for b, n in enumerate(sizes):
+            memory.mask[b, :n] = True
+        memory.sizes = sizes
+        memory._refresh()
+        return memory
+
+    @classmethod
+    def allocate(cls, layers: Iterable[int], rows: int, capacity: int, like: torch.Tensor) -> BatchedVisualMemory:
+        """Empty storage (zeros: masked keys still meet the weighted sum, where a NaN would spread)."""
+        shape = (rows, like.shape[1], capacity, like.shape[3])
+        storage = {layer: (like.new_zeros(shape), like.new_zeros(shape)) for layer in layers}
+        return cls(storage, torch.zeros(rows, capacity, dtype=torch.bool, device=like.device), [])
+
+    @property
+    def media_rows(self) -> list[bool]:
+        return [n > 0 for n in self.sizes]
 
     @staticmethod
     def concat(a: BatchedVisualMemory | None, rows_a: int, b: BatchedVisualMemory | None, rows_b: int
                ) -> BatchedVisualMemory | None:
-        """Rows of `a` then rows of `b`; either may be None (rows without media)."""
-        if a is None and b is None:
-            return None
-        ref = a if a is not None else b
-        n_max = max(m.key_mask.shape[1] for m in (a, b) if m is not None)
-        kv = {}
-        for layer, (k_ref, _) in ref.kv.items():
-            shape = (rows_a + rows_b, k_ref.shape[1], n_max, k_ref.shape[3])
-            k, v = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
-            for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
-                if m is not None:
-                    n = m.key_mask.shape[1]
-                    k[lo:hi, :, :n], v[lo:hi, :, :n] = m.kv[layer]
-            kv[layer] = (k, v)
-        mask = torch.zeros(rows_a + rows_b, n_max, dtype=torch.bool, device=ref.key_mask.device)
-        media_rows = []
-        for m, lo, hi in ((a, 0, rows_a), (b, rows_a, rows_a + rows_b)):
-            if m is not None:
-                mask[lo:hi, : m.key_mask.shape[1]] = m.key_mask
-            media_rows += m.media_rows if m is not None else [False] * (hi - lo)
-        return BatchedVisualMemory(kv=kv, key_mask=mask, has_media=mask.any(dim=1), media_rows=media_rows)
+        """Rows of `a` then rows of `b` (either may be None: rows without media), into `a`'s storage."""
+        if b is None:
+            if a is not None:
+                a.add_rows([0] * rows_b)
+            return a
+        if a is None:
+            ref = next(iter(b.storage.values()))[0]
+            a = BatchedVisualMemory.allocate(b.storage, rows_a + rows_b, b.mask.shape[1], ref)
+            a.add_rows([0] * rows_a)
+        a.add(b)
+        return a
+
+    def add_rows(self, sizes: list[int]) -> int:
+        """Make room for rows of these sizes after the batch's rows (masked, empty); their first index."""
+        start, end = len(self.sizes), len(self.sizes) + len(sizes)
+        self._reserve(end, max(sizes + self.sizes + [1]))
+        self.mask[start:end] = False
+        self.sizes += sizes
+        self._refresh()
+        return start
+
+    def add(self, other: BatchedVisualMemory) -> None:
+        """Append the rows of `other` (requests joining the batch)."""
+        start = self.add_rows(other.sizes)
+        end, width = start + len(other.sizes), max(other.sizes)
+        for layer, (k, v) in self.storage.items():
+            ok, ov = other.storage[layer]
+            k[start:end, :, :width] = ok[: end - start, :, :width]
+            v[start:end, :, :width] = ov[: end - start, :, :width]
+        self.mask[start:end, :width] = other.mask[: end - start, :width]
+        self._refresh()
 
     def keep(self, rows: list[int]) -> BatchedVisualMemory | None:
-        if not any(self.media_rows[i] for i in rows):
+        """Only these rows (ascending) stay, moved down in place; None if none of them has media."""
+        if not any(self.sizes[i] for i in rows):
             return None
-        index = torch.tensor(rows, dtype=torch.long, device=self.key_mask.device)
-        return BatchedVisualMemory({layer: (k[index], v[index]) for layer, (k, v) in self.kv.items()},
-                                   self.key_mask[index], self.has_media[index], [self.media_rows[i] for i in rows])
+        for i, r in enumerate(rows):
+            if r != i:
+                n = self.sizes[r]
+                for k, v in self.storage.values():
+                    k[i, :, :n], v[i, :, :n] = k[r, :, :n], v[r, :, :n]
+                self.mask[i] = self.mask[r]
+        self.sizes = [self.sizes[r] for r in rows]
+        self._refresh()
+        return self
+
+    def _reserve(self, rows: int, capacity: int) -> None:
+        have_rows, have_capacity = self.mask.shape
+        if rows <= have_rows and capacity <= have_capacity:
+            return
+        rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        capacity = have_capacity if capacity <= have_capacity else max(capacity, 2 * have_capacity)
+        used = len(self.sizes)
+        for layer, (k, v) in self.storage.items():
+            shape = (rows, k.shape[1], capacity, k.shape[3])
+            new_k, new_v = k.new_zeros(shape), v.new_zeros(shape)
+            new_k[:used, :, :have_capacity], new_v[:used, :, :have_capacity] = k[:used], v[:used]
+            self.storage[layer] = (new_k, new_v)
+        mask = self.mask.new_zeros((rows, capacity))
+        mask[:used, :have_capacity] = self.mask[:used]
+        self.mask = mask
+
+    def _refresh(self) -> None:
+        """The views decode steps read: the batch's rows, up to the longest row's keys."""
+        b, n = len(self.sizes), max(self.sizes, default=0)
+        self.kv = {layer: (k[:b, :, :n], v[:b, :, :n]) for layer, (k, v) in self.storage.items()}
+        self.key_mask = self.mask[:b, :n]
+        self.has_media = torch.tensor(self.media_rows, dtype=torch.bool, device=self.mask.device)
 
 
 class HyperAttention(Qwen2Attention):
