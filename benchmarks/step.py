@@ -9,15 +9,16 @@ bookkeeping, detokenisation and stop strings. This is the time a GPU would sit i
 
 Per batch size and sampling mode it prints the median over the steps of: the whole `BatchEngine.step`
 (ms), the model's `decode_batch` inside it, and the rest (the engine's own work), per step and per step
-per request. The checkpoint is the tiny random mPLUG-Owl3 (hidden 16, 4 layers, the real vocabulary).
+per request. The checkpoint is the tiny random mPLUG-Owl3 of the parity fixtures (tests/fixtures/owl3/
+tiny-241101: hidden 16, 4 layers, the real 151,851-row vocabulary and Qwen2 tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 
 import owlvid
 from owlvid.engine import BatchEngine, SamplingParams
-from owlvid.testing import make_tiny_owl3
+
+FIXTURES = Path(os.environ.get("OWLVID_FIXTURES", Path(__file__).resolve().parents[1] / "tests" / "fixtures")) / "owl3"
 
 MODES = {
     "greedy": dict(temperature=0.0),
@@ -79,10 +81,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = owlvid.load(make_tiny_owl3(Path(tmp) / "tiny", "241101"), dtype="float32", device="cpu")
-        rows = [measure(model, b, args.tokens, mode) for mode in args.modes.split(",")
-                for b in map(int, args.batch_sizes.split(","))]
+    model = owlvid.load(FIXTURES / "tiny-241101", tokenizer=FIXTURES / "tokenizer", dtype="float32", device="cpu")
+    rows = [measure(model, b, args.tokens, mode) for mode in args.modes.split(",")
+            for b in map(int, args.batch_sizes.split(","))]
     print(f"\n## Decoding step overhead (tiny Owl3, vocabulary 151,851, float32, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__})\n")
     print("| batch | sampling | step ms | model forward ms | engine ms | engine ms per request |")
