@@ -235,3 +235,14 @@ def test_owl3_visual_memory_rows_join_and_leave_in_place():
     assert torch.equal(joined.kv[1][1][2, :, :3], memories[3].kv[1][1][0])
     assert BatchedVisualMemory.concat(joined, 3, None, 1).sizes == [6, 9, 3, 0]  # a text-only newcomer
     assert joined.keep([3]) is None
+
+
+def test_greedy_takes_the_first_largest_logit_as_torch_argmax_does():
+    """Greedy rows on the CPU go through NumPy's argmax: the same index as torch's, ties and NaN included."""
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(3))
+    logits[1, [10, 500]] = 50.0  # a tie: the first wins
+    logits[2, 7] = float("nan")  # NaN counts as the largest
+    logits[3] = 0.0  # all equal
+    want = logits.argmax(-1)
+    got = sample(logits.clone(), [Sampler(SamplingParams()) for _ in range(5)])
+    assert got.dtype == torch.long and got.tolist() == want.tolist() == [want[0].item(), 10, 7, 0, want[4].item()]
