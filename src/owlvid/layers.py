@@ -239,17 +239,6 @@ class RaggedKVCache:
         self.lengths = torch.cat([self.lengths, torch.tensor([c.length for c in caches], dtype=torch.long,
                                                              device=self.lengths.device)])
 
-    def extend(self, other: RaggedKVCache) -> None:
-        """Append the rows of another ragged cache (another batch's requests)."""
-        start, end = self.batch_size, self.batch_size + other.batch_size
-        self._reserve(end, max(other.host_lengths + self.host_lengths) + 1)
-        for mine, theirs in zip(self.layers, other.layers):
-            n = min(other.capacity, self.capacity)
-            mine.k[start:end, :, :n] = theirs.k[: other.batch_size, :, :n]
-            mine.v[start:end, :, :n] = theirs.v[: other.batch_size, :, :n]
-        self.host_lengths += other.host_lengths
-        self.lengths = torch.cat([self.lengths, other.lengths])
-
     def keep(self, rows: list[int]) -> None:
         """Only these rows (ascending) stay: each moves down into the first free row, in place."""
         for i, r in enumerate(rows):
