@@ -9,6 +9,7 @@ logits and generator: a request samples the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -16,10 +17,17 @@ import torch
 
 from .errors import InputError
 
+# A temperature below this is greedy (vLLM's rule): dividing float32 logits by less overflows them to
+# inf, and the softmax of inf is NaN.
+GREEDY_BELOW = 1e-5
+# The smallest top_p kept as given: a smaller value (1e-300) is 0 in float32, which would drop every token.
+MIN_TOP_P = 1e-8
+
 
 @dataclass
 class SamplingParams:
-    """Decoding settings. temperature 0 (the default) is greedy, as the official README path."""
+    """Decoding settings. temperature 0 (the default) is greedy, as the official README path; so is any
+    temperature below `GREEDY_BELOW`."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -30,6 +38,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> SamplingParams:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if self.temperature < 0:
@@ -42,7 +54,12 @@ class SamplingParams:
             raise InputError("repetition_penalty must be > 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.top_p = max(float(self.top_p), MIN_TOP_P)
         return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -88,10 +105,14 @@ class Sampler:
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
+def sample(logits: torch.Tensor, samplers: list[Sampler], failures: dict[int, Exception] | None = None
+           ) -> torch.Tensor:
     """One token per row of `logits` [B, vocab], row b sampled with `samplers[b]`: a [B] long tensor on
     the logits' device (the caller reads it back once per step). The repetition penalty is applied to
-    `logits` in place (float32 logits; other dtypes are converted to a float32 copy first)."""
+    `logits` in place (float32 logits; other dtypes are converted to a float32 copy first).
+
+    With `failures`, a row whose draw raises (its own settings or logits) is recorded there as
+    {row: exception} and gets token 0, while the other rows keep their tokens; without, the error is raised."""
     x = logits.float()
     device, vocab = x.device, x.shape[1]
     penalized = [b for b, s in enumerate(samplers) if s.penalized]
@@ -107,7 +128,7 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
                                device=device).repeat_interleave(counts, output_size=total)
         seen = x[rows, cols]
         x[rows, cols] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    sampled = [b for b, s in enumerate(samplers) if s.params.temperature > 0]
+    sampled = [b for b, s in enumerate(samplers) if not s.params.greedy]
     if len(sampled) < len(samplers):
         out = _argmax(x)
         if not sampled:
@@ -121,14 +142,20 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
         values, candidates = torch.topk(rows, widest)
     for b in sampled:  # the draw itself per row: its own width and random stream
         p = samplers[b].params
-        if p.top_k > 0:
-            j, k = top_k.index(b), min(p.top_k, vocab)
-            out[b] = candidates[j, _draw(values[j, :k] / p.temperature, p.top_p, samplers[b].rng(device))]
-        elif p.top_p < 1.0:
-            row, order = torch.sort(x[b] / p.temperature, descending=True)
-            out[b] = order[_draw(row, p.top_p, samplers[b].rng(device))]
-        else:
-            out[b] = _draw(x[b] / p.temperature, 1.0, samplers[b].rng(device))
+        try:
+            if p.top_k > 0:
+                j, k = top_k.index(b), min(p.top_k, vocab)
+                out[b] = candidates[j, _draw(values[j, :k] / p.temperature, p.top_p, samplers[b].rng(device))]
+            elif p.top_p < 1.0:
+                row, order = torch.sort(x[b] / p.temperature, descending=True)
+                out[b] = order[_draw(row, p.top_p, samplers[b].rng(device))]
+            else:
+                out[b] = _draw(x[b] / p.temperature, 1.0, samplers[b].rng(device))
+        except Exception as e:  # this row's sampling only: its neighbours keep their tokens
+            if failures is None:
+                raise
+            failures[b] = e
+            out[b] = 0
     return out
 
 

@@ -20,7 +20,6 @@ from PIL import Image
 
 from owlvid import batch
 from owlvid.errors import InputError
-from owlvid.models.slowfast.testing import make_tiny_slowfast
 from tests.media.synth import write_video
 
 pytest.importorskip("fastapi")
@@ -145,25 +144,6 @@ def test_job_answers_like_generate_and_a_bad_request_gets_its_400(model, media, 
     # the two questions about the same video run next to each other (one decode/encode of it)
     order = [r.custom_id for r in batch.job_order(batch.read_requests(source))]
     assert order.index("video-2") == order.index("video-1") + 1
-
-
-def test_one_by_one_path_of_a_model_without_batching(media, tmp_path):
-    import owlvid
-
-    model = owlvid.load(make_tiny_slowfast(tmp_path / "slowfast"), dtype="float32", device="cpu")
-    model.runtime.supports_batching = False  # every family batches today: a runtime without the capability
-    requests = [request_line("text", "Say something."),
-                request_line("image", [{"type": "image_url", "image_url": {"url": str(media["image"])}},
-                                       {"type": "text", "text": "What is in the photo?"}]),
-                request_line("missing", [{"type": "image_url", "image_url": {"url": str(media["missing"])}},
-                                         {"type": "text", "text": "?"}])]
-    output = tmp_path / "out.jsonl"
-    summary = batch.run(write_jsonl(tmp_path / "in.jsonl", requests), output, model, progress=False)
-    assert (summary["completed"], summary["failed"]) == (2, 1)
-    lines = read_output(output)
-    for request in requests[:2]:
-        assert_answered_like_generate(model, lines[request["custom_id"]], request)
-    assert lines["missing"]["response"]["status_code"] == 400
 
 
 @pytest.mark.parametrize(("lines", "fragment"), [

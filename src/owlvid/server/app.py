@@ -33,13 +33,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Model
-from ..engine import Generation, TokenEvent
+from ..engine import Generation, RequestFailed, TokenEvent
 from ..errors import MediaError, MediaTimeout, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
 from .preview import FramePreviewer, media_headers, preview_routes
 from .requests import APIError, RequestBuilder, ServerConfig
-from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
+from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
 from .uploads import UPLOADS_PATH, UploadStore, upload_routes
 
 __all__ = ["create_app", "ServerConfig", "APIError", "RequestBuilder", "to_api_error"]
@@ -68,6 +68,9 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), code="invalid_media")
     if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
         return APIError(400, str(e), code="invalid_request")
+    if isinstance(e, RequestFailed):  # the engine failed this request (alone, or with its batch): say why
+        log.error("request failed: %s", e)
+        return APIError(500, str(e), "server_error", code="request_failed")
     log.error("internal error", exc_info=(type(e), e, e.__traceback__))
     # The exception text may carry server paths or internals: the client gets a generic line.
     return APIError(500, "internal server error (the server log has the details)", "server_error",
@@ -150,10 +153,7 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
 
 def create_app(model: Model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     cfg = config or ServerConfig(served_model_name=model.name)
-    if scheduler is None and model.runtime.supports_batching:
-        scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
-                                      max_pending_media_bytes=cfg.max_pending_media_bytes)
-    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests,
+    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
                                    max_pending_media_bytes=cfg.max_pending_media_bytes)
     uploads = UploadStore(cfg)
     builder = RequestBuilder(model, cfg, uploads)

@@ -60,10 +60,11 @@ class ChatCompletionRequest(_Lenient):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # NaN and infinity are refused (JSON parsers here accept them); tiny values are handled by SamplingParams
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # vLLM extension; 0 or -1 disable it
-    repetition_penalty: float | None = Field(None, gt=0)  # vLLM extension
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # vLLM extension
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = 1
