@@ -21,25 +21,13 @@ import torch
 from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
-from .errors import CheckpointError, InputError
+from .errors import InputError
+from .models import runtime_class
 from .quantize import check_supported, language_model_bytes, quantize_language_model
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
 DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
-
-
-def _runtime_class(model_type: str):
-    if model_type == "mplugowl3":
-        from .models.owl3 import Owl3Runtime
-
-        return Owl3Runtime
-    if model_type == "llava_qwen_slow_fast":
-        from .models.slowfast import SlowFastRuntime
-
-        return SlowFastRuntime
-    raise CheckpointError(f"unsupported checkpoint: config.json model_type {model_type!r} (owlvid supports "
-                          "mplugowl3 and llava_qwen_slow_fast)")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
@@ -57,7 +45,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
-    runtime_cls = _runtime_class(raw.get("model_type", ""))
+    runtime_cls = runtime_class(raw.get("model_type", ""))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if quantize is not None:

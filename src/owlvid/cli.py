@@ -476,13 +476,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         folder = Path(model.runtime.folder)
         shapes = checkpoint_shapes(folder)
     else:  # describe what config.json and the weights say: nothing here needs a tokenizer
-        from .api import _runtime_class
         from .checkpoint import read_config
+        from .models import runtime_class
 
         raw = read_config(folder)
         shapes = checkpoint_shapes(folder)
         info = {"name": _model_name(args), "folder": str(folder),
-                "architecture": _runtime_class(raw.get("model_type", "")).architecture,
+                "architecture": runtime_class(raw.get("model_type", "")).architecture,
                 "model_type": raw.get("model_type"),
                 "tokenizer": "none in the checkpoint folder (ask/chat/serve need --tokenizer DIR)",
                 "parameters": sum(math.prod(shape) for shape in shapes.values())}

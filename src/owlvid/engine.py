@@ -33,6 +33,7 @@ from .generation import (
     check_context,
     vision_seconds,
 )
+from .metrics import EngineMetrics
 from .runtime import ModelRuntime
 from .sampling import Sampler, SamplingParams, sample
 
@@ -76,6 +77,11 @@ class Ticket:
     stream: RequestStream | None = None  # set by the engine when admitted
     prefilled: int = 0  # prompt tokens the engine has asked the runtime to prefill (at most; see `_step`)
 
+    @property
+    def arrived_at(self) -> float:
+        """When the request arrived (`time.perf_counter()`): before its preparation."""
+        return self.ready_at - self.prepare_s
+
     def gone(self) -> BaseException | None:
         """The exception that ends this request now, if its client left or its deadline passed."""
         if self.cancelled is not None and self.cancelled():
@@ -99,10 +105,12 @@ class Engine:
     """Continuous batching over one model runtime (see the module docstring). Single-threaded: one thread
     runs `run` (or `step`); tickets come through the feed."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch: int = 8, prefill_chunk: int | None = 512) -> None:
+    def __init__(self, runtime: ModelRuntime, max_batch: int = 8, prefill_chunk: int | None = 512,
+                 metrics: EngineMetrics | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.runtime = runtime
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.batch: Any = None
@@ -133,24 +141,34 @@ class Engine:
                 elif ticket is EMPTY:
                     break
                 else:
-                    yield from self.admit(ticket)
+                    yield from self._observed(self.admit(ticket))
             if not self.active:
                 if ended:
                     return
                 continue
-            yield from self._step()
+            yield from self._observed(self._step())
+            self.metrics.running = self.active
+
+    def _observed(self, events: Iterable[tuple[Ticket, Any]]) -> Iterator[tuple[Ticket, Any]]:
+        """`events`, with each request's end counted in `metrics`."""
+        for ticket, event in events:
+            if isinstance(event, (Generation, BaseException)):
+                self.metrics.request_done(event, time.perf_counter() - ticket.arrived_at)
+            yield ticket, event
 
     def add(self, request: Any, prompt_ids: list[int], params: SamplingParams) -> Ticket:
         """Admit prepared model inputs (stepping by hand: `step()`); the ticket's `stream` has the result,
         its `error` the failure."""
         ticket = Ticket(request=request, prompt_ids=prompt_ids, params=params)
-        for _ in self.admit(ticket):
+        for _ in self._observed(self.admit(ticket)):
             pass
         return ticket
 
     def step(self) -> list[tuple[Ticket, TokenEvent | Generation | BaseException]]:
         """One engine step (see `_step`), its events as a list."""
-        return list(self._step())
+        events = list(self._observed(self._step()))
+        self.metrics.running = self.active
+        return events
 
     def admit(self, ticket: Ticket) -> Iterator[tuple[Ticket, BaseException]]:
         """Take a prepared ticket: its prefill starts with the next step. A ticket that failed to prepare,
@@ -207,6 +225,7 @@ class Engine:
         failures: dict[int, Exception] = {}
         tokens = sample(logits, [t.stream.sampler for t in rows], failures).tolist()  # the step's device read
         seconds = time.perf_counter() - t0
+        self.metrics.step(seconds, len(rows))
         for b, (ticket, token) in enumerate(zip(rows, tokens)):
             stream = ticket.stream
             stream.timings["decode_s"] += seconds
@@ -245,6 +264,7 @@ class Engine:
         if logits is None:
             return
         self.prefilling.pop(0)
+        self.metrics.first_token(time.perf_counter() - ticket.arrived_at)
         yield from self._accept(ticket, logits=logits)
         if not ticket.stream.done and ticket.error is None:
             self.joining.append((ticket, job.state))

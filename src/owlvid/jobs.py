@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 from .engine import EMPTY, Engine, Generation, Ticket
+from .metrics import EngineMetrics
 
 Job = tuple[list[dict], dict] | Callable[[], tuple[list[dict], dict]]
 
@@ -38,7 +39,8 @@ def _tickets(model: Any, items: Iterable[tuple[Hashable, Job]], media_timeout: f
 
 def generate_each(model: Any, items: Iterable[tuple[Hashable, Job]], *, max_batch: int = 8, prefetch: int = 2,
                   media_timeout: float | None = None, encode_ahead: bool | None = None,
-                  prefill_chunk: int | None = 512) -> Iterator[tuple[Hashable, Generation | Exception]]:
+                  prefill_chunk: int | None = 512, metrics: EngineMetrics | None = None
+                  ) -> Iterator[tuple[Hashable, Generation | Exception]]:
     """(key, Generation) for each job in completion order, or (key, the exception) for a job that failed.
 
     `model` is an `owlvid.Model`; options are those of `Model.generate` (max_new_tokens, temperature,
@@ -48,8 +50,8 @@ def generate_each(model: Any, items: Iterable[tuple[Hashable, Job]], *, max_batc
     may take to load and decode (a job's own `media_timeout` option wins); past it the job fails with
     `errors.MediaTimeout` and the engine goes on. `encode_ahead`: run the vision tower in the preparation
     thread too (default: when prefetching). `prefill_chunk`: prompt tokens prefilled per engine step (None:
-    whole prompts). Each Generation's timings add `prepare_s` and `queue_s`; its `media` is the audit of what
-    the model saw."""
+    whole prompts). `metrics`: counts the requests, tokens and latencies (a run record's summary). Each
+    Generation's timings add `prepare_s` and `queue_s`; its `media` is the audit of what the model saw."""
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
     if prefetch < 0:
@@ -71,7 +73,7 @@ def generate_each(model: Any, items: Iterable[tuple[Hashable, Job]], *, max_batc
             return next(tickets, None)
 
     try:
-        for ticket, event in Engine(model.runtime, max_batch, prefill_chunk).run(feed):
+        for ticket, event in Engine(model.runtime, max_batch, prefill_chunk, metrics).run(feed):
             if isinstance(event, (Generation, BaseException)):
                 yield ticket.key, event
     finally:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..engine import EMPTY, Engine, Generation, RequestCancelled, RequestTimeout, Ticket
 from ..media import MediaTooLargeError
+from ..metrics import EngineMetrics
 
 log = logging.getLogger("owlvid.server")
 
@@ -134,6 +135,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._prep_thread: threading.Thread | None = None
         self.engine: Engine | None = None
+        self.metrics = EngineMetrics()  # kept across engines (`GET /metrics`)
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
@@ -147,11 +149,13 @@ class Scheduler:
                 raise QueueFullError(f"the server is busy: {self._reserved} request(s) already waiting "
                                      f"(limit {self.max_queued}); retry later")
             self._reserved += 1
+            self.metrics.waiting = self._reserved
 
     def release(self) -> None:
         """Give back a slot taken by `reserve()` whose request will not be submitted."""
         with self._lock:
             self._reserved = max(self._reserved - 1, 0)
+            self.metrics.waiting = self._reserved
 
     def submit(self, job: Job, *, reserved: bool = False) -> Job:
         """Queue a job; without a prior `reserve()` this reserves (and may raise QueueFullError). Its
@@ -192,6 +196,7 @@ class Scheduler:
         """The engine took the job (or it ended before): its slot and its media bytes are free again."""
         with self._lock:
             self._reserved = max(self._reserved - 1, 0)
+            self.metrics.waiting = self._reserved
             if self.max_pending_media_bytes is not None and job.media_bytes:
                 self._pending_media = max(self._pending_media - job.media_bytes, 0)
 
@@ -283,7 +288,7 @@ class Scheduler:
 
     def _engine_loop(self) -> None:
         while True:
-            self.engine = engine = Engine(self.model.runtime, self.max_batch, self.prefill_chunk)
+            self.engine = engine = Engine(self.model.runtime, self.max_batch, self.prefill_chunk, self.metrics)
             try:
                 for ticket, event in engine.run(self._feed):
                     if isinstance(event, BaseException) and not isinstance(event, (RequestCancelled, RequestTimeout)):
