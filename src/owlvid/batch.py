@@ -178,13 +178,19 @@ def _video_key(url: str) -> str:
         return url
 
 
-class OutputFile(records.RecordWriter):
-    """The output file, appended one complete line at a time, each flushed and fsync'd."""
+class OutputFile:
+    """The output file, appended one complete line at a time, each flushed and fsync'd (`records.RecordWriter`)."""
 
-    def write(self, custom_id: str, status: int, body: dict) -> None:  # type: ignore[override]
-        super().write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                       "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
-                       "error": None})
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.lines = records.RecordWriter(path)
+
+    def write(self, custom_id: str, status: int, body: dict) -> None:
+        self.lines.write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                          "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+                          "error": None})
+
+    def close(self) -> None:
+        self.lines.close()
 
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: Any | Callable[[], Any], *,

@@ -24,8 +24,9 @@ except ImportError:  # not POSIX (Windows): runs are not locked against each oth
 
 
 def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file of a record file: PATH.lock beside it (present only while a run holds it)."""
-    path = Path(path)
+    """The lock file of a record file: PATH.lock beside it (present only while a run holds it), symbolic
+    links resolved so that two names of one file share one lock."""
+    path = Path(path).expanduser().resolve()
     return path.with_name(path.name + ".lock")
 
 

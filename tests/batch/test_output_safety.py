@@ -147,3 +147,43 @@ def test_a_second_run_on_the_same_output_exits_at_once_naming_the_first(model_di
 @pytest.fixture(scope="module")
 def model(tiny_owl3_models):
     return tiny_owl3_models["241101"]
+
+
+def test_the_ray_job_takes_the_same_lock(model_dir, tmp_path):
+    """`owlvid batch --ray` (owlvid.ray.run) refuses an output another process is writing, before it starts
+    a Ray cluster; the holder here is a real process holding the lock as `owlvid batch` does."""
+    ray = pytest.importorskip("ray")
+    import owlvid.ray
+
+    cluster = ray.is_initialized()
+    source = write_jsonl(tmp_path / "in.jsonl", [request_line("a", "Hi")])
+    output = tmp_path / "out.jsonl"
+    code = ("import time\nfrom owlvid.records import exclusive\n"
+            f"with exclusive({str(output)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(InputError, match=rf"{output} is being written by another owlvid run \(PID {holder.pid}\)"):
+            owlvid.ray.run(source, output, model_dir, device="cpu")
+        assert not output.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert ray.is_initialized() == cluster  # refused before connecting to (or starting) a cluster
+
+
+def test_a_symlink_to_an_output_shares_its_lock(tmp_path):
+    from owlvid.records import exclusive
+
+    output = tmp_path / "out.jsonl"
+    output.touch()
+    (tmp_path / "alias.jsonl").symlink_to(output)
+    with exclusive(output):
+        holder = subprocess.run([sys.executable, "-c", "from owlvid.records import exclusive\n"
+                                 f"with exclusive({str(tmp_path / 'alias.jsonl')!r}): pass"],
+                                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), capture_output=True,
+                                text=True, timeout=60)
+        assert holder.returncode != 0 and f"another owlvid run (PID {os.getpid()})" in holder.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias.jsonl", "out.jsonl"]  # the lock file is gone
