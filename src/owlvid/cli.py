@@ -447,8 +447,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
-    if Path(args.input).expanduser().resolve() == Path(args.output).expanduser().resolve():
-        raise UsageError("the output file must not be the input file")
     common = {"allowed_local_media_path": args.allowed_local_media_path, "max_batch": args.max_batch,
               "progress": not args.no_progress, "json_progress": args.json_progress,
               "media_timeout": args.media_timeout, "prefetch": args.prefetch}

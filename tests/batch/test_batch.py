@@ -218,7 +218,7 @@ def test_damaged_output_in_the_middle_is_refused(model, media, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [request_line("a", "Hi"), request_line("b", "Ho")])
     output = tmp_path / "out.jsonl"
     output.write_text("not json\n" + json.dumps({"custom_id": "a"}) + "\n")
-    with pytest.raises(InputError, match="line 1: not a batch output line"):
+    with pytest.raises(InputError, match=r"is not a batch output file \(line 1 is not a batch output line\)"):
         batch.run(source, output, model, progress=False)
     assert output.read_text() == "not json\n" + json.dumps({"custom_id": "a"}) + "\n"
 

@@ -161,6 +161,7 @@ def test_a_folder_holds_one_run_and_official_mlvu_is_refused(owl3, data, tmp_pat
         run("mlvu", data["mlvu"], owl3, tmp_path / "m", protocol="slowfast", progress=False)
     with pytest.raises(InputError, match="official mPLUG-Owl3 evaluation defines no MLVU"):
         run("mlvu", data["mlvu"], owl3, tmp_path / "m2", protocol="official", progress=False)
+    assert not (tmp_path / "m2").exists()  # created to hold the lock, removed with it: a refused run leaves none
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
