@@ -34,6 +34,7 @@ from urllib.request import url2pathname
 
 from . import records
 from .errors import InputError, OwlvidError
+from .metrics import EngineMetrics
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 
@@ -219,8 +220,11 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
         if not isinstance(model, Model):
             model = model()
         config = job_config(model.name, plan.root, max_batch, media_timeout=media_timeout)
-        return write_answers(plan, answer_requests(model, config, plan.todo, prefetch=prefetch), progress,
-                             json_progress)
+        metrics = EngineMetrics()
+        summary = write_answers(plan, answer_requests(model, config, plan.todo, prefetch=prefetch, metrics=metrics),
+                                progress, json_progress)
+        summary["engine"] = metrics.summary()  # tokens, latencies, visual cache, media and vision time
+        return summary
 
 
 def write_answers(plan: JobPlan, answers: Iterable[tuple[str, int, dict]], progress: bool = True,
@@ -351,8 +355,8 @@ class JsonProgress:
         pass
 
 
-def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefetch: int = 2
-                    ) -> Iterator[tuple[str, int, dict]]:
+def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefetch: int = 2,
+                    metrics: EngineMetrics | None = None) -> Iterator[tuple[str, int, dict]]:
     """(custom_id, status, response body) of each request as it completes; `config` is the server's
     `ServerConfig` (media policy, limits, `media_timeout`). Bodies become conversations just in time (media
     loaded when the request is prepared, `prefetch` requests ahead of the engine), so a failing one becomes
@@ -373,7 +377,7 @@ def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefet
 
     for custom_id, result in generate_each(model, ((r.custom_id, job(r.body)) for r in todo),
                                            max_batch=config.max_batch, prefetch=prefetch,
-                                           media_timeout=config.media_timeout):
+                                           media_timeout=config.media_timeout, metrics=metrics):
         if isinstance(result, Exception):
             yield (custom_id, *_error(result))
         else:

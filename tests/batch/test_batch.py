@@ -126,10 +126,19 @@ def test_job_answers_like_generate_and_a_bad_request_gets_its_400(model, media, 
     source = write_jsonl(tmp_path / "in.jsonl", requests)
     output = tmp_path / "out.jsonl"
     summary = batch.run(source, output, model, max_batch=3, progress=False)
+    engine = summary.pop("engine")
     assert summary == {"requests": 7, "skipped": 0, "completed": 5, "failed": 2, "output": str(output)}
     raw = output.read_text()
     assert raw.endswith("\n") and len(raw.splitlines()) == 7
     lines = read_output(output)
+    # the run record counts what the engine did: the answered requests' tokens, and both refused requests
+    # (missing media, n=2: refused while preparing, as the request builder's APIError)
+    answered = [line["response"]["body"]["usage"] for line in lines.values() if line["error"] is None
+                and line["response"]["status_code"] == 200]
+    assert engine["requests_completed"] == 5 and engine["requests_failed"] == {"APIError": 2}
+    assert engine["generation_tokens"] == sum(u["completion_tokens"] for u in answered)
+    assert engine["prompt_tokens"] == sum(u["prompt_tokens"] for u in answered)
+    assert engine["time_to_first_token"]["count"] == 5
     assert set(lines) == {r["custom_id"] for r in requests}
     for request in requests:
         if request["custom_id"] not in ("missing", "two-choices"):

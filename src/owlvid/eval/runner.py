@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import records as records_mod
 from ..errors import InputError, OwlvidError
+from ..metrics import EngineMetrics
 from . import results as results_mod
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
@@ -106,11 +107,14 @@ def _run_locked(benchmark: str, questions: list[Question], model: Any, out: Path
     _check_same_run(out / RUN, run_info)
     done = {r["qid"] for r in records if r.get("error") is None}
     todo = _video_order([q for q in questions if q.qid not in done])
+    metrics = EngineMetrics()
     if todo:
-        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress)
+        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress,
+                metrics=metrics)
         records = _read_predictions(out / PREDICTIONS)
     summary = results_mod.summarize(proto, questions, records, run_info,
                                     {"limit": limit, "tasks": sorted(tasks) if tasks else None})
+    summary["engine"] = metrics.summary()  # this run's answering: tokens, latencies, visual cache
     _write_json(out / RESULTS, summary)
     return summary
 
@@ -208,7 +212,7 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
 
 
 def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, max_batch: int, seed: int,
-            progress: bool) -> None:
+            progress: bool, metrics: EngineMetrics | None = None) -> None:
     from ..cache import FrameList, content_key, file_identity
     from ..jobs import generate_each
 
@@ -244,7 +248,8 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
     counts = {"answered": 0, "failed": 0}
     try:
         with records_mod.RecordWriter(path) as f:
-            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch):
+            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
+                                             metrics=metrics):
                 record = _record(by_id[qid], proto, model.runtime, result, audits.pop(qid, None), seed)
                 f.write(record)
                 counts["failed" if record["error"] else "answered"] += 1
