@@ -64,6 +64,9 @@ def compare_table(outdirs: Sequence[str | os.PathLike]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
+    if any(c == "submitted" for row in rows for c in row[1:]):
+        lines.append("'submitted': a test split without public answers; its submission file (results.json "
+                     "submission_file) is scored by the benchmark's server or judge")
     if any("of " in c for row in rows for c in row[1:]):
         lines.append("'of s/n': s questions scored of the n selected; a partial run (--limit, --tasks, failures) "
                      "is not comparable with a published number")
