@@ -121,3 +121,25 @@ def make_official_folder(root: Path) -> Path:
                            {"from": "gpt", "value": "C"}]},
     ])
     return root
+
+
+def make_gqa_parquet(root: Path) -> Path:
+    """lmms-lab/GQA: questions in testdev_balanced_instructions, images in testdev_balanced_images."""
+    _parquet(root / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet",
+             [{"id": "201307251", "imageId": "n435808", "question": "Is it a table or a chair?", "answer": "table",
+               "fullAnswer": "It is a table."}])
+    _parquet(root / "testdev_balanced_images" / "testdev-00000-of-00001.parquet",
+             [{"id": "n435808", "image": cell(png(500, 333))}, {"id": "n000001", "image": cell(png(10, 10))}])
+    return root
+
+
+def make_official_okvqa(root: Path) -> Path:
+    """dataset/okvqa/okvqa_val.json + the VQA-format annotations; images under images/mscoco/images/val2014."""
+    _json(root / "dataset" / "okvqa" / "okvqa_val.json",
+          [{"image": "val2014/COCO_val2014_000000297147.jpg", "question": "What sport can you use this for?",
+            "question_id": 2971475}])
+    _json(root / "dataset" / "okvqa" / "mscoco_val2014_annotations.json",
+          {"annotations": [{"question_id": 2971475, "answers": [{"answer": "racing", "answer_id": i + 1}
+                                                                  for i in range(10)]}]})
+    _json(root / "dataset" / "okvqa" / "OpenEnded_mscoco_val2014_questions.json", {"questions": []})
+    return root

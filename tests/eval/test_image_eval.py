@@ -16,9 +16,11 @@ from owlvid.eval.image_protocols import get_image_protocol
 from owlvid.eval.image_runner import run_images
 from owlvid.models.owl3.processor import select_grid
 from tests.eval.image_layouts import (
+    make_gqa_parquet,
     make_interleave_parquet,
     make_mmbench_parquet,
     make_official_folder,
+    make_official_okvqa,
     make_okvqa_parquet,
     make_pope_parquet,
     make_vqav2_test_parquet,
@@ -129,6 +131,12 @@ def test_loaders_read_each_layout(tmp_path) -> None:
     assert [x.answer for x in nlvr2] == ["no", "yes"] and len(nlvr2[0].images) == 2
     sci = load_image_questions("sciverse_mv", official)
     assert [(x.qid, x.answer, x.options) for x in sci] == [("2", "C", ("1", "2", "3", "4"))]
+    gqa = load_image_questions("gqa", make_gqa_parquet(tmp_path / "gqa"))
+    assert [(x.qid, x.answer, x.question) for x in gqa] == [("201307251", "table", "Is it a table or a chair?")]
+    assert gqa[0].images[0][:4] == b"\x89PNG"
+    okvqa = load_image_questions("okvqa", make_official_okvqa(tmp_path / "ev2"))
+    assert okvqa[0].answers == ("racing",) * 10
+    assert okvqa[0].images[0] == tmp_path / "ev2/images/mscoco/images/val2014/COCO_val2014_000000297147.jpg"
     with pytest.raises(InputError) as e:
         load_image_questions("gqa", tmp_path / "pope")
     assert "\n" not in str(e.value) and "testdev_balanced_instructions/testdev-*.parquet" in str(e.value)
