@@ -3,7 +3,8 @@ and the model card's published numbers.
 
 Headline score per benchmark (percent):
 * VQAv2, OK-VQA, TextVQA, VizWiz: the mean VQA score;
-* POPE: the mean F1 over the splits run (random, popular, adversarial), each split's five metrics alongside;
+* POPE: official, the mean F1 over the splits run (random, popular, adversarial: three tasks in its plan);
+  lmms_eval, the F1 over the whole test split (one task); each split's five metrics alongside;
 * MMBench: circular accuracy — a question counts when every circular copy of it (same ``index % 1e6``) is right
   (the official groups by (image, question), which are the same copies);
 * LLaVA-Interleave: the mean of its sub-task accuracies; every other benchmark: the accuracy.
@@ -66,8 +67,15 @@ def summarize_images(proto: ImageProtocol, questions: Sequence[ImageQuestion], r
             metrics = {t: aggregate_metrics(benchmark="pope", protocol=proto.name,
                                             responses=[r["response"] for r in rs], answers=[r["answer"] for r in rs])
                        for t, rs in sorted(per_task.items())}
+            if proto.name == "lmms_eval":  # one task over the whole test split: its metrics over every question
+                metrics["all"] = aggregate_metrics(benchmark="pope", protocol=proto.name,
+                                                   responses=[r["response"] for r in scored],
+                                                   answers=[r["answer"] for r in scored])
+                score, rule = _pct(metrics["all"]["f1"]), "F1 over the whole split (lmms-eval pope)"
+            else:  # three tasks in the official plan, each with its own metrics
+                score = _pct(sum(m["f1"] for m in metrics.values()) / len(metrics))
+                rule = "mean F1 over the POPE splits"
             extra["pope"] = {t: {k: _pct(v) for k, v in m.items()} for t, m in metrics.items()}
-            score, rule = _pct(sum(m["f1"] for m in metrics.values()) / len(metrics)), "mean F1 over the POPE splits"
             if score is None:
                 rule += " (undefined: no yes/no answer to count)"
         elif benchmark in ("mmbench_en", "mmbench_cn"):
