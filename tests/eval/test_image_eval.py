@@ -237,3 +237,20 @@ def test_cli_runs_image_benchmarks_and_compares_with_the_card(tmp_path, tiny_owl
                 str(tmp_path / "x"))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "owlvid: error: lmms-eval@75571cf defines no NLVR2 task; use --protocol official"]
+
+
+def test_pope_headline_per_protocol_from_prediction_lines() -> None:
+    from owlvid.eval.image_results import summarize_images
+
+    answers = [("random", "Yes", "yes"), ("random", "no", "yes"), ("popular", "yes", "no"), ("popular", "Yes.", "yes")]
+    questions = [q("pope", "x", task=t) for t, _, _ in answers]
+    questions = [ImageQuestion(**{**x.__dict__, "qid": str(i)}) for i, x in enumerate(questions)]
+    records = [{"qid": str(i), "task": t, "response": r, "answer": a, "error": None, "correct": r.lower() == a,
+                "score": float(r.lower() == a), "parsed": True} for i, (t, r, a) in enumerate(answers)]
+    official = summarize_images(get_image_protocol("pope", "official"), questions, records, {"benchmark": "pope"}, {})
+    # random: tp 1, fn 1 -> P 1, R .5, F1 2/3; popular: tp 1, fp 1 -> P .5, R 1, F1 2/3
+    assert official["score"] == 66.67 and set(official["pope"]) == {"random", "popular"}
+    lmms = summarize_images(get_image_protocol("pope", "lmms_eval"), questions, records, {"benchmark": "pope"}, {})
+    # all four: "Yes." is no answer to lmms-eval: tp 1, fp 1, fn 1 -> F1 1/2; yes_ratio = ground-truth yes 3/4
+    assert lmms["score"] == 50.0 and lmms["pope"]["all"]["yes_ratio"] == 75.0
+    assert lmms["pope"]["random"]["accuracy"] == 50.0
