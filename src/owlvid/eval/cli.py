@@ -17,7 +17,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
     p = sub.add_parser("eval", parents=[debug], help="evaluate on a video benchmark under its published protocol",
                        description="Evaluate a model on MVBench, NExT-QA (MC), Video-MME, LongVideoBench or MLVU "
                        "read from the dataset folder as downloaded, under the official mPLUG-Owl3 protocol, "
-                       "lmms-eval's, or the Slow-Fast authors'; or compare finished runs.")
+                       "lmms-eval's, or the Slow-Fast authors'; on the model card's image tables (multi-image, "
+                       "VQA, general) under the official protocol or lmms-eval's; or compare finished runs.")
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=type(p))
     benchmarks.required = True
     for name in BENCHMARKS:
