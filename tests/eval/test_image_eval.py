@@ -254,3 +254,15 @@ def test_pope_headline_per_protocol_from_prediction_lines() -> None:
     # all four: "Yes." is no answer to lmms-eval: tp 1, fp 1, fn 1 -> F1 1/2; yes_ratio = ground-truth yes 3/4
     assert lmms["score"] == 50.0 and lmms["pope"]["all"]["yes_ratio"] == 75.0
     assert lmms["pope"]["random"]["accuracy"] == 50.0
+
+
+def test_qbench2_official_truth_is_the_first_option_with_the_right_text(tmp_path) -> None:
+    from tests.eval.image_layouts import _parquet, cell, png
+
+    _parquet(tmp_path / "qb" / "data" / "dev-00000-of-00001.parquet", [
+        {"id": 0, "image1": cell(png(50, 50)), "image2": cell(png(60, 40)), "question": "Which is sharper?",
+         "question_type": 0, "question_concern": 1, "option0": "the first", "option1": "the second",
+         "option2": "the first", "option3": "N/A", "correct_choice": "C"}])
+    (question,) = load_image_questions("qbench2", tmp_path / "qb")
+    assert question.options == ("the first", "the second", "the first") and question.answer == "C"
+    assert question.fields["official_answer"] == "A"  # qbench.py maps the text back to its first letter

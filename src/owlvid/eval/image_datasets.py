@@ -226,8 +226,18 @@ def _qbench2(rows: list[dict]) -> list[ImageQuestion]:
             qid=qid, benchmark="qbench2", task=str(row.get("question_concern", "all")), question=row["question"],
             images=(image_bytes(row["image1"], f"Q-Bench2 {qid}"), image_bytes(row["image2"], f"Q-Bench2 {qid}")),
             options=options, answer=row["correct_choice"],
-            categories={"question_type": str(row.get("question_type", ""))}))
+            categories={"question_type": str(row.get("question_type", ""))},
+            fields={"official_answer": _first_same_text(options, row["correct_choice"])}))
     return out
+
+
+def _first_same_text(options: Sequence[str], letter: str) -> str:
+    """qbench.py ``__getitem__``: the truth is the option *text* of ``correct_choice``, turned back into the letter
+    of the first option with that text (two equal options: the first one's letter)."""
+    index = LETTERS.index(letter) if letter in LETTERS[:len(options)] else -1
+    if index < 0:
+        return letter
+    return LETTERS[next(i for i, o in enumerate(options) if o == options[index])]
 
 
 def interleave_options(question: str, answer: str) -> tuple[str, ...]:

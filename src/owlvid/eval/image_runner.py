@@ -146,8 +146,9 @@ def image_audit(q: ImageQuestion, media: list[dict], cut: bool, image_size: int 
 
 def _record(q: ImageQuestion, proto: ImageProtocol, result: Any, image_size: int | None, seed: int) -> dict[str, Any]:
     cut = proto.cut(len(q.images))
+    answer = q.fields.get("official_answer", q.answer) if proto.name == "official" else q.answer
     base = {"qid": q.qid, "task": q.task, **{f"category_{k}": v for k, v in q.categories.items()},
-            "group": q.group, "options": list(q.options), "answer": q.answer,
+            "group": q.group, "options": list(q.options), "answer": answer,
             "answers": list(q.answers) if q.answers else None, "cut_enable": cut}
     try:
         base["prompt"] = proto.prompt(q)
@@ -167,7 +168,7 @@ def _record(q: ImageQuestion, proto: ImageProtocol, result: Any, image_size: int
                 "error": None}
     try:
         s = score_response(benchmark=q.benchmark, protocol=proto.name, response=result.text,
-                           options=list(q.options) or None, answer=q.answer,
+                           options=list(q.options) or None, answer=answer,
                            answers=list(q.answers) if q.answers else None,
                            rng=random.Random(question_seed(q.qid, seed)))
     except OwlvidError as e:
