@@ -266,3 +266,27 @@ def test_qbench2_official_truth_is_the_first_option_with_the_right_text(tmp_path
     (question,) = load_image_questions("qbench2", tmp_path / "qb")
     assert question.options == ("the first", "the second", "the first") and question.answer == "C"
     assert question.fields["official_answer"] == "A"  # qbench.py maps the text back to its first letter
+
+
+@pytest.mark.parametrize("release", ["240728", "241101"])
+def test_official_image_prompt_tokens_equal_the_official_messages(tiny_owl3_models, release) -> None:
+    """VQATask.__getitem__ gives [system "", user, assistant "None"] and general_task_pipeline2 cuts (cut_cfg):
+    the same prompt ids as owlvid's one user turn with cut_enable True; the cut prompt is the checkpoint's."""
+    from tests.eval.image_layouts import png
+
+    model = tiny_owl3_models[release]
+    item = q("pope", "Is there a dog in the image?", images=(png(600, 300),))
+    proto = get_image_protocol("pope", "official")
+    _, ids = model.prepare(proto.messages(item), images=list(item.images), cut_enable=proto.cut(1))
+    official = [{"role": "system", "content": ""},
+                {"role": "user", "content": "<|image|>Is there a dog in the image? Answer the question using a single "
+                                            "word or phrase."},
+                {"role": "assistant", "content": "None"}]
+    _, expected = model.prepare(official, images=list(item.images), cut_enable=True)
+    assert ids == expected
+    text = model.runtime.tokenizer.decode(ids)
+    rows, cols = select_grid(600, 300, model.runtime.describe()["image_size"])
+    v2 = f"Cut to {rows} rows {cols} columns with a global view"
+    cut = v2 if release == "240728" else f"<|start_cut|>{rows}*{cols}"
+    assert cut in text and text.endswith("Is there a dog in the image? Answer the question using a single word or "
+                                         "phrase.\nassistant\n")
