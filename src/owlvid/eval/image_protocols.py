@@ -208,6 +208,10 @@ _NOTES = {
     ("mantis_eval", "lmms_eval"): ("upstream samples (do_sample, temperature 0.2): owlvid samples with a seed per "
                                    "question", "the options are appended as a Python list repr (upstream)"),
     ("blink", "lmms_eval"): ("the first letter of the answer is the prediction ('The answer is B' -> T)",),
+    ("llava_interleave", "official"): ("multiple-choice questions only: open-ended ones (ROUGE-L upstream) are not "
+                                       "loaded",),
+    ("llava_interleave", "lmms_eval"): ("multiple-choice questions only: open-ended ones (ROUGE-L upstream) are not "
+                                        "loaded",),
     ("mmbench_en", "lmms_eval"): ("can_infer, then the static extract_mcq_answer instead of the GPT matcher",),
     ("mmbench_cn", "lmms_eval"): ("can_infer, then the static extract_mcq_answer instead of the GPT matcher",),
 }
