@@ -290,3 +290,20 @@ def test_official_image_prompt_tokens_equal_the_official_messages(tiny_owl3_mode
     cut = v2 if release == "240728" else f"<|start_cut|>{rows}*{cols}"
     assert cut in text and text.endswith("Is there a dog in the image? Answer the question using a single word or "
                                          "phrase.\nassistant\n")
+
+
+def test_image_runs_share_the_video_runs_folder_safety(owl3, tmp_path) -> None:
+    """One run per folder (the lock of the video runs), and a predictions file that is not ours is refused
+    untouched: the image tables write through the same records code."""
+    from owlvid import records
+
+    data = make_pope_parquet(tmp_path / "pope")
+    out = tmp_path / "out"
+    out.mkdir()
+    with records.exclusive(out / "predictions.jsonl"), pytest.raises(InputError, match="another owlvid run"):
+        run_images("pope", data, owl3, out, progress=False)
+    config = '{"not": "predictions"}'
+    (out / "predictions.jsonl").write_text(config)
+    with pytest.raises(InputError, match="not"):
+        run_images("pope", data, owl3, out, progress=False)
+    assert (out / "predictions.jsonl").read_text() == config and not (out / "run.json").exists()

@@ -8,14 +8,15 @@ request options); each line records the images the model saw and the cut grid th
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import records as records_mod
 from ..errors import InputError, OwlvidError
+from ..metrics import EngineMetrics
 from .frames import question_seed
 from .image_datasets import ImageQuestion, load_image_questions
 from .image_protocols import IMAGE, ImageProtocol, get_image_protocol
@@ -30,6 +31,7 @@ from .runner import (
     _write_json,
     checkpoint_fingerprint,
     model_family,
+    run_folder,
 )
 from .scoring import score_response
 
@@ -47,9 +49,15 @@ def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callabl
         raise InputError("--max-batch must be at least 1")
     proto = get_image_protocol(benchmark, protocol)
     questions = load_image_questions(benchmark, data_dir, tasks, split, proto.name)[:limit]
-    out = Path(outdir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"-o {outdir} exists and is not a folder")
+    with run_folder(outdir) as out:
+        return _run_locked(proto, questions, model, out, limit=limit, tasks=tasks, split=split, max_batch=max_batch,
+                           seed=seed, progress=progress)
+
+
+def _run_locked(proto: ImageProtocol, questions: list[ImageQuestion], model: Any, out: Path, *, limit: int | None,
+                tasks: Sequence[str] | None, split: str | None, max_batch: int, seed: int,
+                progress: bool) -> dict[str, Any]:
+    benchmark = proto.benchmark
     from ..api import Model
 
     if not isinstance(model, Model):
@@ -57,20 +65,22 @@ def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callabl
     if model_family(model) != "owl3":
         raise InputError(f"{benchmark} is a table of the mPLUG-Owl3 model card; this model is "
                          f"{model.runtime.architecture}")
-    out.mkdir(parents=True, exist_ok=True)
     info = _run_info(proto, model, seed, split)
+    records = _read_predictions(out / PREDICTIONS)  # first: a file that is not ours gets no run.json beside it
     _check_same_run(out / RUN, info)
-    records = _read_predictions(out / PREDICTIONS)
     done = {r["qid"] for r in records if r.get("error") is None}
     todo = [q for q in questions if q.qid not in done]
+    metrics = EngineMetrics()
     if todo:
-        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress)
+        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress,
+                metrics=metrics)
         records = _read_predictions(out / PREDICTIONS)
     summary = summarize_images(proto, questions, records, info, {"limit": limit, "tasks": sorted(tasks) if tasks
                                                                    else None, "split": split})
     submission = write_submission(proto, questions, records, out)
     if submission:
         summary["submission_file"] = submission
+    summary["engine"] = metrics.summary()  # this run's answering: tokens, latencies
     _write_json(out / RESULTS, summary)
     return summary
 
@@ -95,7 +105,7 @@ def _image_source(q: ImageQuestion, k: int) -> str:
 
 
 def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: Path, *, max_batch: int, seed: int,
-            progress: bool) -> None:
+            progress: bool, metrics: EngineMetrics | None = None) -> None:
     from ..jobs import generate_each
 
     placeholder = model.runtime.image_placeholder
@@ -116,12 +126,11 @@ def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: P
     bar = _progress(len(todo), progress, proto.benchmark)
     counts = {"answered": 0, "failed": 0}
     try:
-        with open(path, "ab") as f:
-            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch):
+        with records_mod.RecordWriter(path) as f:
+            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
+                                             metrics=metrics):
                 record = _record(by_id[qid], proto, result, image_size, seed)
-                f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(record)
                 counts["failed" if record["error"] else "answered"] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update(1)

@@ -20,8 +20,8 @@ import os
 import random
 import struct
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +74,25 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], A
     if max_batch < 1:
         raise InputError("--max-batch must be at least 1")
     questions = load_questions(benchmark, data_dir, tasks)[:limit]
+    with run_folder(outdir) as out:
+        return _run_locked(benchmark, questions, model, out, protocol=protocol, limit=limit, tasks=tasks,
+                           num_frames=num_frames, max_batch=max_batch, seed=seed, progress=progress)
+
+
+@contextmanager
+def run_folder(outdir: str | os.PathLike) -> Iterator[Path]:
+    """The output folder of a run, created if needed and locked (one run per folder, taken before the model
+    loads); a run that fails before writing anything leaves no folder behind."""
     out = Path(outdir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {outdir} exists and is not a folder")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # to hold the lock: taken before the model loads
+    out.mkdir(parents=True, exist_ok=True)
     try:
         with records_mod.exclusive(out / PREDICTIONS, shown=out):
-            return _run_locked(benchmark, questions, model, out, protocol=protocol, limit=limit, tasks=tasks,
-                               num_frames=num_frames, max_batch=max_batch, seed=seed, progress=progress)
+            yield out
     except BaseException:
-        if created:  # a run that failed before writing anything leaves no folder behind
+        if created:
             with suppress(OSError):
                 out.rmdir()
         raise
