@@ -31,14 +31,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..api import Model
 from ..engine import Generation, TokenEvent
 from ..errors import MediaError, MediaTimeout, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
+from .origins import OriginHostMiddleware, OriginHostPolicy
 from .preview import FramePreviewer, media_headers, preview_routes
-from .requests import APIError, RequestBuilder, ServerConfig
+from .requests import APIError, RequestBuilder, ServerConfig, public_model_name
 from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
 from .uploads import UPLOADS_PATH, UploadStore, upload_routes
 
@@ -149,7 +152,7 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
 
 
 def create_app(model: Model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
-    cfg = config or ServerConfig(served_model_name=model.name)
+    cfg = config or ServerConfig(served_model_name=public_model_name(model.name))
     if scheduler is None and model.runtime.supports_batching:
         scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
                                       max_pending_media_bytes=cfg.max_pending_media_bytes)
@@ -175,6 +178,12 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     app.state.config = cfg
     app.state.uploads = uploads
     app.add_middleware(GuardMiddleware, config=cfg)
+    policy = OriginHostPolicy(cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+    if policy.origins:  # pages allowed by name may read answers: CORS, outside the API key check (preflights)
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(policy.origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], max_age=600,
+                           expose_headers=["X-Owlvid-Frames", "X-Owlvid-Images", "X-Owlvid-Visual-Cache"])
+    app.add_middleware(OriginHostMiddleware, policy=policy)  # added last: runs first
     app.include_router(upload_routes(uploads, builder.sources.url_policy))
     app.include_router(preview_routes(FramePreviewer(uploads, builder)))
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
@@ -209,6 +218,18 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    # Client errors are answered here, by the ExceptionMiddleware; only what reaches the `Exception` handler
+    # (bugs) is re-raised by Starlette and logged with its traceback.
+    @app.exception_handler(OwlvidError)
+    async def _owlvid_error(request: Request, exc: OwlvidError) -> JSONResponse:
+        err = to_api_error(exc)
+        log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
+        return err.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client hung up (an upload's body cut short)
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
@@ -221,7 +242,8 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = schemas.model_card(cfg.served_model_name, model.name, model.runtime.max_positions, started)
+        card = schemas.model_card(cfg.served_model_name, public_model_name(model.name), model.runtime.max_positions,
+                                  started)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
