@@ -196,6 +196,11 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
                                        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
             "Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # what browsers ask for by themselves (the page links the same icon)
+        return FileResponse(WEB_DIR / "icon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
