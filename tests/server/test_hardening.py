@@ -195,6 +195,22 @@ def test_allowed_hosts_and_origins_let_them_in(logged_server):
     assert httpx.get(url, headers={"Host": "other.internal.test"}, timeout=30).status_code == 403
 
 
+def test_an_allowed_page_passes_the_preflight_and_still_needs_the_api_key(strict_server):
+    from .helpers import API_KEY
+
+    url = strict_server.url + "/v1/chat/completions"
+    preflight = httpx.options(url, timeout=30, headers={
+        "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})  # browsers send no key here
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    body = {"messages": MESSAGES, "max_tokens": 2}
+    keyless = httpx.post(url, json=body, headers={"Origin": ALLOWED_ORIGIN}, timeout=60)
+    assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    keyed = httpx.post(url, json=body, headers={"Origin": ALLOWED_ORIGIN, "Authorization": f"Bearer {API_KEY}"},
+                       timeout=60)
+    assert keyed.status_code == 200 and "X-Owlvid-Frames" in keyed.headers["access-control-expose-headers"]
+
+
 # -- client errors in the log -------------------------------------------------------------------------------
 
 
