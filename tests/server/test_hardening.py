@@ -269,3 +269,55 @@ def test_client_errors_leave_one_line_each_and_no_traceback(logged_server, tmp_p
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert log.count("POST /v1/uploads/url: 400") == 1  # one line with the reason
     assert log.count(f"POST /v1/uploads/{video}/frames: 400") == 4  # the options the media layer refuses
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--allowed-origins", "example.com"], "--allowed-origins example.com"),
+    (["--allowed-origins", "http://example.com/page"], "scheme, host and port only"),
+    (["--allowed-origins", "ftp://example.com"], "--allowed-origins ftp://example.com"),
+    (["--allowed-origins", ","], "at least one origin"),
+    (["--allowed-hosts", "http://example.com"], "--allowed-hosts http://example.com"),
+])
+def test_bad_origin_and_host_flags_are_one_line_usage_errors(argv, fragment, capsys):
+    from owlvid.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("owlvid: error: ") and fragment in err[0]
+
+
+def test_default_host_names_by_bound_address():
+    import socket as sockets
+
+    from owlvid.server.origins import OriginHostPolicy
+
+    loopback = OriginHostPolicy("127.0.0.1")
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:80", "LocalHost.:9"):
+        assert loopback.host_allowed(host), host
+    for host in ("10.0.0.5:8000", "rebind.test:8000", "127.0.0.2", "[::2]"):
+        assert not loopback.host_allowed(host), host
+    assert OriginHostPolicy(None).names == loopback.names  # create_app without `serve`: loopback
+    lan = OriginHostPolicy("192.168.1.7")
+    assert lan.host_allowed("192.168.1.7:8000") and not lan.host_allowed("localhost")
+    for wildcard in ("0.0.0.0", "::"):  # every interface: any address, this machine's names, not other names
+        every = OriginHostPolicy(wildcard)
+        for host in ("10.0.0.5:8000", "[fe80::1]:8000", "localhost:8000", sockets.gethostname()):
+            assert every.host_allowed(host), (wildcard, host)
+        assert not every.host_allowed("rebind.attacker.test:8000")
+    listed = OriginHostPolicy("0.0.0.0", allowed_hosts=["GPU1.lab.example.com:8000"])
+    assert listed.host_allowed("gpu1.lab.example.com") and not listed.host_allowed("gpu2.lab.example.com")
+    assert OriginHostPolicy("127.0.0.1", allowed_hosts=["*"]).host_allowed("anything.test")
+
+
+def test_same_origin_and_listed_origins():
+    from owlvid.server.origins import OriginHostPolicy
+
+    policy = OriginHostPolicy("127.0.0.1", allowed_origins=["HTTP://App.Example.test:3000/"])
+    assert policy.origin_allowed(None, "127.0.0.1:8000")  # no Origin: not a browser's cross-origin request
+    assert policy.origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000")
+    assert policy.origin_allowed("https://127.0.0.1", "127.0.0.1:443")  # behind a TLS proxy
+    assert policy.origin_allowed("http://app.example.test:3000", "127.0.0.1:8000")
+    for origin in ("http://localhost:8000", "http://127.0.0.1:8001", "http://app.example.test", "null",
+                   "http://127.0.0.1.evil.test:8000"):
+        assert not policy.origin_allowed(origin, "127.0.0.1:8000"), origin
+    assert OriginHostPolicy("127.0.0.1", allowed_origins=["*"]).origin_allowed("null", "127.0.0.1:8000")
