@@ -124,6 +124,8 @@ def test_batch_lines_take_min_tokens_and_refuse_unknown_options(stopper, tmp_pat
     ({"extra_body": {"stop_token_ids": [5]}}, "stop_token_ids"),
     ({"extra_body": {"structured_outputs": {"choice": ["a"]}}}, "structured_outputs"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
 ])
 def test_options_the_server_cannot_honour_are_400_naming_them(server, kwargs, name):
     with pytest.raises(openai.BadRequestError) as e:

@@ -256,6 +256,10 @@ def _refuse_extra_fields(body: schemas.ChatCompletionRequest) -> None:
 
 def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
     _refuse_extra_fields(body)
+    if body.stream_options and (body.stream_options.model_extra or {}).get("continuous_usage_stats"):
+        raise APIError(400, "stream_options.continuous_usage_stats is not supported by this server (usage comes "
+                       "in the last chunk with include_usage)", param="stream_options.continuous_usage_stats",
+                       code="unsupported_option")
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
     for name in ("frequency_penalty", "presence_penalty"):
