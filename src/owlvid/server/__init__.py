@@ -29,6 +29,7 @@ def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, lo
           ready_message: bool = True) -> None:
     """Run the server with uvicorn until interrupted. Port 0 picks a free port (printed on stderr)."""
     import copy
+    import dataclasses
     import socket
     import sys
 
@@ -36,8 +37,8 @@ def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, lo
 
     from .app import create_app
 
-    if config.bind_host is None:
-        config.bind_host = host  # the Host check's default names (server/origins.py)
+    if config.bind_host is None:  # the Host check's default names (server/origins.py)
+        config = dataclasses.replace(config, bind_host=host)
     app = create_app(model, config)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -161,6 +161,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     uploads = UploadStore(cfg)
     builder = RequestBuilder(model, cfg, uploads)
     started = schemas.now()
+    root = public_model_name(model.name)  # /v1/models' `root`: a hub id or a folder's name, never a path
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -247,8 +248,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = schemas.model_card(cfg.served_model_name, public_model_name(model.name), model.runtime.max_positions,
-                                  started)
+        card = schemas.model_card(cfg.served_model_name, root, model.runtime.max_positions, started)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
