@@ -105,9 +105,9 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     `logits` in place (float32 logits; other dtypes are converted to a float32 copy first)."""
     x = logits.float()
     device, vocab = x.device, x.shape[1]
-    for b, s in enumerate(samplers):  # end tokens before min_tokens: the draw is as if they did not exist
+    for b, s in enumerate(samplers):  # end tokens before min_tokens (in place, like the penalty): never drawn
         if s.banned:
-            x[b, s.banned] = float("-inf")
+            x[b, [i for i in s.banned if 0 <= i < vocab]] = float("-inf")
     penalized = [b for b, s in enumerate(samplers) if s.penalized]
     if penalized:
         # Like the official generate(): a seen token's logit is divided by the penalty if positive,
