@@ -76,6 +76,10 @@ class RequestStream:
         self.sampler = Sampler(params, history=prompt_ids if runtime.penalize_prompt else ())
         self.decoder = IncrementalDecoder(runtime.tokenizer)
         self.stops = set(runtime.stop_token_ids)
+        if params.ignore_eos:  # an end token is then an ordinary token (vLLM's benchmarking option)
+            self.stops = set()
+        elif params.min_tokens > 0:
+            self.sampler.banned = sorted(self.stops)  # lifted by accept_token at min_tokens
         self.generated: list[int] = []
         self._parts: list[str] = []  # text emitted so far, in pieces joined on demand (see `text`)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
@@ -108,11 +112,14 @@ class RequestStream:
     def accept_token(self, token: int) -> list[TokenEvent]:
         """The next token (sampled by `self.sampler`); returns the text it completes. Sets `done` when
         finished. When not done, the caller feeds `self.generated[-1]` to the model for the next logits."""
-        if token in self.stops:
+        early = len(self.generated) < self.params.min_tokens  # before min_tokens nothing ends the answer
+        if token in self.stops and not early:
             self.finish_reason = "stop"
             return self._finish_text(self.generated[-1] if self.generated else -1)
         self.generated.append(token)
         self.sampler.observe(token)
+        if self.sampler.banned and len(self.generated) >= self.params.min_tokens:
+            self.sampler.banned = []
         events = self._emit(token, self.decoder.push(token), final=False)
         if not self.done and len(self.generated) >= self.budget:
             self.finish_reason = "length"
@@ -128,7 +135,7 @@ class RequestStream:
         tail = self._tail
         window = tail + self._held + delta
         stops = self._stops
-        if stops:
+        if stops and len(self.generated) >= self.params.min_tokens:  # none fires before min_tokens (vLLM)
             hits = [i for i in (window.find(s) for s in stops) if i >= 0]
             if hits:
                 final, window = True, window[: min(hits)]

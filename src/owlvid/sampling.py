@@ -36,6 +36,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # vLLM's: no end token or stop string ends the answer before `min_tokens` generated tokens (end tokens
+    # are masked until then); with `ignore_eos` an end token is an ordinary token (benchmarking)
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def validate(self) -> SamplingParams:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -55,6 +59,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.top_p = max(float(self.top_p), MIN_TOP_P)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise InputError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_new_tokens:
+            raise InputError(f"min_tokens ({self.min_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         return self
 
     @property
@@ -71,6 +81,7 @@ class Sampler:
         self.seed = params.seed
         self.generator: torch.Generator | None = None  # made on the logits' device at the first draw
         self.penalized = params.repetition_penalty != 1.0
+        self.banned: list[int] = []  # token ids that cannot be drawn now (end tokens before min_tokens)
         self._seen: set[int] = set()
         self._new: list[int] = []  # seen ids not yet in `_ids`
         self._ids: torch.Tensor | None = None
@@ -115,6 +126,9 @@ def sample(logits: torch.Tensor, samplers: list[Sampler], failures: dict[int, Ex
     {row: exception} and gets token 0, while the other rows keep their tokens; without, the error is raised."""
     x = logits.float()
     device, vocab = x.device, x.shape[1]
+    for b, s in enumerate(samplers):  # end tokens before min_tokens (in place, like the penalty): never drawn
+        if s.banned:
+            x[b, [i for i in s.banned if 0 <= i < vocab]] = float("-inf")
     penalized = [b for b, s in enumerate(samplers) if s.penalized]
     if penalized:
         # Like the official generate(): a seen token's logit is divided by the penalty if positive,
