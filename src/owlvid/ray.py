@@ -32,6 +32,7 @@ This module is `owlvid.ray`; inside it, `import ray` is Ray itself (absolute imp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -355,6 +356,8 @@ def serve(model: str | os.PathLike, config: Any, *, host: str = "127.0.0.1", por
     from ray import serve as ray_serve
 
     model = _model_source(model)
+    if config.bind_host is None:  # the Host check accepts the names of the address served on
+        config = dataclasses.replace(config, bind_host=host)
     if port == 0:
         port = _free_port(host)
     started = _connect(ray, ray_address)

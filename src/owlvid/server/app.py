@@ -154,6 +154,16 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
 # -- the app ---------------------------------------------------------------------------------------------
 
 
+def _metrics_registry(sched: Scheduler, model_name: str) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from ..metrics import prometheus_collector
+
+    registry = CollectorRegistry()
+    registry.register(prometheus_collector(sched.metrics, model_name))
+    return registry
+
+
 def create_app(model: Model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     cfg = config or ServerConfig(served_model_name=public_model_name(model.name))
     sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
@@ -239,6 +249,15 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
+
+    registry = _metrics_registry(sched, cfg.served_model_name)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """The engine's counts in the Prometheus text format (vLLM's names, `owlvid:` prefix)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
