@@ -4,7 +4,7 @@
  -> {"id": "batch_req_...", "custom_id": "q1", "response": {"status_code": 200, "request_id": "...",
      "body": {...chat.completion...}}, "error": null}
 
-Bodies are parsed and checked by the server's own code (`server.schemas`, `server.requests.RequestBuilder`),
+Bodies are parsed and checked by the server's own code (`owlvid.requests`: schemas, `RequestBuilder`),
 so a line answers what `POST /v1/chat/completions` would. The whole input is checked before any work; a
 request that fails (bad media, over a limit) gets its 4xx line and the job goes on. Each output line is
 flushed and fsync'd as its request completes; a rerun skips the custom_ids already in the output (a torn
@@ -35,28 +35,16 @@ from urllib.request import url2pathname
 from . import records
 from .errors import InputError, OwlvidError
 from .metrics import EngineMetrics
+from .requests import ServerConfig, schemas
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
-
-
-def _server_modules() -> tuple[Any, Any]:
-    """(server.schemas, server.requests): batch jobs parse bodies with the server's code."""
-    try:
-        import fastapi  # noqa: F401
-        import pydantic  # noqa: F401
-    except ImportError as e:
-        raise OwlvidError(f"batch jobs need pydantic and FastAPI ({e.name} is missing): "
-                          "pip install 'owlvid[server]'") from None
-    from .server import requests, schemas
-
-    return schemas, requests
 
 
 @dataclass
 class BatchRequest:
     line: int  # 1-based line number in the input
     custom_id: str
-    body: Any  # server.schemas.ChatCompletionRequest
+    body: Any  # requests.schemas.ChatCompletionRequest
 
 
 def _schema_error(e: Any) -> str:
@@ -71,7 +59,6 @@ def _schema_error(e: Any) -> str:
 def read_requests(input_path: str | os.PathLike) -> list[BatchRequest]:
     """Every request line of the input, checked; the first problem is an InputError naming its line.
     Blank lines are ignored."""
-    schemas, _ = _server_modules()
     from pydantic import ValidationError
 
     path = Path(input_path)
@@ -305,12 +292,11 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int, *,
                media_timeout: float | None = None) -> Any:
-    """The server's `ServerConfig` for a batch job: local media under the given folder ("/" for anywhere),
-    http(s) media from private hosts too (it is the user's own job), `media_timeout` seconds per image or
-    video (None: no limit beyond the download timeout)."""
-    _, server = _server_modules()
-    return server.ServerConfig(served_model_name=model_name, allowed_local_media_path=str(allowed_local_media_path),
-                               allow_private_media_hosts=True, max_batch=max_batch, media_timeout=media_timeout)
+    """The request policy (`ServerConfig`, as the server's) for a batch job: local media under the given
+    folder ("/" for anywhere), http(s) media from private hosts too (it is the user's own job),
+    `media_timeout` seconds per image or video (None: no limit beyond the download timeout)."""
+    return ServerConfig(served_model_name=model_name, allowed_local_media_path=str(allowed_local_media_path),
+                        allow_private_media_hosts=True, max_batch=max_batch, media_timeout=media_timeout)
 
 
 class BarProgress:
@@ -362,8 +348,7 @@ def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefet
     loaded when the request is prepared, `prefetch` requests ahead of the engine), so a failing one becomes
     its own error line. A 200 body carries the audit of the request in `body["owlvid"]` (see `audit`)."""
     from .jobs import generate_each
-    from .server import schemas
-    from .server.requests import RequestBuilder
+    from .requests import RequestBuilder
 
     builder = RequestBuilder(model, config)
     created = schemas.now()
@@ -400,9 +385,7 @@ def audit(result: Any) -> dict:
 
 def _error(e: BaseException) -> tuple[int, dict]:
     """(status, OpenAI error JSON) of a failed request, as the server would answer it; never a traceback."""
-    from .server import schemas
-    from .server.app import to_api_error
-    from .server.requests import APIError
+    from .requests import APIError, to_api_error
 
     if isinstance(e, APIError | OwlvidError):
         api = to_api_error(e)

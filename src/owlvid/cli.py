@@ -421,8 +421,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise OwlvidError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'owlvid[server]'") from None
+    from .requests import ServerConfig, public_model_name
     from .server import serve
-    from .server.requests import ServerConfig, public_model_name
 
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")

@@ -111,7 +111,7 @@ class BatchPredictor:
     def _request(self, number: int, text: Any) -> batch.BatchRequest:
         from pydantic import ValidationError
 
-        from .server import schemas
+        from .requests import schemas
 
         item = json.loads(text)
         custom_id = item.get("custom_id") if isinstance(item, dict) else None
@@ -324,7 +324,7 @@ def serve_deployment(model: str | os.PathLike, config: Any = None, *, num_replic
     result changes anything else (autoscaling, placement)."""
     from ray import serve
 
-    from .server.requests import ServerConfig
+    from .requests import ServerConfig
 
     limits = config or ServerConfig()
     source = str(model)

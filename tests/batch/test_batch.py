@@ -22,7 +22,7 @@ from owlvid import batch
 from owlvid.errors import InputError
 from tests.media.synth import write_video
 
-pytest.importorskip("fastapi")
+pytest.importorskip("pydantic")
 
 MAX_TOKENS = 6
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from owlvid import batch
-from owlvid.server.requests import public_model_name
+from owlvid.requests import public_model_name
 
 from ..media.synth import write_video
 from .helpers import ServerProcess, data_url, png_bytes

@@ -251,7 +251,7 @@ def test_frame_cap_is_applied_before_decoding(local_model, media_root):
     """A preset that picks more frames than --max-frames: only `cap` evenly spread frames are decoded
     (their source indices say which), for a local file and for a data: URL."""
     from owlvid.media import cap_indices, load_video
-    from owlvid.server.requests import RequestBuilder, ServerConfig
+    from owlvid.requests import RequestBuilder, ServerConfig
 
     video = _bunny_or_skip(media_root)
     every = load_video(str(video), sampling="slowfast").indices  # the preset's 64 frames

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from owlvid.api import load_video_frames
-from owlvid.server.requests import APIError, ServerConfig
+from owlvid.requests import APIError, ServerConfig
 from owlvid.server.uploads import UploadStore
 
 from ..media.synth import read_index
@@ -261,7 +261,7 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
     from owlvid.cache import FrameList
     from owlvid.errors import MediaError
     from owlvid.server.preview import FramePreviewer
-    from owlvid.server.requests import RequestBuilder
+    from owlvid.requests import RequestBuilder
 
     config = ServerConfig(upload_dir=str(tmp_path))
     store = UploadStore(config)

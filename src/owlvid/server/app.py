@@ -8,7 +8,7 @@ Every error is OpenAI's error JSON `{"error": {"message", "type", "param", "code
 422 schema violation, 503 queue full, 504 request timeout, 500 only for bugs.
 
 Media (`image_url` / `video_url`) may be `data:` URLs, http(s) URLs, or local files (`file://` URLs or
-plain paths) under `--allowed-local-media-path` only. Requests are parsed by `owlvid.server.requests`;
+plain paths) under `--allowed-local-media-path` only. Requests are parsed by `owlvid.requests`;
 media are fetched and decoded outside the engine worker, before the request joins the queue, under the
 configured byte, pixel, frame and time limits.
 """
@@ -35,13 +35,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..api import Model
-from ..engine import Generation, RequestFailed, TokenEvent
-from ..errors import MediaError, MediaTimeout, OwlvidError
-from ..media import MediaTooLargeError
-from . import schemas
+from ..engine import Generation, TokenEvent
+from ..errors import OwlvidError
+from ..requests import APIError, RequestBuilder, ServerConfig, public_model_name, schemas, to_api_error
 from .origins import OriginHostMiddleware, OriginHostPolicy
 from .preview import FramePreviewer, media_headers, preview_routes
-from .requests import APIError, RequestBuilder, ServerConfig, public_model_name
 from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
 from .uploads import UPLOADS_PATH, UploadStore, upload_routes
 
@@ -51,33 +49,9 @@ log = logging.getLogger("owlvid.server")
 WEB_DIR = Path(__file__).parent / "web"  # the web page: plain static files, no build step
 
 
-def to_api_error(e: BaseException) -> APIError:
-    """Map an exception from request preparation or generation to the HTTP answer."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, MediaTooLargeError):  # bytes or pixels over the limits
-        message = str(e)
-        for key, flag in (("max_pixels", "--max-image-pixels"), ("max_bytes", "--max-media-bytes")):
-            if key in message and flag not in message:
-                message += f" ({flag})"
-        return APIError(413, message, code="media_too_large")
-    if isinstance(e, QueueFullError):
-        return APIError(503, str(e), "server_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(e, JobTimeout):
-        return APIError(504, str(e), "timeout_error", code="timeout")
-    if isinstance(e, MediaTimeout):  # over --media-timeout: this request's media, not the client's request
-        return APIError(408, str(e), "timeout_error", code="media_timeout")
-    if isinstance(e, MediaError):
-        return APIError(400, str(e), code="invalid_media")
-    if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
-        return APIError(400, str(e), code="invalid_request")
-    if isinstance(e, RequestFailed):  # the engine failed this request (alone, or with its batch): say why
-        log.error("request failed: %s", e)
-        return APIError(500, str(e), "server_error", code="request_failed")
-    log.error("internal error", exc_info=(type(e), e, e.__traceback__))
-    # The exception text may carry server paths or internals: the client gets a generic line.
-    return APIError(500, "internal server error (the server log has the details)", "server_error",
-                    code="internal_error")
+def error_response(error: APIError) -> JSONResponse:
+    """An APIError as the HTTP answer."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 # -- request guard: API key and body size -------------------------------------------------------------
@@ -217,22 +191,22 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+            return error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
         more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-        return APIError(422, f"{param or 'body'}: {msg}{more}", param=param,
-                        code=first.get("type", "invalid_value")).response()
+        return error_response(APIError(422, f"{param or 'body'}: {msg}{more}", param=param,
+                        code=first.get("type", "invalid_value")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), code=exc.status_code,
-                        headers=getattr(exc, "headers", None)).response()
+        return error_response(APIError(exc.status_code, str(exc.detail), code=exc.status_code,
+                        headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return error_response(exc)
 
     # Client errors are answered here, by the ExceptionMiddleware; only what reaches the `Exception` handler
     # (bugs) is re-raised by Starlette and logged with its traceback.
@@ -240,7 +214,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     async def _owlvid_error(request: Request, exc: OwlvidError) -> JSONResponse:
         err = to_api_error(exc)
         log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
-        return err.response()
+        return error_response(err)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
@@ -248,7 +222,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return to_api_error(exc).response()
+        return error_response(to_api_error(exc))
 
     registry = _metrics_registry(sched, cfg.served_model_name)
 

@@ -23,7 +23,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import schemas
+from ..requests import schemas
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")

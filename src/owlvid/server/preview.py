@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from ..api import video_plan
 from ..cache import CachedVideo, FrameList
 from ..media import NamedPath, iter_video_chunks, load_image
-from .requests import APIError, RequestBuilder
+from ..requests import APIError, RequestBuilder
 from .uploads import UPLOADS_PATH, Upload, UploadStore
 
 THUMBNAIL_BOX = (192, 108)  # largest thumbnail width, height (aspect kept)

@@ -29,12 +29,9 @@ from PIL import Image
 from ..engine import EMPTY, Engine, Generation, RequestCancelled, RequestTimeout, Ticket
 from ..media import MediaTooLargeError
 from ..metrics import EngineMetrics
+from ..requests.errors import QueueFullError
 
 log = logging.getLogger("owlvid.server")
-
-
-class QueueFullError(Exception):
-    """Too many requests are already waiting (HTTP 503)."""
 
 
 class PendingMediaTooLargeError(MediaTooLargeError):

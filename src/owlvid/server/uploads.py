@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import MediaError
 from ..media import NamedPath, load_image, probe_video, sniff_kind
 from ..media.sources import open_source
-from .requests import UPLOAD_SCHEME, APIError, ServerConfig
+from ..requests import APIError, ServerConfig
+from ..requests.builder import UPLOAD_SCHEME
 
 UPLOADS_PATH = "/v1/uploads"  # POST bodies on this path are streamed by the route, not buffered
 _ID_PREFIX = "upl-"

@@ -1,94 +1,24 @@
-"""Server requests: the server's settings (`ServerConfig`) and the conversion of a validated
-chat-completions body into owlvid messages with decoded media and generation options (`RequestBuilder`),
-under the server's media policy (`MediaSources`: local roots, URL policy). Errors are `APIError`s that the
-app answers as OpenAI's error JSON. Kept apart from the ASGI app so that batch jobs can parse their request
-lines with the very same code.
+"""The conversion of a validated chat-completions body into owlvid messages with decoded media and generation
+options (`RequestBuilder`), under the request policy (`ServerConfig`) and its media rules (`MediaSources`:
+local roots, URL policy). Errors are `APIError`s (OpenAI's error JSON). The server, batch jobs and Ray
+replicas parse their requests with this very code.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from fastapi.responses import JSONResponse
-
 from ..api import check_seed, check_text
 from ..errors import InputError
 from ..media import MediaTooLargeError, NamedPath, UrlPolicy
 from . import schemas
-
-MiB = 1 << 20
-
-
-@dataclass
-class ServerConfig:
-    """Everything the server needs besides the model; the CLI flags map one to one."""
-
-    served_model_name: str = "owlvid"
-    api_key: str | None = None
-    allowed_local_media_path: str | None = None
-    max_request_bytes: int = 100 * MiB
-    max_media_bytes: int = 256 * MiB
-    download_timeout: float = 60.0
-    # http(s) media: only public hosts unless opted in; checked after DNS and on every redirect
-    allowed_media_domains: list[str] | None = None
-    allow_private_media_hosts: bool = False
-    media_connect_timeout: float = 10.0
-    max_frames: int = 128
-    max_image_pixels: int = 40_000_000
-    max_media_per_request: int = 32
-    max_queued_requests: int = 64
-    max_pending_media_bytes: int | None = None  # decoded media held by queued requests (None: no budget)
-    max_batch: int = 8  # requests decoded together (continuous batching), where the model supports it
-    request_timeout: float = 600.0
-    media_timeout: float | None = None  # seconds one image/video may take to load and decode (408 after)
-    # defaults of a request that does not say
-    default_max_tokens: int = 512
-    default_temperature: float = 0.0
-    default_top_p: float = 1.0
-    default_seed: int | None = None
-    video_options: dict[str, Any] = field(default_factory=dict)  # max_frames / fps / sampling
-    cut_enable: bool | None = None
-    # uploads of the web page (POST /v1/uploads): each at most max_media_bytes, deleted `upload_ttl` seconds
-    # after their last use; all of them together at most `max_upload_storage_bytes` on disk
-    upload_dir: str | None = None  # None: a temporary folder, removed at shutdown
-    upload_ttl: float = 3600.0
-    max_upload_storage_bytes: int = 4096 * MiB
-    # which host names and web pages may use the server (server/origins.py): the address it listens on (set
-    # by `serve`; None counts as loopback), more names for the Host header and more page origins (CORS) than
-    # the server's own ("*": any)
-    bind_host: str | None = None
-    allowed_hosts: list[str] | None = None
-    allowed_origins: list[str] | None = None
-
-
-def public_model_name(model: str) -> str:
-    """How the API names a checkpoint: a hub id as is, a local folder by its name only (the server's folders
-    are never shown to clients)."""
-    from ..checkpoint import is_hub_id
-
-    return model if is_hub_id(model) else Path(model).expanduser().name or "owlvid"
-
-
-class APIError(Exception):
-    """An error answered to the client as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
-                            status_code=self.status, headers=self.headers)
-
+from .config import ServerConfig
+from .errors import APIError
 
 # -- media --------------------------------------------------------------------------------------------
 

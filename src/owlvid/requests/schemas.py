@@ -1,7 +1,7 @@
 """Request models (pydantic) and response builders for the OpenAI-compatible API.
 
 Requests are validated strictly enough that a malformed body is a 422 with the offending field. Fields
-the model does not declare are kept (`model_extra`) for `server.requests`, which refuses with a 400 naming
+the model does not declare are kept (`model_extra`) for `requests.builder`, which refuses with a 400 naming
 it every top-level field that owlvid cannot honour (docs/serving.md, "Request fields").
 """
 
