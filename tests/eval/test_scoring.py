@@ -16,7 +16,8 @@ import random
 import pytest
 
 from owlvid.errors import InputError
-from owlvid.eval.scoring import Score, _official_nextqa, score_response
+from owlvid.eval import score_response
+from owlvid.eval.scoring import Score, _official_nextqa
 
 OPTIONS = ["he opens the door", "she picks up the cup", "they sit down", "it runs away"]
 NEXTQA_OPTIONS = OPTIONS + ["a dog barks"]

@@ -260,8 +260,8 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
     key), which no decoder could read, and the request still gets the right frames; once."""
     from owlvid.cache import FrameList
     from owlvid.errors import MediaError
-    from owlvid.server.preview import FramePreviewer
     from owlvid.requests import RequestBuilder
+    from owlvid.server.preview import FramePreviewer
 
     config = ServerConfig(upload_dir=str(tmp_path))
     store = UploadStore(config)

@@ -14,7 +14,8 @@ from .image_scoring import IMAGE_BENCHMARKS, aggregate_metrics
 from .protocols import BENCHMARKS, PROTOCOLS, Protocol, get_protocol
 from .results import format_table
 from .runner import run
-from .scoring import Score, score_response
+from .scores import score_response
+from .scoring import Score
 
 __all__ = ["BENCHMARKS", "IMAGE_BENCHMARKS", "PROTOCOLS", "Protocol", "Question", "Score", "aggregate_metrics",
            "compare_table", "format_table", "get_protocol", "load_questions", "run", "run_images",

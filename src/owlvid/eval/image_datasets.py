@@ -17,41 +17,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from .datasets import read_parquet
+from .image_official_data import find_official
+from .image_questions import LETTERS, ImageQuestion, interleave_options
 from .image_scoring import IMAGE_BENCHMARKS, INTERLEAVE_SUBSETS
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-@dataclass(frozen=True)
-class ImageQuestion:
-    """One question: its images (bytes or paths, in prompt order) and what scoring needs: ``options`` + letter
-    ``answer`` (multiple choice), ``answer`` (GQA, "yes"/"no" for POPE/NLVR2), ``answers`` (open-ended VQA), None
-    where the split has no public answer (then the run writes a submission file). ``task`` is the category
-    --tasks filters and the results break down by (POPE split, sub-task, MMBench category ...); ``group`` is the
-    MMBench circular-evaluation group; ``fields`` hold what the prompts need besides the question."""
-
-    qid: str
-    benchmark: str
-    task: str
-    question: str
-    images: tuple
-    options: tuple[str, ...] = ()
-    answer: str | None = None
-    answers: tuple[str, ...] | None = None
-    group: str | None = None
-    categories: dict[str, str] = field(default_factory=dict)
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def has_truth(self) -> bool:
-        return self.answer is not None or bool(self.answers)
-
 
 # the split each benchmark is read from by default (the model card's: test-server splits where it reports them)
 DEFAULT_SPLITS = {"vqav2": "test", "okvqa": "val2014", "textvqa": "validation", "vizwiz_vqa": "test",
@@ -240,19 +213,6 @@ def _first_same_text(options: Sequence[str], letter: str) -> str:
     return LETTERS[next(i for i, o in enumerate(options) if o == options[index])]
 
 
-def interleave_options(question: str, answer: str) -> tuple[str, ...]:
-    """Option texts of a question whose options live in its text ("A. ..", "(A) ..", "A: .." lines); letters up to
-    the answer's when the text has none."""
-    import re
-
-    found = re.findall(r"^\s*\(?([A-H])[\.\):]\s*(.*)$", question, flags=re.MULTILINE)
-    texts = {}
-    for letter, text in found:
-        texts.setdefault(letter, text.strip())
-    n = max([LETTERS.index(x) + 1 for x in texts] + [LETTERS.index(answer) + 1 if answer in LETTERS else 1])
-    return tuple(texts.get(LETTERS[i], LETTERS[i]) for i in range(n))
-
-
 def _interleave(benchmark: str, rows: list[dict]) -> list[ImageQuestion]:
     wanted = INTERLEAVE_SUBSETS.get(benchmark)
     out = []
@@ -316,7 +276,7 @@ def load_image_questions(benchmark: str, data_dir: str | os.PathLike, tasks: Seq
     whose ``task`` is listed; ``split`` overrides :data:`DEFAULT_SPLITS` (parquet layouts). Mantis-Eval and BLINK
     come from the LLaVA-Interleave out-domain set under ``official`` (its subsets are what the official code
     scores) and from their own repos under ``lmms_eval``."""
-    from .image_official_data import find_official
+
 
     if benchmark not in IMAGE_BENCHMARKS:
         raise InputError(f"unknown image benchmark {benchmark!r}; choose one of {', '.join(IMAGE_BENCHMARKS)}")
@@ -326,11 +286,11 @@ def load_image_questions(benchmark: str, data_dir: str | os.PathLike, tasks: Seq
     if not root.is_dir():
         raise InputError(f"--data {data_dir} is not a folder ({expected(benchmark, split)})")
     if interleave_subset:
-        official = find_official(benchmark, root)
+        official = find_official(benchmark, root, _LOADERS, DEFAULT_SPLITS)
         questions = official() if official is not None else \
             _interleave(benchmark, parquet_rows(root, benchmark, split, "out_of_domain"))
     else:
-        official = find_official(benchmark, root)
+        official = find_official(benchmark, root, _LOADERS, DEFAULT_SPLITS)
         questions = official() if official is not None else _LOADERS[benchmark](root, split)
     if tasks:
         known = sorted({q.task for q in questions})

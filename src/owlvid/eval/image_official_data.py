@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .image_datasets import ImageQuestion, interleave_options
+from .image_questions import ImageQuestion, interleave_options
 from .image_scoring import INTERLEAVE_SUBSETS
 
 _VQA_FILES = {  # benchmark -> (questions file, annotation file or None), under dataset/
@@ -147,7 +147,8 @@ def _interleave(benchmark: str, root: Path) -> list[ImageQuestion]:
     return out
 
 
-def find_official(benchmark: str, root: Path) -> Callable[[], list[ImageQuestion]] | None:
+def find_official(benchmark: str, root: Path, hf_loaders: dict[str, Callable], hf_splits: dict[str, str]
+                  ) -> Callable[[], list[ImageQuestion]] | None:
     """A loader for the official evaluation folder at ``root`` when it holds ``benchmark``'s files, else None."""
     dataset = root / "dataset"
     if not dataset.is_dir():
@@ -167,9 +168,7 @@ def find_official(benchmark: str, root: Path) -> Callable[[], list[ImageQuestion
     if benchmark in ("llava_interleave", *INTERLEAVE_SUBSETS) and (dataset / INTERLEAVE_JSON).is_file():
         return lambda: _interleave(benchmark, root)
     if benchmark in _HF_FOLDERS and (dataset / _HF_FOLDERS[benchmark]).is_dir():
-        from .image_datasets import _LOADERS, DEFAULT_SPLITS
-
-        folder = dataset / _HF_FOLDERS[benchmark]
-        return lambda: _LOADERS[benchmark](folder, DEFAULT_SPLITS[benchmark])
+        folder = dataset / _HF_FOLDERS[benchmark]  # a Hugging Face folder inside the official layout
+        return lambda: hf_loaders[benchmark](folder, hf_splits[benchmark])
     return None
 

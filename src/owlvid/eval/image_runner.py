@@ -33,7 +33,7 @@ from .runner import (
     model_family,
     run_folder,
 )
-from .scoring import score_response
+from .scores import score_response
 
 
 def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any],

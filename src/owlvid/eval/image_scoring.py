@@ -23,6 +23,7 @@ from owlvid.errors import InputError
 
 from . import choice_scoring as mc
 from . import vqa_scoring as vqa
+from .scoring import Score, letters
 
 MULTI_IMAGE = ("nlvr2", "mantis_eval", "mathverse_mv", "sciverse_mv", "blink", "qbench2")
 VQA = ("vqav2", "okvqa", "gqa", "vizwiz_vqa", "textvqa")
@@ -84,11 +85,9 @@ def _choice(benchmark: str, protocol: str, response: str, options: Sequence[str]
 
 def score_image_response(*, benchmark: str, protocol: str, response: str, options: Sequence[str] | None = None,
                          answer: str | None = None, answers: Sequence[str] | None = None,
-                         rng: random.Random | None = None):  # -> scoring.Score
+                         rng: random.Random | None = None) -> Score:
     """See ``owlvid.eval.score_response``; ``response`` arrives as the model decoded it and is stripped here (both
     protocols strip before scoring)."""
-    from .scoring import Score, letters
-
     check_image_protocol(benchmark, protocol)
     if benchmark == "mmvet":
         raise InputError(UNDEFINED[("mmvet", protocol)])

@@ -65,7 +65,7 @@ from owlvid.eval.scoring import (
     Score,
     check_benchmark_protocol,
     letters,
-    score_response,
+    score_video_response,
 )
 from owlvid.eval.video_facts import (
     MLVU_DEV_TASK_TYPES,
@@ -229,7 +229,7 @@ class Protocol:
         return out
 
     def score(self, response: str, options: list[str], answer: str, rng: random.Random | None = None) -> Score:
-        return score_response(benchmark=self.benchmark, protocol=self.name, response=response, options=options,
+        return score_video_response(benchmark=self.benchmark, protocol=self.name, response=response, options=options,
                               answer=answer, rng=rng)
 
     def frame_indices(self, total_frames: int, avg_fps: float, *, bound: tuple[float, float] | None = None,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from owlvid.errors import InputError
 
-__all__ = ["Score", "score_response", "letters"]
+__all__ = ["Score", "score_video_response", "letters"]
 
 BENCHMARKS = ("mvbench", "nextqa_mc", "videomme", "longvideobench", "mlvu")
 PROTOCOLS = ("official", "lmms_eval", "slowfast")
@@ -391,28 +391,16 @@ def check_benchmark_protocol(benchmark: str, protocol: str) -> None:
         raise InputError(MLVU_OFFICIAL_ERROR)
 
 
-def score_response(*, benchmark: str, protocol: str, response: str, options: list[str] | None = None,
+def score_video_response(*, benchmark: str, protocol: str, response: str, options: list[str] | None = None,
                    answer: str | None = None, answers: list[str] | None = None,
                    rng: random.Random | None = None) -> Score:
-    """Score one model answer as ``protocol`` scores ``benchmark`` questions.
-
-    Image tables (``image_scoring.IMAGE_BENCHMARKS``): open-ended VQA (vqav2, okvqa, textvqa, vizwiz_vqa) take
-    ``answers`` (the annotators' answers) and return ``.score`` in [0, 1] with ``.predicted`` the normalised answer
-    (``correct`` None); gqa takes ``answer`` (the ground truth), pope and nlvr2 ``answer`` "yes"/"no"; the
-    multiple-choice ones take ``options`` and the letter ``answer``. VQAv2 and VizWiz score their test split on a
-    server: the local VQA score of the same post-processed answer is returned (what VQAEval computes on val).
+    """Score one model answer as ``protocol`` scores ``benchmark`` (a video table's) questions
+    (``owlvid.eval.score_response`` answers for every benchmark, the image tables too).
 
     ``response``: the model's decoded answer text (owlvid's ``Generation.text``); the protocol's own
     post-processing (``STRIPS_RESPONSE``) is applied here. ``options``: the option texts without letters,
     in order. ``answer``: the ground-truth letter. ``rng``: the random source of lmms-eval's "random
     choice" fallbacks (Python's global ``random`` when None, as upstream)."""
-    if benchmark not in BENCHMARKS:
-        from .image_scoring import IMAGE_BENCHMARKS, score_image_response  # imports this module: no cycle at load
-
-        if benchmark in IMAGE_BENCHMARKS:
-            return score_image_response(benchmark=benchmark, protocol=protocol, response=response, options=options,
-                                        answer=answer, answers=answers, rng=rng)
-        raise InputError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS + IMAGE_BENCHMARKS)}")
     check_benchmark_protocol(benchmark, protocol)
     _check_options(options, answer)
     if not isinstance(response, str):
