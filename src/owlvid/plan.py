@@ -63,6 +63,7 @@ class ModelShape:
     vision_act_per_frame: int  # elements alive inside one vision-tower call, per frame
     vision_out_per_frame: int  # elements of one frame's projected features
     default_frames: int
+    vision_width: int = 0  # SigLIP's hidden size (sets the CPU vision chunk)
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +102,8 @@ def _owl3_shape(raw: dict, shapes: dict | None) -> ModelShape:
         projector_params=d * h + h + ((h * h + h) if mlp else 0),
         visual_tokens=patches, vision_batch=int(raw.get("vision_batch_size", 16)),
         # inside a SigLIP layer: the residual, its LayerNorm, q/k/v or the MLP's hidden (and its GELU)
-        vision_act_per_frame=patches * (3 * d + 2 * m), vision_out_per_frame=patches * h, default_frames=16)
+        vision_act_per_frame=patches * (3 * d + 2 * m), vision_out_per_frame=patches * h, default_frames=16,
+        vision_width=d)
 
 
 def _slowfast_shape(raw: dict, shapes: dict | None) -> ModelShape:
@@ -191,7 +193,7 @@ def module_groups(s: ModelShape, st: Settings) -> list[Group]:
     b, q = DTYPE_BYTES[st.dtype], st.quantize
     h, i, kvd, f = s.hidden, s.intermediate, s.kv_dim, st.max_frames
     rows = st.max_batch + 1  # the decoding batch plus one request being prefilled
-    cpu_chunk = max(1, CPU_VISION_CHUNK_BYTES // (s.visual_tokens * s.hidden * b)) if s.family == "owl3" else f
+    cpu_chunk = max(1, CPU_VISION_CHUNK_BYTES // (s.visual_tokens * s.vision_width * b)) if s.vision_width else f
     per_call = {"cuda": min(f, s.vision_batch), "cpu": min(f, s.vision_batch, cpu_chunk)}
     embeds = f * s.vision_out_per_frame * b
     vision = Group("vision", (s.vision_params + s.projector_params) * b,
