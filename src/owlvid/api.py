@@ -22,7 +22,7 @@ from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_iden
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, TokenEvent, check_context, run_batch, run_generation
 from .errors import CheckpointError, InputError
-from .quantize import check_supported, language_model_bytes, quantize_language_model
+from .quantize import check_supported, language_model_bytes
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
@@ -63,9 +63,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     if quantize is not None:
         check_supported(quantize, dev, dt)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
-    runtime = runtime_cls.load(folder, raw, tok, dev, dt)
-    if quantize is not None:
-        runtime.quantization = quantize_language_model(runtime.model, quantize)
+    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize)
     if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))
