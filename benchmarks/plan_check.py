@@ -8,7 +8,10 @@ frames (greedy, a few tokens). Reported, each as growth over the RSS after the i
 * `peak`: VmHWM over the whole run (weights + caches + the vision tower's activations + the prefill), against
   the plan's total for a `cpu` device (batch 1, context = the request's KV capacity, no visual LRU cache).
 
-    PYTHONPATH=src python benchmarks/plan_check.py [--models 1B,2B] [--frames 8]
+* `SF-tower`: Slow-Fast's ConvNeXt-XXL tower and projector alone, encoding N frames, against the plan's vision
+  group (weights + activation peak).
+
+    PYTHONPATH=src python benchmarks/plan_check.py [--models 1B,2B,SF-tower] [--frames 8]
 """
 
 from __future__ import annotations
@@ -83,6 +86,58 @@ print(json.dumps({"model": name, "frames": frames, "prompt_tokens": out.prompt_t
 shutil.rmtree(folder)
 '''
 
+# Slow-Fast's tower alone (ConvNeXt-XXL at 576 px + projector, 1.7 GB in bf16; the whole 7B would not fit
+# beside the other work of a shared machine): its weights and the peak of encoding N frames against the plan's
+# vision group.
+CHILD_TOWER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[3])
+import torch
+from torch import nn
+from owlvid.models.slowfast.config import slowfast_config
+from owlvid.models.slowfast.model import SlowFast
+from owlvid.models.slowfast.vision import ConvNeXt, build_projector
+from owlvid.plan import plan_memory
+from tests.plan.published import SLOWFAST_7B_FRAME64 as config
+
+def status(field):
+    return int(next(x for x in open("/proc/self/status") if x.startswith(field)).split()[1]) * 1024
+
+frames = int(sys.argv[2])
+shapes = {"model.embed_tokens.weight": (152064, 3584), "lm_head.weight": (152064, 3584)}
+shapes.update({f"model.layers.{i}.self_attn.cross_attn_kv_proj.weight": (1, ) for i in (0, 8, 16, 24)})
+cfg = slowfast_config(config, shapes)
+pixels = torch.rand(frames, 3, 576, 576)
+baseline = status("VmRSS")
+
+class Tower(nn.Module):  # what SlowFast.encode_frames reads of the network
+    def __init__(self):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = ConvNeXt(cfg.vision)
+        self.mm_projector = build_projector(cfg.projector, cfg.mm_hidden_size, cfg.llm.hidden_size)
+        self._param = self.mm_projector[0].weight
+
+torch.set_default_dtype(torch.bfloat16)
+with torch.device("meta"):
+    tower = Tower()
+torch.set_default_dtype(torch.float32)
+tower.to_empty(device="cpu")
+with torch.no_grad():
+    for p in tower.parameters():
+        p.normal_(0, 0.02)
+tower._param = tower.mm_projector[0].weight
+tower.eval()
+built = status("VmRSS")
+features = SlowFast.encode_frames(tower, pixels)
+peak = status("VmHWM")
+plan = plan_memory(config, max_memory={"cpu": 1 << 45}, max_frames=frames, max_batch=1, max_model_len=2048)
+vision = plan.groups[0]
+print(json.dumps({"model": "Slow-Fast tower", "frames": frames, "prompt_tokens": 0, "built": built - baseline,
+                  "peak": peak - baseline, "plan_weights": vision.weights,
+                  "plan_total": vision.weights + vision.peak["cpu"]}))
+'''
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,12 +145,13 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--tokenizer", default=str(REPO / "tests" / "fixtures" / "owl3" / "tokenizer"))
     args = ap.parse_args()
-    names = {"1B": "mPLUG-Owl3-1B-241014", "2B": "mPLUG-Owl3-2B-241014"}
+    names = {"1B": "mPLUG-Owl3-1B-241014", "2B": "mPLUG-Owl3-2B-241014", "SF-tower": "Slow-Fast tower"}
     mib = 2**20
     print(f"{'model':<22}{'frames':>7}{'built MiB':>11}{'plan weights':>14}{'ratio':>7}{'peak MiB':>10}"
           f"{'plan total':>12}{'ratio':>7}")
     for key in args.models.split(","):
-        done = subprocess.run([sys.executable, "-c", CHILD, names[key], str(args.frames), str(REPO), args.tokenizer],
+        child = CHILD_TOWER if key == "SF-tower" else CHILD
+        done = subprocess.run([sys.executable, "-c", child, names[key], str(args.frames), str(REPO), args.tokenizer],
                               capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{key}: {done.stderr.strip().splitlines()[-1]}")

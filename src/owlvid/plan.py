@@ -22,7 +22,8 @@ in-order fill still places everything). A plan that does not fit raises a one-li
 would (int8/int4, fewer frames, one more GPU). Not counted: the CUDA context and allocator slack (max_memory
 is what owlvid's tensors may take; `owlvid plan` leaves 1 GiB of each detected GPU for them).
 benchmarks/plan_check.py compares the estimates with the peak RSS of real-shape 1B/2B models on the CPU
-(measured within 4%: weights +3.6% / +1.7%, whole-request peak +1.6% / +1.8%).
+(measured within 5%: weights +3.6% / +1.7%, whole-request peak +1.6% / +1.8%; Slow-Fast's ConvNeXt tower
+alone, 8 frames: weights +2.3%, encoding peak +4.1%).
 """
 
 from __future__ import annotations
