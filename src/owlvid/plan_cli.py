@@ -38,7 +38,8 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser, positive_int: Callable[
                    help="(default: bfloat16)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     p.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
-                   help="frames per video (default: mPLUG-Owl3 16, Slow-Fast its training frame count)")
+                   help="frames per video, or image crops, per request (default: mPLUG-Owl3 16, Slow-Fast its "
+                   "training frame count)")
     p.add_argument("--max-batch", type=positive_int, default=8, metavar="B",
                    help="requests decoded together (default: 8, as serve/batch)")
     p.add_argument("--max-model-len", type=positive_int, default=4096, metavar="L",
