@@ -1,6 +1,6 @@
 """Trial: does `torch.compile` speed up the decoding step? (It is not used by owlvid: see the table.)
 
-Times the batched decoding step (`BatchEngine.step`: forward + sampling + bookkeeping) eagerly and with
+Times the batched decoding step (`Engine.step`: forward + sampling + bookkeeping) eagerly and with
 the decoder (`model.llm.forward`) compiled by `torch.compile(dynamic=True)` (inductor, the CPU C++
 backend here), at the tiny Owl3 shape (where the step is all host overhead) and at the real 1B-241014
 shape (random weights, text only, where the step reads 2 GB of weights), and reports the compile time.
@@ -22,13 +22,13 @@ import torch
 from perf import build_model
 
 import owlvid
-from owlvid.engine import BatchEngine, SamplingParams
+from owlvid.engine import Engine, SamplingParams
 from owlvid.testing import make_tiny_owl3, write_tiny_tokenizer
 
 
 def step_ms(model: owlvid.Model, batch: int, steps: int) -> float:
     """Median ms of a decoding step of `batch` text requests (after a few warm-up steps)."""
-    engine = BatchEngine(model.runtime, max_batch=batch)
+    engine = Engine(model.runtime, max_batch=batch)
     for i in range(batch):
         request, ids = model.prepare([{"role": "user", "content": f"Tell me a long story number {i}."}])
         engine.add(request, ids, SamplingParams(max_new_tokens=steps + 10))

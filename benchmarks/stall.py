@@ -5,7 +5,7 @@
 
 A stream A decodes; after its per-token time is measured, a request B with a many-frame video is
 submitted. "before" runs B's preparation (prompt, frame pixels), vision encoding and whole prefill on the
-engine thread, as owlvid did; "chunked" is the BatchingScheduler as it is: preparation and vision
+engine thread, as owlvid did; "chunked" is the Scheduler as it is: preparation and vision
 encoding on the preparation thread, the LLM prefill `--chunk` tokens per engine step between decode
 steps. Reported: A's normal per-token time, A's largest inter-token gap while B arrives (target: under
 2x the normal time plus the largest chunk), the time of the largest prefill chunk, and the throughput of
@@ -32,8 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf  # noqa: E402 - real-shape random models and the table printer
 
-from owlvid.engine import Generation, TokenEvent  # noqa: E402
-from owlvid.server.scheduler import BatchingScheduler, Job  # noqa: E402
+from owlvid.engine import (  # noqa: E402
+    Generation,
+    Ticket,  # noqa: E402
+    TokenEvent,
+)
+from owlvid.server.scheduler import Job, Scheduler  # noqa: E402
 from owlvid.testing import write_tiny_tokenizer  # noqa: E402
 
 # A small model that runs the scenario in a few minutes on two cores (same code paths as 1b).
@@ -43,8 +47,8 @@ SMALL_SIGLIP = dict(hidden_size=192, intermediate_size=768, num_attention_heads=
                     image_size=384, patch_size=14)
 
 
-class BeforeScheduler(BatchingScheduler):
-    """owlvid before this change: the engine thread prepares, encodes and prefills each new request."""
+class BeforeScheduler(Scheduler):
+    """owlvid before the preparation thread: the engine thread prepares, encodes and prefills each new request."""
 
     def _prepare_loop(self) -> None:
         while True:
@@ -53,15 +57,16 @@ class BeforeScheduler(BatchingScheduler):
             if job is None:
                 self._ready.put(None)
                 return
-            self._ready.put((job, None, None, None))
+            self._ready.put(Ticket(owner=job, cancelled=lambda job=job: job.cancelled, deadline=job.deadline))
 
-    def _admit(self, item, engine) -> None:
-        from owlvid.api import split_options
-
-        job = item[0]
-        prep, params = split_options(dict(job.options))
-        request, prompt_ids = self.model.prepare(job.messages, **prep)
-        super()._admit((job, request, prompt_ids, params), engine)
+    def _feed(self, block: bool):
+        ticket = super()._feed(block)
+        if isinstance(ticket, Ticket):  # prepared here, on the engine thread
+            job = ticket.owner
+            prepared = self.model.ticket(job.messages, job.options)
+            prepared.owner, prepared.cancelled, prepared.deadline = job, ticket.cancelled, ticket.deadline
+            return prepared
+        return ticket
 
 
 def cpu_model() -> str:
@@ -72,7 +77,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-async def scenario(sched: BatchingScheduler, frames: int, warm_tokens: int, seed: int) -> dict:
+async def scenario(sched: Scheduler, frames: int, warm_tokens: int, seed: int) -> dict:
     a_msgs = [{"role": "user", "content": "Write a long story about owls in the forest at night."}]
     # A runs until cancelled: as long as the context allows (the server-default rule, not a 400)
     stream_a = sched.submit(Job(a_msgs, {"max_new_tokens": 100000, "shorten_to_context": True}))
@@ -156,7 +161,7 @@ def main() -> None:
           f"{chunks} chunk(s) of {args.chunk}")
     rows = []
     for mode in args.modes.split(","):
-        cls = BeforeScheduler if mode == "before" else BatchingScheduler
+        cls = BeforeScheduler if mode == "before" else Scheduler
         sched = cls(model, max_batch=4, prefill_chunk=None if mode == "before" else args.chunk)
         sched.start()
         try:

@@ -7,7 +7,7 @@ bookkeeping, detokenisation and stop strings. This is the time a GPU would sit i
     PYTHONPATH=src python benchmarks/step.py            # batch 1, 4, 8; greedy and sampled
     PYTHONPATH=src python benchmarks/step.py --tokens 256 --batch-sizes 1,8
 
-Per batch size and sampling mode it prints the median over the steps of: the whole `BatchEngine.step`
+Per batch size and sampling mode it prints the median over the steps of: the whole `Engine.step`
 (ms), the model's `decode_batch` inside it, and the rest (the engine's own work), per step and per step
 per request. The checkpoint is the tiny random mPLUG-Owl3 of the parity fixtures (tests/fixtures/owl3/
 tiny-241101: hidden 16, 4 layers, the real 151,851-row vocabulary and Qwen2 tokenizer).
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import owlvid
-from owlvid.engine import BatchEngine, SamplingParams
+from owlvid.engine import Engine, SamplingParams
 
 FIXTURES = Path(os.environ.get("OWLVID_FIXTURES", Path(__file__).resolve().parents[1] / "tests" / "fixtures")) / "owl3"
 
@@ -38,7 +38,7 @@ MODES = {
 
 def measure(model: owlvid.Model, batch: int, tokens: int, mode: str) -> dict:
     runtime = model.runtime
-    engine = BatchEngine(runtime, max_batch=batch)
+    engine = Engine(runtime, max_batch=batch)
     forward: list[float] = []
     inner = runtime.decode_batch
 
@@ -56,11 +56,11 @@ def measure(model: owlvid.Model, batch: int, tokens: int, mode: str) -> dict:
             params = SamplingParams(max_new_tokens=tokens, seed=i, **MODES[mode])
             engine.add(request, prompt_ids, params)
         steps = []
-        while engine.streams:
+        while engine.active:
             n = len(forward)
             t0 = time.perf_counter()
             engine.step()
-            if len(forward) > n and len(engine.streams) == batch:
+            if len(forward) > n and len(engine.decoding) == batch:
                 steps.append((time.perf_counter() - t0, forward[-1]))
     finally:
         del runtime.decode_batch

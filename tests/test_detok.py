@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from owlvid import engine
+from owlvid import generation as engine
 from owlvid.engine import RequestStream, SamplingParams
 from owlvid.tokenizer import IncrementalDecoder, QwenTokenizer
 

@@ -10,7 +10,6 @@ import pytest
 import owlvid
 from owlvid.errors import InputError
 from owlvid.jobs import generate_each
-from owlvid.models.slowfast.testing import make_tiny_slowfast
 from tests.media.synth import write_video
 from tests.owl3.test_caching_and_batching import conversations
 
@@ -77,13 +76,3 @@ def test_prefetching_is_bounded(tiny_owl3_models):
     time.sleep(0.3)  # the producer has had time to run as far ahead as it may
     assert first_key == 0 and len(built) <= 4
     assert [key for key, _ in results] == list(range(1, 10)) and built == list(range(10))
-
-
-def test_models_without_batching_answer_one_by_one(tmp_path):
-    model = owlvid.load(make_tiny_slowfast(tmp_path / "sf"), dtype="float32", device="cpu")
-    model.runtime.supports_batching = False  # every family batches today: a runtime without the capability
-    conv = [{"role": "user", "content": "Hello there"}]
-    alone = model.generate(conv, max_new_tokens=5).token_ids
-    results = list(generate_each(model, [("a", (conv, {"max_new_tokens": 5})), ("b", (conv, {"oops": 1}))]))
-    assert results[0][0] == "a" and results[0][1].token_ids == alone
-    assert results[1][0] == "b" and isinstance(results[1][1], InputError)

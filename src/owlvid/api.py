@@ -20,26 +20,14 @@ import torch
 
 from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
-from .engine import Generation, SamplingParams, TokenEvent, check_context, run_batch, run_generation
-from .errors import CheckpointError, InputError
+from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
+from .errors import InputError
+from .models import runtime_class
 from .quantize import check_supported, language_model_bytes
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
 DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
-
-
-def _runtime_class(model_type: str):
-    if model_type == "mplugowl3":
-        from .models.owl3 import Owl3Runtime
-
-        return Owl3Runtime
-    if model_type == "llava_qwen_slow_fast":
-        from .models.slowfast import SlowFastRuntime
-
-        return SlowFastRuntime
-    raise CheckpointError(f"unsupported checkpoint: config.json model_type {model_type!r} (owlvid supports "
-                          "mplugowl3 and llava_qwen_slow_fast)")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
@@ -57,7 +45,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
-    runtime_cls = _runtime_class(raw.get("model_type", ""))
+    runtime_cls = runtime_class(raw.get("model_type", ""))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if quantize is not None:
@@ -125,11 +113,32 @@ class Model:
         check_context(len(prompt_ids), self.runtime.max_positions, max_new_tokens)
         return request, prompt_ids
 
-    def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
-        """TokenEvents as tokens are generated, then the final Generation (used by the server)."""
-        prep, sampling = split_options(kwargs)
+    def ticket(self, messages: list[dict], options: dict, *, key: Any = None, encode_ahead: bool = False,
+               media_timeout: float | None = None) -> Ticket:
+        """A request ready for the engine: options split (generation vs media), messages rendered and their
+        media loaded; with `encode_ahead`, the vision tower run too (on the caller's thread, beside the
+        engine's steps). A mistake in the request is raised here."""
+        t0 = time.perf_counter()
+        options = dict(options)
+        if media_timeout is not None:
+            options.setdefault("media_timeout", media_timeout)
+        prep, params = split_options(options)
+        params.validate()
         request, prompt_ids = self.prepare(messages, **prep)
-        yield from run_generation(self.runtime, request, prompt_ids, sampling)
+        if encode_ahead:
+            request = self.runtime.encode_media(request)
+        now = time.perf_counter()
+        return Ticket(key=key, request=request, prompt_ids=prompt_ids, params=params, prepare_s=now - t0,
+                      ready_at=now)
+
+    def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
+        """TokenEvents as tokens are generated, then the final Generation."""
+        ticket = self.ticket(messages, kwargs)
+        ticket.prepare_s = 0.0  # prepared inline: no preparation or queueing to report
+        for _, event in Engine(self.runtime, max_batch=1, prefill_chunk=None).run(list_feed([ticket])):
+            if isinstance(event, BaseException):
+                raise event
+            yield event
 
     def generate(self, messages: list[dict], **kwargs: Any) -> Generation:
         """Answer the conversation: `Generation(text, token_ids, finish_reason, prompt_tokens, ...)`."""
@@ -148,19 +157,18 @@ class Model:
             if isinstance(event, TokenEvent) and event.text:
                 yield event.text
 
-    def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, **kwargs: Any
-                       ) -> list[Generation]:
+    def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, *,
+                       return_exceptions: bool = False, **kwargs: Any) -> list[Generation]:
         """Answer several conversations together (decoded as one batch); results in input order.
-        Each result is token for token what `generate` gives for that conversation alone. A model without
-        batched decoding (`supports_batching` off) answers them one after another."""
-        prep, sampling = split_options(kwargs)
-        if not self.runtime.supports_batching:  # no batched decoding for this model: one by one
-            return [self.generate(messages, **{**vars(sampling), **prep}) for messages in conversations]
-        items = []
-        for messages in conversations:
-            request, prompt_ids = self.prepare(messages, **prep)
-            items.append((request, prompt_ids, SamplingParams(**vars(sampling))))
-        return run_batch(self.runtime, items, max_batch=max_batch)
+        Each result is token for token what `generate` gives for that conversation alone. A request that
+        fails in the engine fails alone: its error is raised once the others have finished, or with
+        `return_exceptions=True` it takes that request's place in the results. A mistake in a
+        conversation's input is raised before anything runs."""
+        tickets = [self.ticket(messages, kwargs) for messages in conversations]
+        for ticket in tickets:
+            ticket.prepare_s = 0.0  # prepared inline: no preparation or queueing to report
+        return run_batch(self.runtime, tickets, max_batch=max_batch,
+                         errors="return" if return_exceptions else "raise")
 
     def next_token_logits(self, messages: list[dict], **kwargs: Any) -> torch.Tensor:
         """float32 logits [vocab] of the token after the prompt (scoring, multiple-choice evaluation)."""

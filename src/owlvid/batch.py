@@ -9,6 +9,8 @@ so a line answers what `POST /v1/chat/completions` would. The whole input is che
 request that fails (bad media, over a limit) gets its 4xx line and the job goes on. Each output line is
 flushed and fsync'd as its request completes; a rerun skips the custom_ids already in the output (a torn
 last line, from a killed run, is cut away first), so an interrupted job resumes without duplicates or losses.
+A job holds a lock on its output (`records.exclusive`) from before it reads it until it ends: a second job
+on the same output exits at once, naming the first.
 
 Requests decode together (continuous batching, `engine.BatchEngine`) where the model supports it, one by
 one otherwise; those sharing a video run next to each other, so the visual cache decodes and encodes it once.
@@ -23,13 +25,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from . import records
 from .errors import InputError, OwlvidError
+from .metrics import EngineMetrics
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 
@@ -108,40 +113,15 @@ def read_requests(input_path: str | os.PathLike) -> list[BatchRequest]:
     return out
 
 
-def read_done(output_path: str | os.PathLike, key: str = "custom_id", kind: str = "batch output") -> set[str]:
-    """custom_ids (the `key` field of each line) already answered in an existing output. A torn last line
-    (no newline, or not JSON: the run was killed while writing it) is truncated away; damage anywhere else
-    is an InputError. Evaluation runs reuse it for their predictions (`key="qid"`)."""
-    path = Path(output_path)
-    if not path.exists():
-        return set()
-    with open(path, "rb") as f:
-        data = f.read()
-    done: set[str] = set()
-    good = 0  # bytes of the file made of complete, valid lines
-    *complete, tail = data.split(b"\n")  # tail: text after the last newline (a torn line when not empty)
-    for number, raw in enumerate(complete, 1):
-        if not raw.strip():
-            good += len(raw) + 1
-            continue
-        try:
-            item = json.loads(raw)
-            custom_id = item.get(key) if isinstance(item, dict) else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            custom_id = None
-        if not isinstance(custom_id, str):
-            if number == len(complete) and not tail.strip():
-                break  # the last line, torn: cut below
-            raise InputError(f"{output_path} line {number}: not a {kind} line; refusing to append to it "
-                             "(move it away to start over)")
-        done.add(custom_id)
-        good += len(raw) + 1
-    if good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            f.flush()
-            os.fsync(f.fileno())
-    return done
+def read_done(output_path: str | os.PathLike) -> set[str]:
+    """custom_ids already answered in an existing output (`records.read_done`: a torn last line after valid
+    ones is cut away; a file that is not batch output is refused untouched). Hold the output's lock."""
+    return records.read_done(output_path, "custom_id", "batch output", _is_output_line)
+
+
+def _is_output_line(item: dict) -> bool:
+    """An output line, not a request line (which has a custom_id too): it carries a response or an error."""
+    return "response" in item or "error" in item
 
 
 def job_order(requests: list[BatchRequest]) -> list[BatchRequest]:
@@ -200,20 +180,18 @@ def _video_key(url: str) -> str:
 
 
 class OutputFile:
-    """The output file, appended one complete line at a time, each flushed and fsync'd."""
+    """The output file, appended one complete line at a time, each flushed and fsync'd (`records.RecordWriter`)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.file = open(path, "ab")  # noqa: SIM115 (closed by close())
+        self.lines = records.RecordWriter(path)
 
     def write(self, custom_id: str, status: int, body: dict) -> None:
-        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
-        self.file.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        self.lines.write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                          "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+                          "error": None})
 
     def close(self) -> None:
-        self.file.close()
+        self.lines.close()
 
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: Any | Callable[[], Any], *,
@@ -233,17 +211,20 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: An
     requests_per_s, eta_s, elapsed_s).
     Returns {"requests", "skipped" (already in the output), "completed", "failed", "output"}.
     """
-    plan = plan_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout)
-    if not plan.todo:
-        Path(output_path).touch()
-        return plan.summary()
-    from .api import Model
+    with open_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout) as plan:
+        if not plan.todo:
+            Path(output_path).touch()
+            return plan.summary()
+        from .api import Model
 
-    if not isinstance(model, Model):
-        model = model()
-    config = job_config(model.name, plan.root, max_batch, media_timeout=media_timeout)
-    return write_answers(plan, answer_requests(model, config, plan.todo, prefetch=prefetch), progress,
-                         json_progress)
+        if not isinstance(model, Model):
+            model = model()
+        config = job_config(model.name, plan.root, max_batch, media_timeout=media_timeout)
+        metrics = EngineMetrics()
+        summary = write_answers(plan, answer_requests(model, config, plan.todo, prefetch=prefetch, metrics=metrics),
+                                progress, json_progress)
+        summary["engine"] = metrics.summary()  # tokens, latencies, visual cache, media and vision time
+        return summary
 
 
 def write_answers(plan: JobPlan, answers: Iterable[tuple[str, int, dict]], progress: bool = True,
@@ -285,12 +266,14 @@ class JobPlan:
                 "failed": 0, "output": str(self.output)}
 
 
-def plan_job(input_path: str | os.PathLike, output_path: str | os.PathLike,
+@contextmanager
+def open_job(input_path: str | os.PathLike, output_path: str | os.PathLike,
              allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8,
-             media_timeout: float | None = None) -> JobPlan:
+             media_timeout: float | None = None) -> Iterator[JobPlan]:
     """Everything `run` checks before loading a model: the arguments, the whole input (`read_requests`;
-    relative media paths anchored as `run` says), the output (`read_done`: a torn last line is cut).
-    InputError on the first problem."""
+    relative media paths anchored as `run` says), the output (not the input, `read_done`: a torn last line
+    is cut). InputError on the first problem. The output stays locked until the block ends (another run on
+    it is refused at once): the job is planned and written inside it."""
     if max_batch < 1:
         raise InputError("max_batch must be at least 1")
     if media_timeout is not None and not media_timeout > 0:
@@ -300,13 +283,24 @@ def plan_job(input_path: str | os.PathLike, output_path: str | os.PathLike,
     root = Path(allowed_local_media_path).expanduser() if allowed_local_media_path is not None else Path("/")
     if not root.is_dir():
         raise InputError(f"allowed local media path {allowed_local_media_path} is not a directory")
-    requests = read_requests(input_path)
-    if allowed_local_media_path is None:  # unrestricted: relative paths are the user's, from here
-        for r in requests:
-            anchor_relative_paths(r.body, Path.cwd())
-    done = read_done(output_path)
-    todo = job_order([r for r in requests if r.custom_id not in done])
-    return JobPlan(requests, todo, root, Path(output_path))
+    if _same_file(input_path, output_path):  # a hard link too: its "answered" lines would be the requests
+        raise InputError(f"the output file {output_path} is the input file {input_path}; write the answers "
+                         "to another file")
+    with records.exclusive(output_path):
+        requests = read_requests(input_path)
+        if allowed_local_media_path is None:  # unrestricted: relative paths are the user's, from here
+            for r in requests:
+                anchor_relative_paths(r.body, Path.cwd())
+        done = read_done(output_path)
+        todo = job_order([r for r in requests if r.custom_id not in done])
+        yield JobPlan(requests, todo, root, Path(output_path))
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # one does not exist (yet)
+        return False
 
 
 def job_config(model_name: str, allowed_local_media_path: str | os.PathLike, max_batch: int, *,
@@ -361,8 +355,8 @@ class JsonProgress:
         pass
 
 
-def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefetch: int = 2
-                    ) -> Iterator[tuple[str, int, dict]]:
+def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefetch: int = 2,
+                    metrics: EngineMetrics | None = None) -> Iterator[tuple[str, int, dict]]:
     """(custom_id, status, response body) of each request as it completes; `config` is the server's
     `ServerConfig` (media policy, limits, `media_timeout`). Bodies become conversations just in time (media
     loaded when the request is prepared, `prefetch` requests ahead of the engine), so a failing one becomes
@@ -383,7 +377,7 @@ def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefet
 
     for custom_id, result in generate_each(model, ((r.custom_id, job(r.body)) for r in todo),
                                            max_batch=config.max_batch, prefetch=prefetch,
-                                           media_timeout=config.media_timeout):
+                                           media_timeout=config.media_timeout, metrics=metrics):
         if isinstance(result, Exception):
             yield (custom_id, *_error(result))
         else:

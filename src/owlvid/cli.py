@@ -386,6 +386,35 @@ def _domain_list(values: list[str] | None) -> list[str] | None:
     return domains
 
 
+def _origin_list(values: list[str] | None) -> list[str] | None:
+    """--allowed-origins: web page origins, scheme://host[:port] (no path), `null` or `*`."""
+    if values is None:
+        return None
+    origins = [o.strip().rstrip("/") for v in values for o in v.split(",") if o.strip()]
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin not in ("*", "null") and (scheme.lower() not in ("http", "https") or not sep or not rest
+                                             or any(c in rest for c in "/?#@")):
+            raise UsageError(f"--allowed-origins {origin}: give a web page origin like http://localhost:3000 "
+                             "(scheme, host and port only), or *")
+    if not origins:
+        raise UsageError("--allowed-origins needs at least one origin")
+    return origins
+
+
+def _host_list(values: list[str] | None) -> list[str] | None:
+    """--allowed-hosts: host names or addresses (a port is ignored), or `*`."""
+    if values is None:
+        return None
+    hosts = [h.strip() for v in values for h in v.split(",") if h.strip()]
+    for host in hosts:
+        if any(c in host for c in "/?#@ "):
+            raise UsageError(f"--allowed-hosts {host}: give a host name like myserver.example.com, or *")
+    if not hosts:
+        raise UsageError("--allowed-hosts needs at least one host name")
+    return hosts
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -394,14 +423,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OwlvidError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'owlvid[server]'") from None
     from .server import serve
-    from .server.requests import ServerConfig
+    from .server.requests import ServerConfig, public_model_name
 
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
     video_options = {k: getattr(args, k) for k in ("max_frames", "fps", "sampling")
                      if getattr(args, k) is not None}
     config = ServerConfig(
-        served_model_name=args.served_model_name or _model_name(args),
+        served_model_name=args.served_model_name or public_model_name(_model_name(args)),
         api_key=args.api_key or os.environ.get("OWLVID_API_KEY") or None,
         allowed_local_media_path=args.allowed_local_media_path,
         max_request_bytes=args.max_request_bytes, max_media_bytes=args.max_media_bytes,
@@ -416,6 +445,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.allow_private_media_hosts = args.allow_private_media_hosts
     config.media_connect_timeout = args.media_connect_timeout
     config.upload_dir, config.upload_ttl = args.upload_dir, args.upload_ttl
+    config.bind_host = args.host
+    config.allowed_origins, config.allowed_hosts = _origin_list(args.allowed_origins), _host_list(args.allowed_hosts)
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"owlvid: warning: serving on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
@@ -448,8 +479,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).expanduser().is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
-    if Path(args.input).expanduser().resolve() == Path(args.output).expanduser().resolve():
-        raise UsageError("the output file must not be the input file")
     common = {"allowed_local_media_path": args.allowed_local_media_path, "max_batch": args.max_batch,
               "progress": not args.no_progress, "json_progress": args.json_progress,
               "media_timeout": args.media_timeout, "prefetch": args.prefetch}
@@ -477,13 +506,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         folder = Path(model.runtime.folder)
         shapes = checkpoint_shapes(folder)
     else:  # describe what config.json and the weights say: nothing here needs a tokenizer
-        from .api import _runtime_class
         from .checkpoint import read_config
+        from .models import runtime_class
 
         raw = read_config(folder)
         shapes = checkpoint_shapes(folder)
         info = {"name": _model_name(args), "folder": str(folder),
-                "architecture": _runtime_class(raw.get("model_type", "")).architecture,
+                "architecture": runtime_class(raw.get("model_type", "")).architecture,
                 "model_type": raw.get("model_type"),
                 "tokenizer": "none in the checkpoint folder (ask/chat/serve need --tokenizer DIR)",
                 "parameters": sum(math.prod(shape) for shape in shapes.values())}
@@ -594,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free port)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set OWLVID_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name in the API (default: the --model hub id, or the name of its folder)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow file:// URLs and plain paths under DIR (default: no local files)")
     p.add_argument("--max-request-bytes", type=_positive_int, default=100 * 2**20,
@@ -629,6 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the web page's uploads are written (default: a temporary folder)")
     p.add_argument("--upload-ttl", type=_positive_float, default=3600.0,
                    help="seconds an upload is kept after its last use (default: 3600)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="other web pages that may use the server, as scheme://host[:port] (space- or comma-"
+                   "separated; * for any); they also get CORS answers (default: only the server's own page)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="more host names the server answers to (Host header; * for any); by default the --host "
+                   "address, with localhost on loopback, any address and this machine's names on 0.0.0.0")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

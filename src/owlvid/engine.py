@@ -1,331 +1,385 @@
-"""Generation: sampling and the prefill/decode loop shared by every model.
+"""The one engine: every front door (`Model.generate/stream/generate_batch`, batch jobs, evaluation, the
+server, Ray replicas) runs its requests through `Engine.run`.
 
-A model runtime provides `prefill(request) -> (logits, state)` and `decode(state, token_id) -> logits`
-(float32 next-token logits); the loop here samples, stops and streams text.
+A request reaches the engine as a `Ticket`: its prepared model inputs (media decoded, prompt tokenized,
+vision encoded ahead where the caller did so) or the exception its preparation raised. `Engine.run(feed)`
+admits tickets from the feed, prefills them (`prefill_chunk` tokens per step, interleaved with decoding
+steps, so a long prompt delays running requests by about one chunk per token), decodes every admitted
+request together (continuous batching: one forward call per step, rows joining and leaving), and yields
+each request's events: `TokenEvent`s, then its `Generation`, or an exception as its last event.
+
+Failures stay where they belong: a request's own preparation, prefill, sampling, stop handling or
+detokenisation fails that request alone (`RequestFailed`, its cause attached); only a failure of a shared
+step (the batched forward call, joining the batch) fails the requests in that batch, and the engine goes
+on with the next ones. Cancelled requests (`Ticket.cancelled`) and requests past their deadline leave the
+batch between steps. Finished requests hand their caches to the runtime (`finish`: the prefix cache of a
+multi-turn conversation).
+
+The engine does not prepare requests: callers do that beside it (`pipeline.Prefetcher` runs a preparing
+iterator on a thread), so media decoding and vision encoding overlap the decoding steps.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from .errors import InputError, UnsupportedError
+from .generation import (
+    Generation,
+    RequestStream,
+    TokenEvent,
+    check_context,
+    vision_seconds,
+)
+from .metrics import EngineMetrics
 from .runtime import ModelRuntime
 from .sampling import Sampler, SamplingParams, sample
-from .tokenizer import IncrementalDecoder
+
+__all__ = ["Engine", "Generation", "RequestCancelled", "RequestFailed", "RequestTimeout", "RequestStream",
+           "Sampler", "SamplingParams", "Ticket", "TokenEvent", "check_context", "run_batch", "run_generation"]
 
 
-def check_context(prompt_tokens: int, max_positions: int, max_new_tokens: int | None = None) -> None:
-    """The prompt must leave room for an answer; an explicit `max_new_tokens` must fit the model's context
-    together with the prompt (vLLM's rule)."""
-    if prompt_tokens >= max_positions:
-        raise InputError(f"the prompt has {prompt_tokens} tokens; this model has {max_positions} positions")
-    if max_new_tokens is not None and prompt_tokens + max_new_tokens > max_positions:
-        raise InputError(f"this model's maximum context length is {max_positions} tokens; the request asks "
-                         f"for {prompt_tokens + max_new_tokens} ({prompt_tokens} in the messages, "
-                         f"{max_new_tokens} in the completion): reduce the messages or max_tokens")
+class RequestFailed(Exception):
+    """A request failed inside the engine (its sampling, stop handling, a shared step); the cause is attached.
+    Not the user's mistake: the server answers 500 with this message."""
 
 
-@dataclass
-class Generation:
-    """One answer.
-
-    `timings` (seconds unless said): `prefill_s` (the LLM prefill; vision encoding that ran inside it is
-    counted in `vision_s` instead), `decode_s` and `decode_steps` (the decoding steps after the first token;
-    batched steps count fully for every request in them), `decode_tokens_per_s`, `media_s` (loading and
-    decoding this request's images/videos), `vision_s` (vision encoding; 0 for visual-cache hits) and, from
-    `jobs.generate_each`, `prepare_s` (building the request: media, prompt; vision too when encoded ahead)
-    and `queue_s` (prepared, waiting for a batch slot).
-
-    `media`: one record per image/video, in prompt order, saying what the model saw (an audit):
-    `{"type": "video" | "image", "source": description, "sha256": of the source's bytes, "decoder":
-    backend, "frames": count, "indices": source frame numbers, "timestamps": their times in seconds,
-    "crops": vision crops, "visual_cache": "hit" | "miss" | "off" | "reused", "decode_s", "encode_s"}`
-    (images: `width`, `height`, and `hashed`: "bytes", or "pixels" for an image given as pixels). Fields a
-    source cannot tell are None (frames given as a list have no indices). Empty for text-only requests
-    and for runtimes without `media_audit`.
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end token or stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-    media: list[dict] = field(default_factory=list)
+class RequestCancelled(Exception):
+    """The request was cancelled (its client went away) before or while it ran."""
 
 
-@dataclass
-class TokenEvent:
-    token_id: int
-    text: str  # the new text this token completes (may be empty mid-character)
+class RequestTimeout(Exception):
+    """The request passed its deadline before or while it ran."""
 
 
-class RequestStream:
-    """One request's decoding bookkeeping: sampling, stop tokens and strings, text deltas, result."""
+@dataclass(eq=False)
+class Ticket:
+    """One request for the engine.
 
-    def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], params: SamplingParams) -> None:
-        params.validate()
-        check_context(len(prompt_ids), runtime.max_positions)
-        self.params = params
-        self.prompt_ids = list(prompt_ids)
-        self.budget = min(params.max_new_tokens, runtime.max_positions - len(prompt_ids))
-        # Slow-Fast's official generate() penalises only generated tokens; Owl3 (HF) the whole sequence.
-        self.sampler = Sampler(params, history=prompt_ids if runtime.penalize_prompt else ())
-        self.decoder = IncrementalDecoder(runtime.tokenizer)
-        self.stops = set(runtime.stop_token_ids)
-        self.generated: list[int] = []
-        self._parts: list[str] = []  # text emitted so far, in pieces joined on demand (see `text`)
-        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
-        self._stops = [s for s in params.stop if s]
-        # A stop string can only begin in the held text (see `_emit`); the last max(len)-1 emitted characters
-        # are kept too, so the scanned window is bounded by the stop strings, not by the text length.
-        self._tail_len = max(map(len, self._stops), default=1) - 1
-        self._tail = ""
-        self.finish_reason: str | None = None
-        self.timings: dict[str, float] = {}
-        self.media: list[dict] = []  # the request's media audit (`Generation.media`), set once prefilled
-        self.state: Any = None
-        self.started = time.perf_counter()
+    `request`, `prompt_ids`, `params`: the prepared model inputs (see `Model.ticket`), or `error`: the
+    exception its preparation raised (the engine reports it as the request's only event). `cancelled`:
+    polled between steps (a client that went away); `deadline`: `time.monotonic()` past which it is
+    dropped with `RequestTimeout`. `prepare_s` / `ready_at` go into the result's timings (`prepare_s`,
+    `queue_s`). `key` and `owner` are the caller's (an id, a server job)."""
+
+    key: Any = None
+    request: Any = None
+    prompt_ids: list[int] = field(default_factory=list)
+    params: SamplingParams | None = None
+    error: BaseException | None = None
+    prepare_s: float = 0.0
+    ready_at: float = field(default_factory=time.perf_counter)
+    cancelled: Callable[[], bool] | None = None
+    deadline: float | None = None
+    owner: Any = None
+    stream: RequestStream | None = None  # set by the engine when admitted
+    prefilled: int = 0  # prompt tokens the engine has asked the runtime to prefill (at most; see `_step`)
 
     @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+    def arrived_at(self) -> float:
+        """When the request arrived (`time.perf_counter()`): before its preparation."""
+        return self.ready_at - self.prepare_s
 
-    @property
-    def text(self) -> str:
-        """The text emitted so far (the final text once done)."""
-        if len(self._parts) > 1:
-            self._parts[:] = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
-
-    def accept(self, logits: torch.Tensor) -> list[TokenEvent]:
-        """Sample the next token from `logits` [vocab]; see `accept_token`."""
-        return self.accept_token(self.sampler(logits))
-
-    def accept_token(self, token: int) -> list[TokenEvent]:
-        """The next token (sampled by `self.sampler`); returns the text it completes. Sets `done` when
-        finished. When not done, the caller feeds `self.generated[-1]` to the model for the next logits."""
-        if token in self.stops:
-            self.finish_reason = "stop"
-            return self._finish_text(self.generated[-1] if self.generated else -1)
-        self.generated.append(token)
-        self.sampler.observe(token)
-        events = self._emit(token, self.decoder.push(token), final=False)
-        if not self.done and len(self.generated) >= self.budget:
-            self.finish_reason = "length"
-            events += self._finish_text(token)
-        return events
-
-    def _emit(self, token: int, delta: str, final: bool) -> list[TokenEvent]:
-        """Add decoded text and return the part that is certain. Text that may be the start of a stop
-        string is held back until it cannot be (or the generation ends), so the streamed deltas always
-        join to exactly the final text, which ends before the first stop string."""
-        # Only a bounded window is scanned: the held text, the delta and the emitted tail (where no stop
-        # string can start, as it would have been held back, but kept to match any overlap exactly).
-        tail = self._tail
-        window = tail + self._held + delta
-        stops = self._stops
-        if stops:
-            hits = [i for i in (window.find(s) for s in stops) if i >= 0]
-            if hits:
-                final, window = True, window[: min(hits)]
-                self.finish_reason = "stop"
-        keep = 0 if final else _stop_prefix_length(window, stops, len(tail))
-        out = window[len(tail): len(window) - keep]
-        self._held = window[len(window) - keep:]
-        if out:
-            self._parts.append(out)
-            self._tail = (tail + out)[-self._tail_len:] if self._tail_len else ""
-        return [TokenEvent(token, out)]
-
-    def _finish_text(self, token: int) -> list[TokenEvent]:
-        """At the end: the decoder's incomplete tail and the held-back text."""
-        return [e for e in self._emit(token, self.decoder.flush(), final=True) if e.text]
-
-    def result(self) -> Generation:
-        timings = dict(self.timings)
-        timings["media_s"] = sum(m.get("decode_s") or 0.0 for m in self.media)
-        timings["vision_s"] = sum(m.get("encode_s") or 0.0 for m in self.media)
-        return Generation(text=self.text, token_ids=list(self.generated), finish_reason=self.finish_reason or "length",
-                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
-                          timings=timings, media=[dict(m) for m in self.media])
-
-    def prefilled(self, runtime: ModelRuntime, request: Any, seconds: float, vision_before: float) -> None:
-        """Book a prefill call of `seconds`: the vision encoding that ran inside it goes to `vision_s`, not
-        `prefill_s`; the media audit is taken now that the media are encoded."""
-        self.media = runtime.media_audit(request)
-        inside = sum(m.get("encode_s") or 0.0 for m in self.media) - vision_before
-        self.timings["prefill_s"] = self.timings.get("prefill_s", 0.0) + max(seconds - inside, 0.0)
+    def gone(self) -> BaseException | None:
+        """The exception that ends this request now, if its client left or its deadline passed."""
+        if self.cancelled is not None and self.cancelled():
+            return RequestCancelled("the client went away")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return RequestTimeout("the request timed out")
+        return None
 
 
-def vision_seconds(runtime: ModelRuntime, request: Any) -> float:
-    """Vision encoding spent on a request so far (see `ModelRuntime.media_audit`)."""
-    return sum(m.get("encode_s") or 0.0 for m in runtime.media_audit(request))
+EMPTY = object()  # a feed's answer when nothing is ready yet (see `Engine.run`)
+Feed = Callable[[bool], Any]  # feed(block) -> Ticket | EMPTY | None (the end)
 
 
-def _stop_prefix_length(text: str, stops: list[str], start: int) -> int:
-    """Length of the longest suffix of text[start:] that is a proper prefix of one of `stops`."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text) - start), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+def list_feed(tickets: Iterable[Ticket]) -> Feed:
+    """A feed over tickets that are ready now (or are made on the caller's thread when taken)."""
+    it = iter(tickets)
+    return lambda block: next(it, None)
 
 
-def run_generation(runtime: ModelRuntime, request: Any, prompt_ids: list[int], params: SamplingParams
-                   ) -> Iterator[TokenEvent | Generation]:
-    """Yield a TokenEvent per generated token, then the final Generation."""
-    stream = RequestStream(runtime, prompt_ids, params)
-    before = vision_seconds(runtime, request)
-    t0 = time.perf_counter()
-    logits, state = runtime.prefill(request)
-    t1 = time.perf_counter()
-    stream.prefilled(runtime, request, t1 - t0, before)
-    steps = 0
-    while True:
-        yield from stream.accept(logits)
-        if stream.done:
-            break
-        logits = runtime.decode(state, stream.generated[-1])
-        steps += 1
-    t2 = time.perf_counter()
-    runtime.finish(state)
-    stream.timings.update(decode_s=t2 - t1, decode_steps=steps, decode_tokens_per_s=steps / max(t2 - t1, 1e-9))
-    yield stream.result()
+class Engine:
+    """Continuous batching over one model runtime (see the module docstring). Single-threaded: one thread
+    runs `run` (or `step`); tickets come through the feed."""
 
-
-class BatchEngine:
-    """Continuous batching: requests are prefilled as they arrive and join the running batch between
-    decoding steps; each step decodes one token for every active request at once.
-
-    With `prefill_chunk` tokens per chunk (runtimes with `begin_prefill`/`prefill_step`), a long prompt is
-    prefilled one chunk per `step()`, between decoding steps, so running streams keep flowing while it
-    arrives. Padding and chunking never change a request's result: every row attends only to its own keys
-    and media, at absolute positions.
-    """
-
-    def __init__(self, runtime: ModelRuntime, max_batch: int = 8, prefill_chunk: int | None = None) -> None:
-        if not runtime.supports_batching:
-            raise UnsupportedError(f"{runtime.architecture} does not support batched decoding")
+    def __init__(self, runtime: ModelRuntime, max_batch: int = 8, prefill_chunk: int | None = 512,
+                 metrics: EngineMetrics | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.runtime = runtime
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk if runtime.supports_chunked_prefill else None
+        self.prefill_chunk = prefill_chunk
         self.batch: Any = None
-        self.streams: list[RequestStream] = []
-        self.prefilling: list[tuple[RequestStream, Any]] = []  # (stream, runtime prefill state), FIFO
-        self.joining: list[tuple[RequestStream, Any]] = []  # prefilled last step, join the batch next step
+        self.decoding: list[Ticket] = []  # rows of `batch`, in order
+        self.prefilling: list[tuple[Ticket, Any]] = []  # (ticket, runtime prefill job), FIFO
+        self.joining: list[tuple[Ticket, Any]] = []  # prefilled last step: join the batch next step
+        self.peak_batch = 0
+        self.failed_steps = 0  # shared steps that failed (each failed the requests in it)
 
     @property
     def active(self) -> int:
-        """Requests decoding or being prefilled."""
-        return len(self.streams) + len(self.prefilling) + len(self.joining)
+        """Requests admitted and not finished: prefilling, joining or decoding."""
+        return len(self.decoding) + len(self.prefilling) + len(self.joining)
 
-    def add(self, request: Any, prompt_ids: list[int], params: SamplingParams
-            ) -> tuple[RequestStream, list[TokenEvent]]:
-        """Take a request. Without chunking it is prefilled now and decodes with the batch from the next
-        `step()` unless already done; with chunking its prefill advances one chunk per `step()` (no events
-        yet: they come from the step that finishes its prefill)."""
-        stream = RequestStream(self.runtime, prompt_ids, params)
-        stream.timings.update(decode_s=0.0, decode_steps=0)
-        before = vision_seconds(self.runtime, request)
-        if self.prefill_chunk:
-            t0 = time.perf_counter()
-            self.prefilling.append((stream, self.runtime.begin_prefill(request)))  # vision runs here
-            stream.prefilled(self.runtime, request, time.perf_counter() - t0, before)
-            return stream, []
-        t0 = time.perf_counter()
-        logits, state = self.runtime.prefill(request)
-        stream.prefilled(self.runtime, request, time.perf_counter() - t0, before)
-        return stream, self._start(stream, logits, state)
+    # -- the loop ------------------------------------------------------------------------------------
 
-    def _start(self, stream: RequestStream, logits: torch.Tensor, state: Any) -> list[TokenEvent]:
-        events = stream.accept(logits)
-        if not stream.done:
-            self._join([(stream, state)])
+    def run(self, feed: Feed) -> Iterator[tuple[Ticket, TokenEvent | Generation | BaseException]]:
+        """Admit tickets from `feed` while there is room, step, and yield (ticket, event) until the feed
+        has ended (returned None) and every admitted request has finished. `feed(block)` returns the next
+        ticket, `EMPTY` when none is ready yet (asked without blocking while others run), or None at the
+        end; it is asked to block only when nothing else is running."""
+        ended = False
+        while True:
+            while not ended and self.active < self.max_batch:
+                ticket = feed(not self.active)
+                if ticket is None:
+                    ended = True
+                elif ticket is EMPTY:
+                    break
+                else:
+                    yield from self._observed(self.admit(ticket))
+            if not self.active:
+                if ended:
+                    return
+                continue
+            yield from self._observed(self._step())
+            self.metrics.running = self.active
+
+    def _observed(self, events: Iterable[tuple[Ticket, Any]]) -> Iterator[tuple[Ticket, Any]]:
+        """`events`, with each request's end counted in `metrics`."""
+        for ticket, event in events:
+            if isinstance(event, (Generation, BaseException)):
+                self.metrics.request_done(event, time.perf_counter() - ticket.arrived_at)
+            yield ticket, event
+
+    def add(self, request: Any, prompt_ids: list[int], params: SamplingParams) -> Ticket:
+        """Admit prepared model inputs (stepping by hand: `step()`); the ticket's `stream` has the result,
+        its `error` the failure."""
+        ticket = Ticket(request=request, prompt_ids=prompt_ids, params=params)
+        for _ in self._observed(self.admit(ticket)):
+            pass
+        return ticket
+
+    def step(self) -> list[tuple[Ticket, TokenEvent | Generation | BaseException]]:
+        """One engine step (see `_step`), its events as a list."""
+        events = list(self._observed(self._step()))
+        self.metrics.running = self.active
         return events
 
-    def _join(self, joining: list[tuple[RequestStream, Any]]) -> None:
+    def admit(self, ticket: Ticket) -> Iterator[tuple[Ticket, BaseException]]:
+        """Take a prepared ticket: its prefill starts with the next step. A ticket that failed to prepare,
+        or whose client has already gone, ends here."""
+        error = ticket.error or ticket.gone()
+        if error is None:
+            try:
+                ticket.stream = RequestStream(self.runtime, ticket.prompt_ids, ticket.params or SamplingParams())
+                ticket.stream.timings.update(decode_s=0.0, decode_steps=0)
+                if ticket.prepare_s:  # prepared beside the engine (batch jobs, the server)
+                    ticket.stream.timings.update(prepare_s=ticket.prepare_s,
+                                                 queue_s=max(time.perf_counter() - ticket.ready_at, 0.0))
+                before = vision_seconds(self.runtime, ticket.request)
+                t0 = time.perf_counter()
+                job = self.runtime.begin_prefill(ticket.request)  # vision not encoded ahead runs here
+                ticket.stream.prefilled(self.runtime, ticket.request, time.perf_counter() - t0, before)
+            except Exception as e:  # this request's input or prefill only
+                error = e
+        if error is not None:
+            yield ticket, error
+            return
+        self.prefilling.append((ticket, job))
+
+    def _step(self) -> Iterator[tuple[Ticket, TokenEvent | Generation | BaseException]]:
+        """One engine step, then one token for every decoding request; yields the step's events, and
+        finished requests leave. With `prefill_chunk`, the step first either joins the requests prefilled
+        in the previous step or prefills up to `prefill_chunk` prompt tokens of the pending requests, oldest
+        first (never both, so that no step costs much more than one chunk); without, every pending prompt is
+        prefilled whole and joins at once (the fastest way through a batch that is all there at the start)."""
+        yield from self._drop_gone()
+        if self.prefill_chunk is None:
+            while self.prefilling:
+                yield from self._prefill_chunk(None)
+            yield from self._join_waiting()
+        elif self.joining:
+            yield from self._join_waiting()
+        else:
+            budget = self.prefill_chunk
+            while self.prefilling and budget > 0:
+                ticket = self.prefilling[0][0]
+                take = min(budget, max(len(ticket.prompt_ids) - ticket.prefilled, 1))
+                budget -= take
+                yield from self._prefill_chunk(take)
+        if not self.decoding:
+            return
+        self.peak_batch = max(self.peak_batch, len(self.decoding))
+        t0 = time.perf_counter()
+        rows = self.decoding
+        try:
+            logits = self.runtime.decode_batch(self.batch, [t.stream.generated[-1] for t in rows])
+        except Exception as e:  # the shared forward call: every row in it fails, the engine goes on
+            yield from self._fail_batch(rows, "a decoding step", e)
+            return
+        failures: dict[int, Exception] = {}
+        tokens = sample(logits, [t.stream.sampler for t in rows], failures).tolist()  # the step's device read
+        seconds = time.perf_counter() - t0
+        self.metrics.step(seconds, len(rows))
+        for b, (ticket, token) in enumerate(zip(rows, tokens)):
+            stream = ticket.stream
+            stream.timings["decode_s"] += seconds
+            stream.timings["decode_steps"] += 1
+            if b in failures:
+                yield from self._fail_row(ticket, "sampling", failures[b])
+                continue
+            yield from self._accept(ticket, token=token)
+        done = [b for b, t in enumerate(rows) if t.stream.done or t.error is not None]
+        if done:
+            self._leave(done)
+
+    # -- pieces of a step ----------------------------------------------------------------------------
+
+    def _join_waiting(self) -> Iterator[tuple[Ticket, Any]]:
+        joining, self.joining = self.joining, []
+        if not joining:
+            return
+        try:
+            self._join(joining)
+        except Exception as e:  # a shared step: the batch may be half-joined, every row in it is lost
+            yield from self._fail_batch(self.decoding + [t for t, _ in joining], "joining the batch", e)
+
+    def _prefill_chunk(self, tokens: int | None) -> Iterator[tuple[Ticket, Any]]:
+        """The next `tokens` prompt tokens (None: the rest) of the oldest pending prefill."""
+        ticket, job = self.prefilling[0]
+        t0 = time.perf_counter()
+        try:
+            logits = self.runtime.prefill_step(job, tokens)
+            ticket.prefilled += tokens or len(ticket.prompt_ids)
+        except Exception as e:  # this request's prefill only
+            self.prefilling.pop(0)
+            yield ticket, e
+            return
+        ticket.stream.timings["prefill_s"] = ticket.stream.timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+        if logits is None:
+            return
+        self.prefilling.pop(0)
+        self.metrics.first_token(time.perf_counter() - ticket.arrived_at)
+        yield from self._accept(ticket, logits=logits)
+        if not ticket.stream.done and ticket.error is None:
+            self.joining.append((ticket, job.state))
+        elif ticket.error is None:
+            self.runtime.finish(job.state)
+
+    def _accept(self, ticket: Ticket, token: int | None = None, logits: Any = None
+                ) -> Iterator[tuple[Ticket, Any]]:
+        """The request's next token (sampled from `logits` for a first token): its events, and its result
+        when it finished. Anything that goes wrong here is this request's alone."""
+        stream = ticket.stream
+        try:
+            events = stream.accept(logits) if token is None else stream.accept_token(token)
+            result = stream.result() if stream.done else None
+        except Exception as e:
+            yield from self._fail_row(ticket, "sampling or stop handling" if token is None else "stop handling", e)
+            return
+        for event in events:
+            yield ticket, event
+        if result is not None:
+            yield ticket, result
+
+    def _fail_row(self, ticket: Ticket, where: str, cause: BaseException) -> Iterator[tuple[Ticket, Any]]:
+        error = RequestFailed(f"the request failed in {where}: {cause!r}")
+        error.__cause__ = cause
+        ticket.error = error
+        yield ticket, error
+
+    def _fail_batch(self, rows: list[Ticket], where: str, cause: BaseException) -> Iterator[tuple[Ticket, Any]]:
+        """A shared step failed: the requests in it fail with the reason; the batch starts afresh."""
+        self.failed_steps += 1
+        for ticket in rows:
+            error = RequestFailed(f"the request failed in {where} shared with {len(rows) - 1} other "
+                                  f"request(s): {cause!r}")
+            error.__cause__ = cause
+            ticket.error = error
+            yield ticket, error
+        self.decoding, self.batch = [], None
+
+    def _join(self, joining: list[tuple[Ticket, Any]]) -> None:
         states = [state for _, state in joining]
         if self.batch is None:
             self.batch = self.runtime.start_batch(states, max_rows=self.max_batch)
         else:
             self.runtime.join_batch(self.batch, states)
-        self.streams += [stream for stream, _ in joining]
+        self.decoding += [ticket for ticket, _ in joining]
 
-    def remove(self, stream: RequestStream) -> None:
-        """Drop a request from the batch or the prefill queue (its client went away)."""
-        self.prefilling = [(s, p) for s, p in self.prefilling if s is not stream]
-        self.joining = [(s, p) for s, p in self.joining if s is not stream]
-        if stream not in self.streams:
-            return
-        keep = [i for i, s in enumerate(self.streams) if s is not stream]
-        self.streams = [self.streams[i] for i in keep]
+    def _leave(self, rows: list[int]) -> None:
+        """These batch rows (ascending) finished, failed or were dropped: finished ones hand their state to
+        the runtime (prefix cache), and the rest of the batch is compacted."""
+        for b in rows:
+            ticket = self.decoding[b]
+            if ticket.error is None and ticket.stream.done:
+                self.runtime.finish_row(self.batch, b, ticket.stream.generated)
+        keep = [b for b in range(len(self.decoding)) if b not in set(rows)]
+        self.decoding = [self.decoding[b] for b in keep]
         if keep:
             self.runtime.keep_rows(self.batch, keep)
         else:
             self.batch = None
 
-    def step(self) -> list[tuple[RequestStream, list[TokenEvent]]]:
-        """Either one chunk of the oldest pending prefill or the joining of requests prefilled in the
-        previous step (joining copies their visual memory into the batch: kept out of a chunk's step so
-        that no step costs more than the largest chunk), then one token for every decoding request;
-        finished requests leave the batch. A request whose prefill completes here gets its first token."""
-        out = []
-        if self.joining:
-            self._join(self.joining)
-            self.joining = []
-        elif self.prefilling:
-            stream, job = self.prefilling[0]
-            t0 = time.perf_counter()
-            logits = self.runtime.prefill_step(job, self.prefill_chunk)
-            stream.timings["prefill_s"] = stream.timings.get("prefill_s", 0.0) + time.perf_counter() - t0
-            if logits is not None:
-                self.prefilling.pop(0)
-                events = stream.accept(logits)
-                if not stream.done:
-                    self.joining.append((stream, job.state))
-                out.append((stream, events))
-        if not self.streams:
-            return out
-        t0 = time.perf_counter()
-        logits = self.runtime.decode_batch(self.batch, [s.generated[-1] for s in self.streams])
-        tokens = sample(logits, [s.sampler for s in self.streams]).tolist()  # the step's one device read
-        seconds = time.perf_counter() - t0
-        for s in self.streams:
-            s.timings["decode_s"] = s.timings.get("decode_s", 0.0) + seconds
-            s.timings["decode_steps"] = s.timings.get("decode_steps", 0) + 1
-        out += [(s, s.accept_token(t)) for s, t in zip(self.streams, tokens)]
-        keep = [i for i, s in enumerate(self.streams) if not s.done]
-        if len(keep) != len(self.streams):
-            self.streams = [self.streams[i] for i in keep]
-            if keep:
-                self.runtime.keep_rows(self.batch, keep)
-            else:
-                self.batch = None
-        return out
+    def _drop_gone(self) -> Iterator[tuple[Ticket, BaseException]]:
+        """Requests whose client left or whose deadline passed end before the step."""
+        for queue_ in (self.prefilling, self.joining):
+            for item in list(queue_):
+                error = item[0].gone()
+                if error is not None:
+                    queue_.remove(item)
+                    item[0].error = error
+                    yield item[0], error
+        gone = []
+        for b, ticket in enumerate(self.decoding):
+            error = ticket.gone()
+            if error is not None:
+                ticket.error = error
+                gone.append(b)
+                yield ticket, error
+        if gone:
+            self._leave(gone)
 
 
-def run_batch(runtime: ModelRuntime, items: list[tuple[Any, list[int], SamplingParams]], max_batch: int = 8,
-              prefill_chunk: int | None = None) -> list[Generation]:
-    """Generate for several requests together; results in input order."""
-    engine = BatchEngine(runtime, max_batch, prefill_chunk)
-    streams: list[RequestStream] = []
-    pending = list(items)
+# -- the front doors' shortest paths ---------------------------------------------------------------------
+
+
+def run_generation(runtime: ModelRuntime, request: Any, prompt_ids: list[int], params: SamplingParams
+                   ) -> Iterator[TokenEvent | Generation]:
+    """One request through the engine: a TokenEvent per generated token, then the final Generation (its
+    error is raised)."""
+    ticket = Ticket(request=request, prompt_ids=prompt_ids, params=params)
+    for _, event in Engine(runtime, max_batch=1, prefill_chunk=None).run(list_feed([ticket])):
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+
+
+def run_batch(runtime: ModelRuntime, items: list[Ticket | tuple[Any, list[int], SamplingParams]],
+              max_batch: int = 8, prefill_chunk: int | None = None, *, errors: str = "raise"
+              ) -> list[Generation | BaseException]:
+    """Generate for several requests (tickets, or (request, prompt ids, params)) together; results in input
+    order. A request that fails raises its error once the others have finished (`errors="raise"`), or has
+    the error in its place (`errors="return"`)."""
+    tickets = [item if isinstance(item, Ticket) else Ticket(request=item[0], prompt_ids=item[1], params=item[2])
+               for item in items]
+    order = {id(ticket): i for i, ticket in enumerate(tickets)}
+    results: list[Any] = [None] * len(tickets)
     t0 = time.perf_counter()
-    while pending or engine.active:
-        while pending and engine.active < max_batch:
-            request, prompt_ids, params = pending.pop(0)
-            stream, _ = engine.add(request, prompt_ids, params)
-            streams.append(stream)
-        engine.step()
+    for ticket, event in Engine(runtime, max_batch, prefill_chunk).run(list_feed(tickets)):
+        if isinstance(event, (Generation, BaseException)):
+            results[order[id(ticket)]] = event
     total = time.perf_counter() - t0
-    for s in streams:
-        s.timings["batch_wall_s"] = total
-    return [s.result() for s in streams]
+    for result in results:
+        if isinstance(result, Generation):
+            result.timings["batch_wall_s"] = total
+    if errors == "raise":
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+    return results

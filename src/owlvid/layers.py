@@ -170,6 +170,16 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def load_row(self, ragged: RaggedKVCache, row: int) -> None:
+        """This (one-sequence) cache takes the keys/values of `row` of a decoding batch's ragged cache."""
+        n = ragged.host_lengths[row]
+        if n > self.capacity:
+            self._grow(n)
+        for entry, source in zip(self.layers, ragged.layers):
+            entry.k[0, :, :n] = source.k[row, :, :n]
+            entry.v[0, :, :n] = source.v[row, :, :n]
+        self.length = n
+
     def _grow(self, capacity: int) -> None:
         for entry in self.layers:
             for name in ("k", "v"):

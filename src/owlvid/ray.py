@@ -2,9 +2,10 @@
 the OpenAI-compatible server on Ray Serve.
 
 Batch jobs (`owlvid batch ... --ray`, or `owlvid.ray.run`): the driver checks the whole input and reads
-the output for resuming exactly as `owlvid.batch.run` does (`batch.plan_job`), sends the requests still to
-answer through a Ray Dataset (one block per group of requests about the same videos, so each video is
-decoded and encoded once, by one replica), and writes each answer as it streams back with
+the output for resuming exactly as `owlvid.batch.run` does (`batch.open_job`, which also locks the output
+until the job ends), sends the requests still to answer through a Ray Dataset (one block per group of
+requests about the same videos, so each video is decoded and encoded once, by one replica), and writes
+each answer as it streams back with
 `batch.write_answers` (fsync'd appends; a custom_id is never written twice). Model replicas are Ray actors
 (`BatchPredictor`, one model each) that answer with `batch.answer_requests`: the same continuous batching,
 error lines and output bodies as the single-process job.
@@ -180,43 +181,43 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         raise InputError("num_replicas must be at least 1")
     if gpus_per_replica < 0 or cpus_per_replica < 0:
         raise InputError("gpus_per_replica and cpus_per_replica must not be negative")
-    plan = batch.plan_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout)
-    if not plan.todo:
-        Path(output_path).touch()
-        return plan.summary()
-    ray = _ray()
-    model = _model_source(model)
-    # replicas run elsewhere: folders as absolute paths
-    root = str(plan.root.resolve()) if allowed_local_media_path is not None else None
-    lines = Path(input_path).read_bytes().split(b"\n")  # as read_requests numbers them
-    groups = [[lines[r.line - 1].decode("utf-8") for r in group] for group in batch.job_groups(plan.todo)]
-    per_batch = requests_per_batch or max(max_batch, min(16 * max_batch,
-                                                          math.ceil(len(plan.todo) / (4 * num_replicas))))
-    started = _connect(ray, ray_address)
-    import ray.data  # configures its logger: quieted below, after that
+    with batch.open_job(input_path, output_path, allowed_local_media_path, max_batch, media_timeout) as plan:
+        if not plan.todo:
+            Path(output_path).touch()
+            return plan.summary()
+        ray = _ray()
+        model = _model_source(model)
+        # replicas run elsewhere: folders as absolute paths
+        root = str(plan.root.resolve()) if allowed_local_media_path is not None else None
+        lines = Path(input_path).read_bytes().split(b"\n")  # as read_requests numbers them
+        groups = [[lines[r.line - 1].decode("utf-8") for r in group] for group in batch.job_groups(plan.todo)]
+        per_batch = requests_per_batch or max(max_batch, min(16 * max_batch,
+                                                              math.ceil(len(plan.todo) / (4 * num_replicas))))
+        started = _connect(ray, ray_address)
+        import ray.data  # configures its logger: quieted below, after that
 
-    data_log = logging.getLogger("ray.data")
-    data_log_level = data_log.level
-    try:
-        _check_resources(ray, num_replicas, gpus_per_replica, cpus_per_replica)
-        data_log.setLevel(logging.CRITICAL)  # notes and tracebacks: failures are ours to report, in one line
-        answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
-                                  gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-                                  device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                                  quantize=quantize,
-                                  allowed_local_media_path=root, relative_to=os.getcwd(),
-                                  max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
-        answers.context.enable_progress_bars = False  # ours is on stderr
-        summary = batch.write_answers(plan, _rows(ray, answers), progress, json_progress)
-    finally:
-        data_log.setLevel(data_log_level)
-        if started:
-            ray.shutdown()
-    missing = len(plan.todo) - summary["completed"] - summary["failed"]
-    if missing:  # not expected: Ray retries failed tasks; the output stays valid for a rerun
-        raise OwlvidError(f"{missing} request(s) got no answer from the Ray job; rerun the same command to "
-                          "answer them")
-    return summary
+        data_log = logging.getLogger("ray.data")
+        data_log_level = data_log.level
+        try:
+            _check_resources(ray, num_replicas, gpus_per_replica, cpus_per_replica)
+            data_log.setLevel(logging.CRITICAL)  # notes and tracebacks: failures are ours to report, in one line
+            answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
+                                      gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+                                      device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
+                                      quantize=quantize,
+                                      allowed_local_media_path=root, relative_to=os.getcwd(),
+                                      max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
+            answers.context.enable_progress_bars = False  # ours is on stderr
+            summary = batch.write_answers(plan, _rows(ray, answers), progress, json_progress)
+        finally:
+            data_log.setLevel(data_log_level)
+            if started:
+                ray.shutdown()
+        missing = len(plan.todo) - summary["completed"] - summary["failed"]
+        if missing:  # not expected: Ray retries failed tasks; the output stays valid for a rerun
+            raise OwlvidError(f"{missing} request(s) got no answer from the Ray job; rerun the same command to "
+                              "answer them")
+        return summary
 
 
 def _rows(ray: Any, answers: Any) -> Iterator[tuple[str, int, dict]]:

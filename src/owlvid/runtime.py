@@ -1,15 +1,13 @@
 """The contract between a model family and everything above it (engine, API, server, batch jobs).
 
 A model family provides one `ModelRuntime` subclass: it loads its checkpoint (`load`), turns messages and
-media into model inputs (`prepare`), and runs the prefill and the decoding steps on float32 next-token
-logits. What a family can do beyond that is declared by class flags that callers read by value, never
-probed with `hasattr`:
+media into model inputs (`prepare`), runs the vision side ahead of the prefill (`encode_media`), the prefill
+in chunks (`begin_prefill` / `prefill_step`) and batched decoding steps on float32 next-token logits
+(`start_batch` / `join_batch` / `keep_rows` / `decode_batch`, implemented here once over ragged text caches;
+a family adds its visual memory through the `batch_memory` / `join_memory` / `keep_memory` hooks). The
+engine (`engine.py`) drives them. What differs between families is declared by class flags that callers
+read by value, never probed with `hasattr`:
 
-* `supports_chunked_prefill`: `encode_media` / `begin_prefill` / `prefill_step` (a long prompt is
-  prefilled chunk by chunk between other requests' decoding steps; `prefill` is then their loop);
-* `supports_batching`: `start_batch` / `join_batch` / `keep_rows` / `decode_batch` (continuous batching;
-  implemented here once over ragged text caches, a family adds its visual memory through the
-  `batch_memory` / `join_memory` / `keep_memory` hooks);
 * `supports_streamed_video`: video files may arrive as `StreamedVideo` (decoded chunk by chunk while the
   vision tower encodes);
 * `uses_visual_cache`: the runtime reads and fills `visual_cache` (set by `owlvid.load`);
@@ -29,7 +27,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .cache import CachedVideo, VisualCache
-from .errors import UnsupportedError
 from .layers import KVCache, RaggedKVCache, new_attention_inputs
 from .tokenizer import QwenTokenizer
 
@@ -65,15 +62,13 @@ class DecodeBatch:
 
 
 class ModelRuntime:
-    """Base class of the model runtimes: the attributes every caller may read, the methods every family
-    implements, and the optional capabilities (flags + methods that raise UnsupportedError when off)."""
+    """Base class of the model runtimes: the attributes every caller may read and the methods every family
+    implements."""
 
     architecture: ClassVar[str] = ""
     image_placeholder: ClassVar[str] = ""
     video_placeholder: ClassVar[str] = ""
     default_video_sampling: ClassVar[str] = ""  # the media sampling preset a plain video path gets
-    supports_chunked_prefill: ClassVar[bool] = False
-    supports_batching: ClassVar[bool] = False
     supports_streamed_video: ClassVar[bool] = False
     uses_visual_cache: ClassVar[bool] = False
     penalize_prompt: ClassVar[bool] = True
@@ -106,10 +101,8 @@ class ModelRuntime:
         raise NotImplementedError
 
     def prefill(self, request: Any, chunk_tokens: int | None = None) -> tuple[torch.Tensor, Any]:
-        """The whole prompt: (float32 next-token logits [vocab], decoding state). With chunked prefill,
-        `begin_prefill` then `prefill_step` of `chunk_tokens` tokens (all at once if None) until done."""
-        if not self.supports_chunked_prefill:
-            raise NotImplementedError
+        """The whole prompt: (float32 next-token logits [vocab], decoding state): `begin_prefill` then
+        `prefill_step` of `chunk_tokens` tokens (all at once if None) until done."""
         job = self.begin_prefill(request)
         logits = None
         while logits is None:
@@ -129,8 +122,22 @@ class ModelRuntime:
         opts.setdefault("sampling", self.default_video_sampling)
         return opts
 
+    keeps_finished_states: ClassVar[bool] = False  # `finish` keeps states (a prefix cache): see `finish_row`
+
     def finish(self, state: Any) -> None:
         """A request's generation ended (a runtime may keep its caches for the next turn)."""
+
+    @torch.inference_mode()
+    def finish_row(self, batch: DecodeBatch, row: int, generated: list[int]) -> None:
+        """Row `row` of a decoding batch finished (`generated`: its generated tokens). For a runtime that
+        keeps finished states, the row's state takes back its keys/values from the batch and goes to
+        `finish`; the others need nothing copied."""
+        if not self.keeps_finished_states:
+            return
+        state = batch.rows[row]
+        state.cache.load_row(batch.cache, row)
+        state.position = batch.host_positions[row]
+        self.finish(state)
 
     def media_audit(self, request: Any) -> list[dict]:
         """Per image/video of a prepared request, in prompt order, what the model used and what it cost
@@ -141,23 +148,23 @@ class ModelRuntime:
         """A video already encoded under `key`, so that it needs no decoding (None: not cached)."""
         return None
 
-    # -- optional capabilities ---------------------------------------------------------------------------
-
     def encode_media(self, request: Any) -> Any:
-        """Run the vision side of a request ahead of its prefill (any thread). `supports_chunked_prefill`."""
+        """Run the vision side of a request ahead of its prefill (any thread: it only reads the weights)."""
         return request
 
     def begin_prefill(self, request: Any) -> PrefillJob:
-        raise UnsupportedError(f"{self.architecture} has no chunked prefill")
+        """Start a prefill (the vision side too, unless `encode_media` ran it); `prefill_step` feeds it."""
+        raise NotImplementedError
 
     def prefill_step(self, job: Any, max_tokens: int | None = None) -> torch.Tensor | None:
-        raise UnsupportedError(f"{self.architecture} has no chunked prefill")
+        """Feed the next `max_tokens` prompt tokens (all if None): the next-token logits after the last
+        chunk, None before. Positions and media visibility are absolute, so chunks give the same result."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def start_batch(self, states: list[DecodeState], max_rows: int | None = None) -> DecodeBatch:
         """A decoding batch of prefilled requests (their caches are copied into one ragged cache with room
         for `max_rows` requests, so that later ones join without reallocating it)."""
-        self._require_batching()
         return DecodeBatch(cache=RaggedKVCache.from_caches([s.cache for s in states], rows=max_rows),
                            positions=torch.tensor([s.position for s in states], device=self.device),
                            rows=list(states), visual=self.batch_memory(states),
@@ -166,7 +173,6 @@ class ModelRuntime:
     @torch.inference_mode()
     def join_batch(self, batch: DecodeBatch, states: list[DecodeState]) -> None:
         """Requests prefilled since the last step join the running batch (continuous batching)."""
-        self._require_batching()
         batch.visual = self.join_memory(batch.visual, len(batch.rows), self.batch_memory(states), len(states))
         batch.cache.add([s.cache for s in states])
         batch.positions = torch.cat([batch.positions, torch.tensor([s.position for s in states], device=self.device)])
@@ -176,7 +182,6 @@ class ModelRuntime:
     @torch.inference_mode()
     def keep_rows(self, batch: DecodeBatch, rows: list[int]) -> None:
         """Only these rows (indices into the batch, ascending) go on decoding."""
-        self._require_batching()
         batch.cache.keep(rows)
         batch.visual = self.keep_memory(batch.visual, rows) if batch.visual is not None else None
         batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
@@ -188,7 +193,6 @@ class ModelRuntime:
         """One decoding step for every row in one forward call: float32 logits [B, vocab] on the device.
         Each row attends only to its own keys (the padding of the ragged cache is masked) at its own
         position. `token_ids` may be a device tensor [B] (the sampler's output): nothing is read back."""
-        self._require_batching()
         model = self.model
         ids = torch.as_tensor(token_ids, device=self.device).reshape(-1, 1)
         inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
@@ -200,7 +204,7 @@ class ModelRuntime:
         batch.host_positions = [p + 1 for p in batch.host_positions]
         return model.logits(h[:, -1])
 
-    # Hooks of `supports_batching` for a family whose decode steps read a visual memory (default: none).
+    # Hooks for a family whose decode steps read a visual memory (default: none).
 
     def batch_memory(self, states: list[DecodeState]) -> Any:
         """The rows' visual memories as one batched memory read by the special layers (None: no row has one)."""
@@ -213,10 +217,6 @@ class ModelRuntime:
     def keep_memory(self, memory: Any, rows: list[int]) -> Any:
         """The batched memory of these rows only (None if none of them has media)."""
         return None
-
-    def _require_batching(self) -> None:
-        if not self.supports_batching:
-            raise UnsupportedError(f"{self.architecture} has no batched decoding")
 
     # -- shared by the families --------------------------------------------------------------------------
 

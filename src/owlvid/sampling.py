@@ -9,6 +9,7 @@ logits and generator: a request samples the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -16,10 +17,17 @@ import torch
 
 from .errors import InputError
 
+# A temperature below this is greedy (vLLM's rule): dividing float32 logits by less overflows them to
+# inf, and the softmax of inf is NaN.
+GREEDY_BELOW = 1e-5
+# The smallest top_p kept as given: a smaller value (1e-300) is 0 in float32, which would drop every token.
+MIN_TOP_P = 1e-8
+
 
 @dataclass
 class SamplingParams:
-    """Decoding settings. temperature 0 (the default) is greedy, as the official README path."""
+    """Decoding settings. temperature 0 (the default) is greedy, as the official README path; so is any
+    temperature below `GREEDY_BELOW`."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -28,8 +36,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # vLLM's: no end token or stop string ends the answer before `min_tokens` generated tokens (end tokens
+    # are masked until then); with `ignore_eos` an end token is an ordinary token (benchmarking)
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def validate(self) -> SamplingParams:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if self.temperature < 0:
@@ -42,7 +58,18 @@ class SamplingParams:
             raise InputError("repetition_penalty must be > 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.top_p = max(float(self.top_p), MIN_TOP_P)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise InputError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_new_tokens:
+            raise InputError(f"min_tokens ({self.min_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -54,6 +81,7 @@ class Sampler:
         self.seed = params.seed
         self.generator: torch.Generator | None = None  # made on the logits' device at the first draw
         self.penalized = params.repetition_penalty != 1.0
+        self.banned: list[int] = []  # token ids that cannot be drawn now (end tokens before min_tokens)
         self._seen: set[int] = set()
         self._new: list[int] = []  # seen ids not yet in `_ids`
         self._ids: torch.Tensor | None = None
@@ -88,12 +116,19 @@ class Sampler:
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
+def sample(logits: torch.Tensor, samplers: list[Sampler], failures: dict[int, Exception] | None = None
+           ) -> torch.Tensor:
     """One token per row of `logits` [B, vocab], row b sampled with `samplers[b]`: a [B] long tensor on
     the logits' device (the caller reads it back once per step). The repetition penalty is applied to
-    `logits` in place (float32 logits; other dtypes are converted to a float32 copy first)."""
+    `logits` in place (float32 logits; other dtypes are converted to a float32 copy first).
+
+    With `failures`, a row whose draw raises (its own settings or logits) is recorded there as
+    {row: exception} and gets token 0, while the other rows keep their tokens; without, the error is raised."""
     x = logits.float()
     device, vocab = x.device, x.shape[1]
+    for b, s in enumerate(samplers):  # end tokens before min_tokens (in place, like the penalty): never drawn
+        if s.banned:
+            x[b, [i for i in s.banned if 0 <= i < vocab]] = float("-inf")
     penalized = [b for b, s in enumerate(samplers) if s.penalized]
     if penalized:
         # Like the official generate(): a seen token's logit is divided by the penalty if positive,
@@ -107,7 +142,7 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
                                device=device).repeat_interleave(counts, output_size=total)
         seen = x[rows, cols]
         x[rows, cols] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    sampled = [b for b, s in enumerate(samplers) if s.params.temperature > 0]
+    sampled = [b for b, s in enumerate(samplers) if not s.params.greedy]
     if len(sampled) < len(samplers):
         out = _argmax(x)
         if not sampled:
@@ -121,14 +156,20 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
         values, candidates = torch.topk(rows, widest)
     for b in sampled:  # the draw itself per row: its own width and random stream
         p = samplers[b].params
-        if p.top_k > 0:
-            j, k = top_k.index(b), min(p.top_k, vocab)
-            out[b] = candidates[j, _draw(values[j, :k] / p.temperature, p.top_p, samplers[b].rng(device))]
-        elif p.top_p < 1.0:
-            row, order = torch.sort(x[b] / p.temperature, descending=True)
-            out[b] = order[_draw(row, p.top_p, samplers[b].rng(device))]
-        else:
-            out[b] = _draw(x[b] / p.temperature, 1.0, samplers[b].rng(device))
+        try:
+            if p.top_k > 0:
+                j, k = top_k.index(b), min(p.top_k, vocab)
+                out[b] = candidates[j, _draw(values[j, :k] / p.temperature, p.top_p, samplers[b].rng(device))]
+            elif p.top_p < 1.0:
+                row, order = torch.sort(x[b] / p.temperature, descending=True)
+                out[b] = order[_draw(row, p.top_p, samplers[b].rng(device))]
+            else:
+                out[b] = _draw(x[b] / p.temperature, 1.0, samplers[b].rng(device))
+        except Exception as e:  # this row's sampling only: its neighbours keep their tokens
+            if failures is None:
+                raise
+            failures[b] = e
+            out[b] = 0
     return out
 
 

@@ -20,7 +20,6 @@ from PIL import Image
 
 from owlvid import batch
 from owlvid.errors import InputError
-from owlvid.models.slowfast.testing import make_tiny_slowfast
 from tests.media.synth import write_video
 
 pytest.importorskip("fastapi")
@@ -127,10 +126,19 @@ def test_job_answers_like_generate_and_a_bad_request_gets_its_400(model, media, 
     source = write_jsonl(tmp_path / "in.jsonl", requests)
     output = tmp_path / "out.jsonl"
     summary = batch.run(source, output, model, max_batch=3, progress=False)
+    engine = summary.pop("engine")
     assert summary == {"requests": 7, "skipped": 0, "completed": 5, "failed": 2, "output": str(output)}
     raw = output.read_text()
     assert raw.endswith("\n") and len(raw.splitlines()) == 7
     lines = read_output(output)
+    # the run record counts what the engine did: the answered requests' tokens, and both refused requests
+    # (missing media, n=2: refused while preparing, as the request builder's APIError)
+    answered = [line["response"]["body"]["usage"] for line in lines.values() if line["error"] is None
+                and line["response"]["status_code"] == 200]
+    assert engine["requests_completed"] == 5 and engine["requests_failed"] == {"APIError": 2}
+    assert engine["generation_tokens"] == sum(u["completion_tokens"] for u in answered)
+    assert engine["prompt_tokens"] == sum(u["prompt_tokens"] for u in answered)
+    assert engine["time_to_first_token"]["count"] == 5
     assert set(lines) == {r["custom_id"] for r in requests}
     for request in requests:
         if request["custom_id"] not in ("missing", "two-choices"):
@@ -145,25 +153,6 @@ def test_job_answers_like_generate_and_a_bad_request_gets_its_400(model, media, 
     # the two questions about the same video run next to each other (one decode/encode of it)
     order = [r.custom_id for r in batch.job_order(batch.read_requests(source))]
     assert order.index("video-2") == order.index("video-1") + 1
-
-
-def test_one_by_one_path_of_a_model_without_batching(media, tmp_path):
-    import owlvid
-
-    model = owlvid.load(make_tiny_slowfast(tmp_path / "slowfast"), dtype="float32", device="cpu")
-    model.runtime.supports_batching = False  # every family batches today: a runtime without the capability
-    requests = [request_line("text", "Say something."),
-                request_line("image", [{"type": "image_url", "image_url": {"url": str(media["image"])}},
-                                       {"type": "text", "text": "What is in the photo?"}]),
-                request_line("missing", [{"type": "image_url", "image_url": {"url": str(media["missing"])}},
-                                         {"type": "text", "text": "?"}])]
-    output = tmp_path / "out.jsonl"
-    summary = batch.run(write_jsonl(tmp_path / "in.jsonl", requests), output, model, progress=False)
-    assert (summary["completed"], summary["failed"]) == (2, 1)
-    lines = read_output(output)
-    for request in requests[:2]:
-        assert_answered_like_generate(model, lines[request["custom_id"]], request)
-    assert lines["missing"]["response"]["status_code"] == 400
 
 
 @pytest.mark.parametrize(("lines", "fragment"), [
@@ -238,7 +227,7 @@ def test_damaged_output_in_the_middle_is_refused(model, media, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [request_line("a", "Hi"), request_line("b", "Ho")])
     output = tmp_path / "out.jsonl"
     output.write_text("not json\n" + json.dumps({"custom_id": "a"}) + "\n")
-    with pytest.raises(InputError, match="line 1: not a batch output line"):
+    with pytest.raises(InputError, match=r"is not a batch output file \(line 1 is not a batch output line\)"):
         batch.run(source, output, model, progress=False)
     assert output.read_text() == "not json\n" + json.dumps({"custom_id": "a"}) + "\n"
 

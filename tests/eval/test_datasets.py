@@ -149,3 +149,53 @@ def test_missing_video_is_a_media_error_naming_it(data, tmp_path):
     gone = replace(q, video=tmp_path / "nope.mp4")
     with pytest.raises(MediaError, match="video not found: .*nope.mp4"):
         decode_frames(gone, official("nextqa_mc", 8))
+
+
+def _lvb_folder(root: Path, **fields) -> Path:
+    from tests.eval.layouts import _json
+
+    good = {"id": "x_ok", "video_path": "x.mp4", "duration": 4.0, "question": "Which?",
+            "candidates": ["red", "blue", "green", "white"], "correct_choice": 1}
+    _json(root / "lvb_val.json", [good, dict(good, id="x_1", **fields)])  # item 1 carries the fields
+    return root
+
+
+@pytest.mark.parametrize("choice", ["two", "1.5", 4, -1, 2.5, None, True, [1]])
+def test_longvideobench_correct_choice_must_index_an_option(tmp_path, choice):
+    """A correct_choice that is not an index of the options is one InputError naming the file and item
+    (it was a bare ValueError / IndexError, or silently the letter "Z" for -1)."""
+    root = _lvb_folder(tmp_path, correct_choice=choice)
+    with pytest.raises(InputError, match=r"lvb_val.json item 1: correct_choice must be the index of one of the 4 "
+                                         r"candidates \(0 to 3\), got ") as e:
+        load_questions("longvideobench", root)
+    assert "\n" not in str(e.value)
+
+
+def test_longvideobench_integer_strings_are_indices(tmp_path):
+    qs = load_questions("longvideobench", _lvb_folder(tmp_path, correct_choice="3"))
+    assert [q.answer for q in qs] == ["B", "D"]
+
+
+@pytest.mark.parametrize("candidates, fragment", [
+    ([f"option {i}" for i in range(27)], "27 candidates; at most 26 can be lettered A to Z"),
+    ([], "candidates must be a non-empty list"),
+    ("red, blue", "candidates must be a non-empty list"),
+])
+def test_options_must_be_a_list_of_at_most_26(tmp_path, candidates, fragment):
+    root = _lvb_folder(tmp_path, candidates=candidates, correct_choice=0)
+    with pytest.raises(InputError, match=f"lvb_val.json item 1: {fragment}"):
+        load_questions("longvideobench", root)
+
+
+def test_mlvu_and_mvbench_refuse_more_than_26_options(tmp_path):
+    from tests.eval.layouts import _json
+
+    many = [f"o{i}" for i in range(30)]
+    _json(tmp_path / "mlvu" / "json" / "1_plotQA.json",
+          [{"video": "v.mp4", "question": "?", "candidates": many, "answer": "o29"}])
+    with pytest.raises(InputError, match="1_plotQA.json item 0: 30 candidates; at most 26"):
+        load_questions("mlvu", tmp_path / "mlvu")
+    _json(tmp_path / "mvbench" / "json" / "action_antonym.json",
+          [{"video": "v.mp4", "question": "?", "candidates": many, "answer": "o29"}])
+    with pytest.raises(InputError, match="action_antonym.json item 0: 30 candidates; at most 26"):
+        load_questions("mvbench", tmp_path / "mvbench")

@@ -92,6 +92,9 @@ def test_mvbench_official_owl3_answers_as_generate_with_the_official_frames(owl3
     assert results["model"]["fingerprint"] and results["owlvid_version"] == owlvid.__version__
     assert results["settings"]["frames_as"] == "images" and results["protocol"] == "official"
     assert results["unparsed"] == sum(not r["parsed"] for r in records.values())
+    # the engine's counts of this run: five questions, the tokens of their answers
+    assert results["engine"]["requests_completed"] == 5 and results["engine"]["requests_failed"] == {}
+    assert results["engine"]["generation_tokens"] == sum(r["completion_tokens"] for r in records.values())
 
 
 def test_resume_after_limit_and_a_torn_line_gives_the_uninterrupted_run(owl3, data, tmp_path):
@@ -161,6 +164,7 @@ def test_a_folder_holds_one_run_and_official_mlvu_is_refused(owl3, data, tmp_pat
         run("mlvu", data["mlvu"], owl3, tmp_path / "m", protocol="slowfast", progress=False)
     with pytest.raises(InputError, match="official mPLUG-Owl3 evaluation defines no MLVU"):
         run("mlvu", data["mlvu"], owl3, tmp_path / "m2", protocol="official", progress=False)
+    assert not (tmp_path / "m2").exists()  # created to hold the lock, removed with it: a refused run leaves none
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

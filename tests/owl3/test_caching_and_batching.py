@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import owlvid
-from owlvid.engine import BatchEngine, SamplingParams
+from owlvid.engine import Engine, SamplingParams
 
 from .test_visual_cache import image
 
@@ -39,13 +39,13 @@ def test_requests_join_a_running_batch(tiny_owl3_dirs):
     model.runtime.prefix_slots = 0
     convs = conversations()
     alone = [model.generate(c, max_new_tokens=10).token_ids for c in convs]
-    engine = BatchEngine(model.runtime)
+    engine = Engine(model.runtime)
     params = SamplingParams(max_new_tokens=10)
-    streams = [engine.add(*model.prepare(convs[0]), params)[0]]
+    streams = [engine.add(*model.prepare(convs[0]), params).stream]
     for conv in convs[1:]:
         engine.step()
         engine.step()
-        streams.append(engine.add(*model.prepare(conv), SamplingParams(max_new_tokens=10))[0])
+        streams.append(engine.add(*model.prepare(conv), SamplingParams(max_new_tokens=10)).stream)
     while engine.active:
         engine.step()
     assert [s.result().token_ids for s in streams] == alone

@@ -60,7 +60,8 @@ def _servers(server_model_dir, media_root, tmp_path_factory):
                          "--max-queued-requests", "64")
     strict = ServerProcess(server_model_dir, logs, "--api-key", API_KEY, "--max-request-bytes", "300000",
                            "--max-media-bytes", "100000", "--max-image-pixels", "1000000",
-                           "--max-queued-requests", "1", "--max-batch", "1", "--max-frames", "16")
+                           "--max-queued-requests", "1", "--max-batch", "1", "--max-frames", "16",
+                           "--allowed-origins", "http://app.example.test")
     with running_servers(main=main, strict=strict) as servers:
         yield servers
 
@@ -72,5 +73,6 @@ def server(_servers) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def strict_server(_servers) -> ServerProcess:
-    """API key required, small body/media/pixel limits, queue of 1, no batching, at most 16 frames."""
+    """API key required, small body/media/pixel limits, queue of 1, no batching, at most 16 frames; the page
+    origin http://app.example.test allowed."""
     return _servers["strict"]

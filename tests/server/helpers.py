@@ -51,12 +51,16 @@ def data_url(data: bytes, mime: str) -> str:
 class ServerProcess:
     """`python -m owlvid.cli serve ... --port 0`; the bound port is read from the ready line on stderr."""
 
-    def __init__(self, model_dir: Path, log_dir: Path, *extra: str, name: str = "tiny-owl3") -> None:
+    def __init__(self, model_dir: Path, log_dir: Path, *extra: str, name: str = "tiny-owl3",
+                 prelude: str | None = None) -> None:
         self.log = log_dir / f"server-{os.getpid()}-{id(self)}.log"
         self.name = name
         # one torch thread: the tiny model is no faster with more, and the test process needs the other core
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "owlvid.cli", "serve", "--model", str(model_dir), "--port", "0",
+        # `prelude`: Python run in the server process before the CLI (a test's fault injection)
+        launch = (["-c", prelude + "\nimport sys\nfrom owlvid.cli import main\nsys.exit(main(sys.argv[1:]))"]
+                  if prelude else ["-m", "owlvid.cli"])
+        cmd = [sys.executable, *launch, "serve", "--model", str(model_dir), "--port", "0",
                "--dtype", "float32", "--served-model-name", name, "--log-level", "warning", *extra]
         self._log_file = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, env=env)

@@ -1,52 +1,30 @@
-"""The engine worker in isolation, with a fake model: one forward pass at a time, bounded queue,
-cancellation at the next token, deadlines, errors delivered to the caller."""
+"""The server's scheduler in front of the one engine, with a real (tiny) model: bounded queue, cancellation
+between steps, deadlines, errors delivered to the caller, continuous batching with each request's solo
+result."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 
-from owlvid.engine import Generation, TokenEvent
+from owlvid.engine import Generation
 from owlvid.errors import InputError
-from owlvid.server.scheduler import Job, JobCancelled, JobTimeout, QueueFullError, Scheduler
+from owlvid.server.scheduler import Job, JobCancelled, JobTimeout, PendingMediaTooLargeError, QueueFullError, Scheduler
+
+PROMPTS = [[{"role": "user", "content": f"Question number {i}: tell me something."}] for i in range(6)]
 
 
-class FakeModel:
-    """Yields `n` tokens, `delay` seconds apart; records concurrency."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.active = 0
-        self.max_active = 0
-        self.lock = threading.Lock()
-        self.tokens_made = 0
-
-    def iter_generate(self, messages, max_new_tokens=5, fail=False, **_):
-        with self.lock:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            if fail:
-                raise InputError("bad request")
-            for i in range(max_new_tokens):
-                time.sleep(self.delay)
-                self.tokens_made += 1
-                yield TokenEvent(i, f"{messages}:{i} ")
-            yield Generation(text="".join(f"{messages}:{i} " for i in range(max_new_tokens)),
-                             token_ids=list(range(max_new_tokens)), finish_reason="length", prompt_tokens=3,
-                             completion_tokens=max_new_tokens)
-        finally:
-            with self.lock:
-                self.active -= 1
+@pytest.fixture(scope="module")
+def tiny(tiny_owl3_models):
+    return tiny_owl3_models["241101"]
 
 
 async def collect(job: Job):
     events = []
     while True:
-        event = await job.next_event(timeout=10)
+        event = await job.next_event(timeout=30)
         events.append(event)
         if isinstance(event, (Generation, BaseException)):
             return events
@@ -56,37 +34,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_jobs_run_one_at_a_time_in_order_and_complete():
-    model = FakeModel(delay=0.002)
-    sched = Scheduler(model, max_queued=16)
+def test_queue_bound_and_reservations(tiny):
+    sched = Scheduler(tiny, max_queued=2, max_batch=1)
     sched.start()
 
     async def main():
-        jobs = [sched.submit(Job(f"m{i}", {"max_new_tokens": 4})) for i in range(10)]
-        return await asyncio.gather(*(collect(j) for j in jobs))
-
-    try:
-        results = run(main())
-    finally:
-        sched.stop()
-    assert model.max_active == 1
-    for i, events in enumerate(results):
-        assert [e.text for e in events[:-1]] == [f"m{i}:{k} " for k in range(4)]
-        assert events[-1].text == "".join(f"m{i}:{k} " for k in range(4))
-    assert sched.stats()["completed"] == 10 and sched.stats()["waiting"] == 0
-
-
-def test_queue_bound_and_reservations():
-    model = FakeModel(delay=0.05)
-    sched = Scheduler(model, max_queued=2)
-    sched.start()
-
-    async def main():
-        running = sched.submit(Job("a", {"max_new_tokens": 20}))
-        await running.next_event(timeout=10)  # the worker has taken it: the queue is empty again
-        queued = [sched.submit(Job(x, {"max_new_tokens": 1})) for x in "bc"]
+        running = sched.submit(Job(PROMPTS[0], {"max_new_tokens": 3000}))
+        await running.next_event(timeout=30)  # the engine has taken it: the queue is empty again
+        queued = [sched.submit(Job(PROMPTS[i], {"max_new_tokens": 2})) for i in (1, 2)]
         with pytest.raises(QueueFullError):
-            sched.submit(Job("d", {"max_new_tokens": 1}))
+            sched.submit(Job(PROMPTS[3], {"max_new_tokens": 1}))
         with pytest.raises(QueueFullError):
             sched.reserve()
         assert sched.stats()["waiting"] == 2 and sched.stats()["running"] == 1
@@ -103,14 +60,13 @@ def test_queue_bound_and_reservations():
     assert all(isinstance(r[-1], Generation) for r in results)  # accepted requests are never dropped
 
 
-def test_cancel_stops_at_the_next_token():
-    model = FakeModel(delay=0.01)
-    sched = Scheduler(model)
+def test_cancel_ends_the_request_before_the_next_step(tiny):
+    sched = Scheduler(tiny)
     sched.start()
 
     async def main():
-        job = sched.submit(Job("x", {"max_new_tokens": 1000}))
-        await job.next_event(timeout=10)
+        job = sched.submit(Job(PROMPTS[0], {"max_new_tokens": 3000}))
+        await job.next_event(timeout=30)
         job.cancel()
         return await collect(job)
 
@@ -119,19 +75,17 @@ def test_cancel_stops_at_the_next_token():
         time.sleep(0.05)
     finally:
         sched.stop()
-    assert isinstance(events[-1], JobCancelled)
-    assert model.tokens_made < 20 and model.active == 0
-    assert sched.stats()["cancelled"] == 1
+    assert isinstance(events[-1], JobCancelled) and len(events) < 100
+    assert sched.stats()["cancelled"] == 1 and sched.stats()["running"] == 0
 
 
-def test_cancelled_while_queued_never_runs():
-    model = FakeModel(delay=0.02)
-    sched = Scheduler(model)
+def test_cancelled_while_queued_never_runs(tiny):
+    sched = Scheduler(tiny, max_batch=1)
     sched.start()
 
     async def main():
-        first = sched.submit(Job("a", {"max_new_tokens": 5}))
-        second = sched.submit(Job("b", {"max_new_tokens": 5}))
+        first = sched.submit(Job(PROMPTS[0], {"max_new_tokens": 5}))
+        second = sched.submit(Job(PROMPTS[1], {"max_new_tokens": 5}))
         second.cancel()
         return await collect(first), await collect(second)
 
@@ -141,53 +95,41 @@ def test_cancelled_while_queued_never_runs():
         sched.stop()
     assert isinstance(first[-1], Generation)
     assert second == [second[0]] and isinstance(second[0], JobCancelled)
-    assert model.tokens_made == 5
 
 
-def test_deadline_and_errors_are_delivered_and_the_worker_survives():
-    model = FakeModel(delay=0.01)
-    sched = Scheduler(model)
+def test_deadline_and_errors_are_delivered_and_the_engine_survives(tiny):
+    sched = Scheduler(tiny)
     sched.start()
 
     async def main():
-        slow = sched.submit(Job("slow", {"max_new_tokens": 1000}, timeout=0.1))
-        bad = sched.submit(Job("bad", {"fail": True}))
-        good = sched.submit(Job("good", {"max_new_tokens": 2}))
+        slow = sched.submit(Job(PROMPTS[0], {"max_new_tokens": 3000}, timeout=0.3))
+        bad = sched.submit(Job(PROMPTS[1], {"oops": True}))
+        good = sched.submit(Job(PROMPTS[2], {"max_new_tokens": 2}))
         return await collect(slow), await collect(bad), await collect(good)
 
     try:
         slow, bad, good = run(main())
     finally:
         sched.stop()
-    assert isinstance(slow[-1], JobTimeout) and len(slow) < 100
+    assert isinstance(slow[-1], JobTimeout) and len(slow) < 3000
     assert isinstance(bad[-1], InputError)
     assert isinstance(good[-1], Generation)
     stats = sched.stats()
     assert stats["failed"] == 2 and stats["completed"] == 1
 
 
-def test_submit_requires_a_running_worker():
-    sched = Scheduler(FakeModel())
+def test_submit_requires_a_running_engine(tiny):
+    sched = Scheduler(tiny)
 
     async def main():
         with pytest.raises(RuntimeError):
-            sched.submit(Job("x", {}))
+            sched.submit(Job(PROMPTS[0], {}))
 
     run(main())
     assert sched.stats()["waiting"] == 0
 
 
 # -- the batching scheduler with a real (tiny) model ---------------------------------------------------
-
-from owlvid.server.scheduler import BatchingScheduler, PendingMediaTooLargeError  # noqa: E402
-
-PROMPTS = [[{"role": "user", "content": f"Question number {i}: tell me something."}] for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_owl3_models):
-    return tiny_owl3_models["241101"]
-
 
 def _solo(model, messages, **options):
     model.runtime._prefixes.clear()  # no prefix reuse between the reference and the scheduled run
@@ -197,7 +139,7 @@ def _solo(model, messages, **options):
 def test_batching_ragged_finish_gives_every_request_its_solo_result(tiny):
     lengths = [3, 17, 9, 30]
     solo = [_solo(tiny, PROMPTS[i], max_new_tokens=n) for i, n in enumerate(lengths)]
-    sched = BatchingScheduler(tiny, max_batch=4, prefill_chunk=8)
+    sched = Scheduler(tiny, max_batch=4, prefill_chunk=8)
     sched.start()
 
     async def main():
@@ -218,7 +160,7 @@ def test_batching_ragged_finish_gives_every_request_its_solo_result(tiny):
 
 def test_batching_cancel_mid_generation_leaves_the_others_intact(tiny):
     ref = _solo(tiny, PROMPTS[1], max_new_tokens=40)
-    sched = BatchingScheduler(tiny, max_batch=4)
+    sched = Scheduler(tiny, max_batch=4)
     sched.start()
 
     async def main():
@@ -241,7 +183,7 @@ def test_batching_cancel_mid_generation_leaves_the_others_intact(tiny):
 
 def test_batching_queue_full_admission_and_no_admitted_request_is_dropped(tiny):
     refs = [_solo(tiny, PROMPTS[i], max_new_tokens=6) for i in range(4)]
-    sched = BatchingScheduler(tiny, max_queued=1, max_batch=1)
+    sched = Scheduler(tiny, max_queued=1, max_batch=1)
     sched.start()
 
     async def main():
@@ -278,7 +220,7 @@ def test_pending_media_budget(tiny):
                                                  {"type": "text", "text": "What happens?"}]}],
                    {"max_new_tokens": 2})
 
-    sched = BatchingScheduler(tiny, max_batch=1, max_pending_media_bytes=3 * frame.nbytes)
+    sched = Scheduler(tiny, max_batch=1, max_pending_media_bytes=3 * frame.nbytes)
     sched.start()
 
     async def main():

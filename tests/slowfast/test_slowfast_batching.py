@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import owlvid
-from owlvid.engine import BatchEngine, SamplingParams, run_batch
+from owlvid.engine import Engine, SamplingParams, run_batch
 from owlvid.jobs import generate_each
 from owlvid.models.slowfast.testing import make_tiny_slowfast
 
@@ -75,11 +75,11 @@ def test_rows_join_mid_decode_and_leave_with_chunked_prefill(model, no_stop_toke
     lengths = [30, 12, 24, 16]
     alone = [model.generate(c, max_new_tokens=n).token_ids for c, n in zip(convs, lengths)]
     prepared = [model.prepare(c) for c in convs]
-    engine = BatchEngine(model.runtime, max_batch=4, prefill_chunk=64)
+    engine = Engine(model.runtime, max_batch=4, prefill_chunk=64)
     streams = []
     with llm_calls(model) as calls:
         for (request, ids), n in zip(prepared, lengths):
-            streams.append(engine.add(request, ids, SamplingParams(max_new_tokens=n))[0])
+            streams.append(engine.add(request, ids, SamplingParams(max_new_tokens=n)).stream)
             engine.step()
             engine.step()
         while engine.active:
@@ -96,9 +96,10 @@ def test_generate_each_and_run_batch_use_the_batch(model, no_stop_tokens):
     convs = conversations()
     alone = [model.generate(c, max_new_tokens=5).token_ids for c in convs]
     jobs = [(i, (c, {"max_new_tokens": 5})) for i, c in enumerate(convs)]
-    # prefetch=0: jobs are prepared on the engine thread, so all four are admitted before the first step
+    # prefetch=0: jobs are prepared on the engine thread, so all four are admitted before the first step;
+    # whole prefills (no chunking): all four are prefilled in the first step and decode together
     with llm_calls(model) as calls:
-        results = dict(generate_each(model, jobs, max_batch=4, prefetch=0))
+        results = dict(generate_each(model, jobs, max_batch=4, prefetch=0, prefill_chunk=None))
     assert [results[i].token_ids for i in range(4)] == alone
     assert calls.count(4) == 4
     # with prefetching (the default) jobs join as they are ready: the same tokens
@@ -153,12 +154,12 @@ def test_batching_scheduler_serves_slowfast_requests_together(model, no_stop_tok
     """The server's scheduler picks continuous batching for Slow-Fast: concurrent requests overlap and each
     gets its solo answer."""
     from owlvid.engine import Generation
-    from owlvid.server.scheduler import BatchingScheduler, Job
+    from owlvid.server.scheduler import Job, Scheduler
 
     convs = conversations()
     lengths = [10, 14, 6, 12]
     solo = [model.generate(c, max_new_tokens=n) for c, n in zip(convs, lengths)]
-    sched = BatchingScheduler(model, max_batch=4, prefill_chunk=64)
+    sched = Scheduler(model, max_batch=4, prefill_chunk=64)
     sched.start()
 
     async def collect(job):

@@ -237,9 +237,9 @@ def test_api_generate_matches(model):
 def test_batched_decoding_gives_the_golden_tokens(model):
     """The four cases decoded together (continuous batching: each joins between steps, its prompt prefilled
     in chunks of 256 positions) give the official greedy tokens, as each alone."""
-    from owlvid.engine import BatchEngine, SamplingParams
+    from owlvid.engine import Engine, SamplingParams
 
-    engine = BatchEngine(model.runtime, max_batch=4, prefill_chunk=256)
+    engine = Engine(model.runtime, max_batch=4, prefill_chunk=256)
     streams = []
     with_rows = []
     hook = model.runtime.model.llm.register_forward_pre_hook(lambda m, args: with_rows.append(args[0].shape[0]))
@@ -247,7 +247,7 @@ def test_batched_decoding_gives_the_golden_tokens(model):
         for case in CASES:
             c = load_case(case)
             request, ids = model.runtime.prepare(c["messages"], *case_media(c), None)
-            streams.append((c, engine.add(request, ids, SamplingParams(max_new_tokens=16))[0]))
+            streams.append((c, engine.add(request, ids, SamplingParams(max_new_tokens=16)).stream))
             engine.step()
         while engine.active:
             engine.step()

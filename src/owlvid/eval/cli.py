@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from .image_scoring import IMAGE_BENCHMARKS
 from .protocols import BENCHMARKS, PROTOCOLS
 
 
@@ -16,7 +17,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
     p = sub.add_parser("eval", parents=[debug], help="evaluate on a video benchmark under its published protocol",
                        description="Evaluate a model on MVBench, NExT-QA (MC), Video-MME, LongVideoBench or MLVU "
                        "read from the dataset folder as downloaded, under the official mPLUG-Owl3 protocol, "
-                       "lmms-eval's, or the Slow-Fast authors'; or compare finished runs.")
+                       "lmms-eval's, or the Slow-Fast authors'; on the model card's image tables (multi-image, "
+                       "VQA, general) under the official protocol or lmms-eval's; or compare finished runs.")
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=type(p))
     benchmarks.required = True
     for name in BENCHMARKS:
@@ -43,10 +45,46 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
                        "random fallback answers (default: 0)")
         b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
         b.set_defaults(func=lambda args: cmd_eval(args, load_model))
+    for name in IMAGE_BENCHMARKS:
+        _add_image_parser(benchmarks, name, parents, debug, positive_int, load_model)
     c = benchmarks.add_parser("compare", parents=[debug], help="compare finished runs",
                               description="Print runs side by side with the published numbers of their checkpoints.")
     c.add_argument("outdirs", nargs="+", metavar="OUTDIR")
     c.set_defaults(func=cmd_compare)
+
+
+def _add_image_parser(benchmarks: Any, name: str, parents: list[argparse.ArgumentParser],
+                      debug: argparse.ArgumentParser, positive_int: Callable[[str], int],
+                      load_model: Callable[[argparse.Namespace], Any]) -> None:
+    """An image-table benchmark (mPLUG-Owl3 model card: multi-image, VQA, general)."""
+    b = benchmarks.add_parser(name, parents=[*parents, debug], help=f"run {name} (image table)",
+                              description=f"Run {name}; OUTDIR gets predictions.jsonl (images and cut grid per "
+                              "question), results.json, run.json, and the submission file of a split scored by a "
+                              "server or a judge. Rerunning the same command continues an interrupted run.")
+    b.add_argument("--data", required=True, metavar="DIR",
+                   help="the HF dataset folder as downloaded, or the official evaluation folder (with dataset/)")
+    b.add_argument("--protocol", choices=("official", "lmms_eval"), default=None,
+                   help="official (mPLUG-Owl3 evaluation code, default) or lmms_eval")
+    b.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    b.add_argument("--split", default=None, help="the parquet split (default: the model card's)")
+    b.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N questions")
+    b.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="only these categories (POPE split, sub-task, MMBench category ...)")
+    b.add_argument("--max-batch", type=positive_int, default=8, help="questions decoded together (default: 8)")
+    b.add_argument("--seed", type=int, default=0, help="seeds lmms-eval's random fallbacks (default: 0)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=lambda args: cmd_eval_images(args, load_model))
+
+
+def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any]) -> int:
+    from .image_results import format_image_table
+    from .image_runner import run_images
+
+    results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, protocol=args.protocol,
+                         limit=args.limit, tasks=args.tasks, split=args.split, max_batch=args.max_batch,
+                         seed=args.seed, progress=not args.no_progress)
+    print(format_image_table(results))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any]) -> int:

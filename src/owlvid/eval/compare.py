@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .image_results import IMAGE_TITLES, PUBLISHED_IMAGES
 from .results import BENCHMARK_TITLES, PUBLISHED
+
+TITLES = {**BENCHMARK_TITLES, **IMAGE_TITLES}
+NUMBERS = {name: {**PUBLISHED.get(name, {}), **PUBLISHED_IMAGES.get(name, {})} for name in PUBLISHED}
 
 RESULTS = "results.json"
 
@@ -41,7 +45,7 @@ def compare_table(outdirs: Sequence[str | os.PathLike]) -> str:
                for r in runs]
     published = sorted({p for r in runs if (p := published_name(r["model"]["name"]))})
     columns += [f"published {p}" for p in published]
-    benchmarks = [b for b in BENCHMARK_TITLES if any(r["benchmark"] == b for r in runs)]
+    benchmarks = [b for b in TITLES if any(r["benchmark"] == b for r in runs)]
     rows = []
     for b in benchmarks:
         cells = []
@@ -51,14 +55,18 @@ def compare_table(outdirs: Sequence[str | os.PathLike]) -> str:
                 continue
             subset = r["selection"]["limit"] is not None or r["selection"]["tasks"]
             partial = f" of {r['scored']}/{r['questions']}" if r["scored"] < r["questions"] or subset else ""
-            cells.append(f"{r['score']:.2f}{partial}" if r["score"] is not None else "-")
-        cells += [f"{PUBLISHED[p][b]:.1f}" if b in PUBLISHED[p] else "" for p in published]
-        rows.append([BENCHMARK_TITLES[b], *cells])
+            cells.append(f"{r['score']:.2f}{partial}" if r["score"] is not None
+                         else "submitted" if r.get("submission_file") else "-")
+        cells += [f"{NUMBERS[p][b]:.1f}" if b in NUMBERS[p] else "" for p in published]
+        rows.append([TITLES[b], *cells])
     header = ["benchmark", *columns]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
+    if any(c == "submitted" for row in rows for c in row[1:]):
+        lines.append("'submitted': a test split without public answers; its submission file (results.json "
+                     "submission_file) is scored by the benchmark's server or judge")
     if any("of " in c for row in rows for c in row[1:]):
         lines.append("'of s/n': s questions scored of the n selected; a partial run (--limit, --tasks, failures) "
                      "is not comparable with a published number")

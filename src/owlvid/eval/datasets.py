@@ -115,6 +115,37 @@ def _require(row: dict, keys: Sequence[str], where: str) -> None:
         raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
+def _options(value: Any, where: str, name: str = "candidates") -> tuple[str, ...]:
+    """The option texts of a question: a non-empty list, at most 26 (lettered A to Z; past Z the prompt would
+    letter them "[", "\\" ...)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise InputError(f"{where}: {name} must be a non-empty list of option texts, got {_short(value)}")
+    if len(value) > len(LETTERS):
+        raise InputError(f"{where}: {len(value)} {name}; at most {len(LETTERS)} can be lettered A to Z")
+    return tuple(value)
+
+
+def _choice_letter(value: Any, n_options: int, where: str, name: str) -> str:
+    """The letter of a ground truth given as an option index (an int, or a string of digits as some copies
+    store it)."""
+    index = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, float) and value.is_integer():
+        index = int(value)
+    elif isinstance(value, str) and value.strip().isdecimal():
+        index = int(value.strip())
+    if index is None or not 0 <= index < n_options:
+        raise InputError(f"{where}: {name} must be the index of one of the {n_options} candidates "
+                         f"(0 to {n_options - 1}), got {_short(value)}")
+    return LETTERS[index]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 # -- MVBench ---------------------------------------------------------------------------------------------
 
 
@@ -140,9 +171,10 @@ def load_mvbench(root: Path, tasks: set[str] | None) -> list[Question]:
             _require(row, ("video", "question", "candidates", "answer", *(("start", "end") if bounded else ())),
                      where)
             frames = spec.kind == "frame"
+            options = _options(row["candidates"], where)
             out.append(Question(
                 qid=f"{task}/{i}", benchmark="mvbench", task=task, question=row["question"],
-                options=tuple(row["candidates"]), answer=_mvbench_answer(row["candidates"], row["answer"]),
+                options=options, answer=_mvbench_answer(options, row["answer"]),
                 video=root / "video" / spec.video_folder / row["video"], video_kind="frames" if frames else "video",
                 bound=(float(row["start"]), float(row["end"])) if bounded else None,
                 frame_fps=float(MVBENCH_FRAME_FPS) if frames else None, categories={"task": task}))
@@ -156,13 +188,15 @@ def load_nextqa_mc(root: Path, tasks: set[str] | None) -> list[Question]:
     rows = _parquet(root, "MC/test-*.parquet", "nextqa_mc")
     out = []
     for i, row in enumerate(rows):
-        _require(row, ("video", "qid", "type", "question", "answer", "a0"), f"NExT-QA row {i}")
+        where = f"NExT-QA row {i}"
+        _require(row, ("video", "qid", "type", "question", "answer", "a0"), where)
         options = tuple(row[f"a{k}"] for k in range(10) if f"a{k}" in row)  # a0..a4, as the official loop
         qtype = str(row["type"])
         group = NEXTQA_TYPE_GROUP.get(qtype, qtype)
         out.append(Question(
             qid=f"{row['video']}_{row['qid']}", benchmark="nextqa_mc", task=qtype, question=row["question"],
-            options=options, answer=LETTERS[int(row["answer"])], video=root / "NExTVideo" / f"{row['video']}.mp4",
+            options=options, answer=_choice_letter(row["answer"], len(options), where, "answer"),
+            video=root / "NExTVideo" / f"{row['video']}.mp4",
             categories={"type": group, "group": group[0]}))
     return out
 
@@ -178,12 +212,13 @@ def load_videomme(root: Path, tasks: set[str] | None) -> list[Question]:
     rows = _parquet(root, "videomme/test-*.parquet", "videomme")
     out = []
     for i, row in enumerate(rows):
+        where = f"Video-MME row {i}"
         _require(row, ("videoID", "duration", "domain", "sub_category", "task_type", "question", "options",
-                       "answer"), f"Video-MME row {i}")
+                       "answer"), where)
         stem = root / "data" / row["videoID"]
         # .mp4 as downloaded; .MP4 / .mkv as lmms-eval also accepts
         video = _first_existing([stem.with_name(stem.name + ext) for ext in (".mp4", ".MP4", ".mkv")])
-        lettered = list(row["options"])
+        lettered = list(_options(row["options"], where, "options"))
         out.append(Question(
             qid=str(row.get("question_id") or f"{row['videoID']}-{i}"), benchmark="videomme", task=row["duration"],
             question=row["question"], options=tuple(unletter_option(o, k) for k, o in enumerate(lettered)),
@@ -203,11 +238,13 @@ def load_longvideobench(root: Path, tasks: set[str] | None) -> list[Question]:
     rows = _read_json(path, "longvideobench")
     out = []
     for i, row in enumerate(rows):
-        _require(row, ("id", "video_path", "duration", "question", "candidates", "correct_choice"), f"{path} item {i}")
+        where = f"{path} item {i}"
+        _require(row, ("id", "video_path", "duration", "question", "candidates", "correct_choice"), where)
         category = str(row.get("question_category", ""))
+        options = _options(row["candidates"], where)
         out.append(Question(
             qid=str(row["id"]), benchmark="longvideobench", task=category, question=row["question"],
-            options=tuple(row["candidates"]), answer=LETTERS[int(row["correct_choice"])],
+            options=options, answer=_choice_letter(row["correct_choice"], len(options), where, "correct_choice"),
             # the official loader's bound [0, duration] starts at 0, so it reads the whole video: no bound
             video=root / "videos" / row["video_path"],
             categories={"question_category": category, "duration_group": str(row.get("duration_group", ""))}))
@@ -231,8 +268,9 @@ def load_mlvu(root: Path, tasks: set[str] | None) -> list[Question]:
         if task in MLVU_GENERATION_TASKS:
             continue
         for i, row in enumerate(_read_json(path, "mlvu")):
-            _require(row, ("video", "question", "candidates", "answer"), f"{path} item {i}")
-            candidates = list(row["candidates"])
+            where = f"{path} item {i}"
+            _require(row, ("video", "question", "candidates", "answer"), where)
+            candidates = list(_options(row["candidates"], where))
             idx = candidates.index(row["answer"]) if row["answer"] in candidates else -1
             out.append(Question(
                 qid=f"{task}/{i}", benchmark="mlvu", task=task, question=row["question"], options=tuple(candidates),

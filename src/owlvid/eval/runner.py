@@ -8,7 +8,8 @@ Questions go through `jobs.generate_each` (continuous batching; a job's frames a
 admitted, so a missing or broken video fails that question only). Rerunning the same command continues:
 questions already answered in predictions.jsonl are skipped (a torn last line is cut away first), failed
 ones are tried again, and results are computed from the file, so an interrupted run ends as an
-uninterrupted one would.
+uninterrupted one would. A run locks its folder (`records.exclusive` on predictions.jsonl) before it loads
+the model: a second run on the same folder exits at once, naming the first.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import os
 import random
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from .. import records as records_mod
 from ..errors import InputError, OwlvidError
+from ..metrics import EngineMetrics
 from . import results as results_mod
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
@@ -70,9 +74,34 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], A
     if max_batch < 1:
         raise InputError("--max-batch must be at least 1")
     questions = load_questions(benchmark, data_dir, tasks)[:limit]
+    with run_folder(outdir) as out:
+        return _run_locked(benchmark, questions, model, out, protocol=protocol, limit=limit, tasks=tasks,
+                           num_frames=num_frames, max_batch=max_batch, seed=seed, progress=progress)
+
+
+@contextmanager
+def run_folder(outdir: str | os.PathLike) -> Iterator[Path]:
+    """The output folder of a run, created if needed and locked (one run per folder, taken before the model
+    loads); a run that fails before writing anything leaves no folder behind."""
     out = Path(outdir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {outdir} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with records_mod.exclusive(out / PREDICTIONS, shown=out):
+            yield out
+    except BaseException:
+        if created:
+            with suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _run_locked(benchmark: str, questions: list[Question], model: Any, out: Path, *, protocol: str | None,
+                limit: int | None, tasks: Sequence[str] | None, num_frames: int | None, max_batch: int, seed: int,
+                progress: bool) -> dict[str, Any]:
+    """`run` once the folder is locked."""
     from ..api import Model
 
     if not isinstance(model, Model):
@@ -81,17 +110,19 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], A
     if num_frames is None and family == "slowfast" and protocol != "official":
         num_frames = model.runtime.describe().get("training_frames")
     proto = get_protocol(benchmark, protocol, family, num_frames=num_frames)
-    out.mkdir(parents=True, exist_ok=True)
     run_info = _run_info(proto, model, seed)
+    records = _read_predictions(out / PREDICTIONS)  # first: a file that is not ours gets no run.json beside it
     _check_same_run(out / RUN, run_info)
-    records = _read_predictions(out / PREDICTIONS)
     done = {r["qid"] for r in records if r.get("error") is None}
     todo = _video_order([q for q in questions if q.qid not in done])
+    metrics = EngineMetrics()
     if todo:
-        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress)
+        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress,
+                metrics=metrics)
         records = _read_predictions(out / PREDICTIONS)
     summary = results_mod.summarize(proto, questions, records, run_info,
                                     {"limit": limit, "tasks": sorted(tasks) if tasks else None})
+    summary["engine"] = metrics.summary()  # this run's answering: tokens, latencies, visual cache
     _write_json(out / RESULTS, summary)
     return summary
 
@@ -140,14 +171,17 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_predictions(path: Path) -> list[dict]:
-    """The prediction lines (a torn last line from a killed run is cut away first)."""
-    from ..batch import read_done
-
-    read_done(path, key="qid", kind="predictions")  # validates every line, repairs the tail
+    """The prediction lines (a torn last line from a killed run is cut away first; a file that is not
+    predictions is refused untouched)."""
+    records_mod.read_done(path, "qid", "predictions", _is_prediction)  # validates every line, repairs the tail
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _is_prediction(item: dict) -> bool:
+    return "error" in item  # every line `_record` writes has it (None when answered)
 
 
 def _video_order(questions: list[Question]) -> list[Question]:
@@ -186,7 +220,7 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
 
 
 def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, max_batch: int, seed: int,
-            progress: bool) -> None:
+            progress: bool, metrics: EngineMetrics | None = None) -> None:
     from ..cache import FrameList, content_key, file_identity
     from ..jobs import generate_each
 
@@ -221,12 +255,11 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
     bar = _progress(len(todo), progress, proto.benchmark)
     counts = {"answered": 0, "failed": 0}
     try:
-        with open(path, "ab") as f:
-            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch):
+        with records_mod.RecordWriter(path) as f:
+            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
+                                             metrics=metrics):
                 record = _record(by_id[qid], proto, model.runtime, result, audits.pop(qid, None), seed)
-                f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(record)
                 counts["failed" if record["error"] else "answered"] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update(1)

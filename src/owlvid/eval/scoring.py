@@ -39,9 +39,10 @@ MLVU_OFFICIAL_ERROR = ("the official mPLUG-Owl3 evaluation defines no MLVU task;
 @dataclass(frozen=True)
 class Score:
     predicted: str | None  # the extracted letter ("A".."E"...), None where the protocol produces none
-    correct: bool  # the protocol's own verdict, quirks included
+    correct: bool | None  # the protocol's own verdict, quirks included (None only for open-ended VQA)
     parsed: bool  # False for fallbacks (official Video-MME "A", lmms-eval random pick), empty extractions, crashes
     note: str = ""  # why a verdict is unusual (quirk or upstream crash), empty otherwise
+    score: float | None = None  # image tables: the VQA score in [0, 1] (open-ended VQA), else 1.0/0.0
 
 
 def letters(n: int) -> list[str]:
@@ -390,14 +391,28 @@ def check_benchmark_protocol(benchmark: str, protocol: str) -> None:
         raise InputError(MLVU_OFFICIAL_ERROR)
 
 
-def score_response(*, benchmark: str, protocol: str, response: str, options: list[str], answer: str,
+def score_response(*, benchmark: str, protocol: str, response: str, options: list[str] | None = None,
+                   answer: str | None = None, answers: list[str] | None = None,
                    rng: random.Random | None = None) -> Score:
     """Score one model answer as ``protocol`` scores ``benchmark`` questions.
+
+    Image tables (``image_scoring.IMAGE_BENCHMARKS``): open-ended VQA (vqav2, okvqa, textvqa, vizwiz_vqa) take
+    ``answers`` (the annotators' answers) and return ``.score`` in [0, 1] with ``.predicted`` the normalised answer
+    (``correct`` None); gqa takes ``answer`` (the ground truth), pope and nlvr2 ``answer`` "yes"/"no"; the
+    multiple-choice ones take ``options`` and the letter ``answer``. VQAv2 and VizWiz score their test split on a
+    server: the local VQA score of the same post-processed answer is returned (what VQAEval computes on val).
 
     ``response``: the model's decoded answer text (owlvid's ``Generation.text``); the protocol's own
     post-processing (``STRIPS_RESPONSE``) is applied here. ``options``: the option texts without letters,
     in order. ``answer``: the ground-truth letter. ``rng``: the random source of lmms-eval's "random
     choice" fallbacks (Python's global ``random`` when None, as upstream)."""
+    if benchmark not in BENCHMARKS:
+        from .image_scoring import IMAGE_BENCHMARKS, score_image_response  # imports this module: no cycle at load
+
+        if benchmark in IMAGE_BENCHMARKS:
+            return score_image_response(benchmark=benchmark, protocol=protocol, response=response, options=options,
+                                        answer=answer, answers=answers, rng=rng)
+        raise InputError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS + IMAGE_BENCHMARKS)}")
     check_benchmark_protocol(benchmark, protocol)
     _check_options(options, answer)
     if not isinstance(response, str):

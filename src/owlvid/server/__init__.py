@@ -28,6 +28,8 @@ def __getattr__(name: str) -> Any:
 def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           ready_message: bool = True) -> None:
     """Run the server with uvicorn until interrupted. Port 0 picks a free port (printed on stderr)."""
+    import copy
+    import dataclasses
     import socket
     import sys
 
@@ -35,6 +37,8 @@ def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, lo
 
     from .app import create_app
 
+    if config.bind_host is None:  # the Host check's default names (server/origins.py)
+        config = dataclasses.replace(config, bind_host=host)
     app = create_app(model, config)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -47,7 +51,10 @@ def serve(model: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, lo
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # owlvid's own lines (client errors) beside uvicorn's
+    log_config["loggers"]["owlvid"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, log_config=log_config,
+                                           timeout_graceful_shutdown=30))
     if ready_message:
         # printed before the first request can be served; clients should poll GET /health
         print(f"owlvid: serving {config.served_model_name!r} on http://{shown}:{bound} (OpenAI API at /v1, "

@@ -31,15 +31,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..api import Model
-from ..engine import Generation, TokenEvent
+from ..engine import Generation, RequestFailed, TokenEvent
 from ..errors import MediaError, MediaTimeout, OwlvidError
 from ..media import MediaTooLargeError
 from . import schemas
+from .origins import OriginHostMiddleware, OriginHostPolicy
 from .preview import FramePreviewer, media_headers, preview_routes
-from .requests import APIError, RequestBuilder, ServerConfig
-from .scheduler import BatchingScheduler, Job, JobTimeout, QueueFullError, Scheduler
+from .requests import APIError, RequestBuilder, ServerConfig, public_model_name
+from .scheduler import Job, JobTimeout, QueueFullError, Scheduler
 from .uploads import UPLOADS_PATH, UploadStore, upload_routes
 
 __all__ = ["create_app", "ServerConfig", "APIError", "RequestBuilder", "to_api_error"]
@@ -68,6 +71,9 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), code="invalid_media")
     if isinstance(e, OwlvidError):  # InputError, UnsupportedError, ... : the request cannot be served
         return APIError(400, str(e), code="invalid_request")
+    if isinstance(e, RequestFailed):  # the engine failed this request (alone, or with its batch): say why
+        log.error("request failed: %s", e)
+        return APIError(500, str(e), "server_error", code="request_failed")
     log.error("internal error", exc_info=(type(e), e, e.__traceback__))
     # The exception text may carry server paths or internals: the client gets a generic line.
     return APIError(500, "internal server error (the server log has the details)", "server_error",
@@ -149,15 +155,13 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
 
 
 def create_app(model: Model, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
-    cfg = config or ServerConfig(served_model_name=model.name)
-    if scheduler is None and model.runtime.supports_batching:
-        scheduler = BatchingScheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
-                                      max_pending_media_bytes=cfg.max_pending_media_bytes)
-    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests,
+    cfg = config or ServerConfig(served_model_name=public_model_name(model.name))
+    sched = scheduler or Scheduler(model, max_queued=cfg.max_queued_requests, max_batch=cfg.max_batch,
                                    max_pending_media_bytes=cfg.max_pending_media_bytes)
     uploads = UploadStore(cfg)
     builder = RequestBuilder(model, cfg, uploads)
     started = schemas.now()
+    root = public_model_name(model.name)  # /v1/models' `root`: a hub id or a folder's name, never a path
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -175,6 +179,12 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     app.state.config = cfg
     app.state.uploads = uploads
     app.add_middleware(GuardMiddleware, config=cfg)
+    policy = OriginHostPolicy(cfg.bind_host, cfg.allowed_hosts, cfg.allowed_origins)
+    if policy.origins:  # pages allowed by name may read answers: CORS, outside the API key check (preflights)
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(policy.origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], max_age=600,
+                           expose_headers=["X-Owlvid-Frames", "X-Owlvid-Images", "X-Owlvid-Visual-Cache"])
+    app.add_middleware(OriginHostMiddleware, policy=policy)  # added last: runs first
     app.include_router(upload_routes(uploads, builder.sources.url_policy))
     app.include_router(preview_routes(FramePreviewer(uploads, builder)))
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
@@ -186,6 +196,11 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
                                        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
             "Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # what browsers ask for by themselves (the page links the same icon)
+        return FileResponse(WEB_DIR / "icon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -209,6 +224,18 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    # Client errors are answered here, by the ExceptionMiddleware; only what reaches the `Exception` handler
+    # (bugs) is re-raised by Starlette and logged with its traceback.
+    @app.exception_handler(OwlvidError)
+    async def _owlvid_error(request: Request, exc: OwlvidError) -> JSONResponse:
+        err = to_api_error(exc)
+        log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
+        return err.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client hung up (an upload's body cut short)
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
@@ -221,7 +248,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = schemas.model_card(cfg.served_model_name, model.name, model.runtime.max_positions, started)
+        card = schemas.model_card(cfg.served_model_name, root, model.runtime.max_positions, started)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")

@@ -59,6 +59,20 @@ class ServerConfig:
     upload_dir: str | None = None  # None: a temporary folder, removed at shutdown
     upload_ttl: float = 3600.0
     max_upload_storage_bytes: int = 4096 * MiB
+    # which host names and web pages may use the server (server/origins.py): the address it listens on (set
+    # by `serve`; None counts as loopback), more names for the Host header and more page origins (CORS) than
+    # the server's own ("*": any)
+    bind_host: str | None = None
+    allowed_hosts: list[str] | None = None
+    allowed_origins: list[str] | None = None
+
+
+def public_model_name(model: str) -> str:
+    """How the API names a checkpoint: a hub id as is, a local folder by its name only (the server's folders
+    are never shown to clients)."""
+    from ..checkpoint import is_hub_id
+
+    return model if is_hub_id(model) else Path(model).expanduser().name or "owlvid"
 
 
 class APIError(Exception):
@@ -183,7 +197,9 @@ _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 # -- request conversion --------------------------------------------------------------------------------
 
 
-def _check_keys(options: dict, allowed: set[str], param: str) -> dict:
+def _check_keys(options: Any, allowed: set[str], param: str) -> dict:
+    if not isinstance(options, dict):  # the frame preview's body is not checked by the schema
+        raise APIError(400, f"{param} must be an object", param=param, code="invalid_value")
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise APIError(400, f"unsupported option(s) {', '.join(unknown)} in {param}; supported: "
@@ -199,7 +215,51 @@ def _checked(check: Any, *args: Any, param: str) -> None:
         raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
+# Top-level request fields that owlvid does not implement. Fields that cannot change an answer are accepted
+# and ignored; the others are accepted only with their neutral value (what the field's absence means) and
+# refused with a 400 naming the field otherwise; a field in neither list is refused unless null, so that no
+# client silently gets another behaviour than the one it asked for.
+_IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "request_id", "prompt_cache_key",
+                   "safety_identifier", "parallel_tool_calls"}
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1, 1.0), "min_p": (0, 0.0),
+    "stop_token_ids": ([],), "bad_words": ([],), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "echo": (False,),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "add_special_tokens": (False,),
+    "return_tokens_as_token_ids": (False,), "priority": (0,), "modalities": (["text"],),
+    "chat_template_kwargs": ({},), "audio": (), "prediction": (), "reasoning_effort": (),
+    "web_search_options": (), "prompt_logprobs": (), "allowed_token_ids": (), "logits_processors": (),
+    "truncate_prompt_tokens": (), "chat_template": (), "documents": (), "structured_outputs": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "vllm_xargs": (), "kv_transfer_params": (),
+}
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # by type too: True == 1 in Python, but best_of=true is not best_of=1
+    return value is None or any(type(value) is type(n) and value == n for n in neutral)
+
+
+def _refuse_extra_fields(body: schemas.ChatCompletionRequest) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in _IGNORED_FIELDS or value is None:  # null asks for nothing
+            continue
+        if name not in _NEUTRAL:
+            raise APIError(400, f"unknown or unsupported option {name!r}: this server does not implement it "
+                           "(see docs/serving.md, 'Request fields')", param=name, code="unsupported_option")
+        neutral = _NEUTRAL[name]
+        if not _is_neutral(value, neutral):
+            only = f" (only {' or '.join(map(repr, neutral))} is accepted)" if neutral else ""
+            raise APIError(400, f"{name} is not supported by this server{only}", param=name,
+                           code="unsupported_option")
+
+
 def _refuse_unsupported(body: schemas.ChatCompletionRequest) -> None:
+    _refuse_extra_fields(body)
+    if body.stream_options and (body.stream_options.model_extra or {}).get("continuous_usage_stats"):
+        raise APIError(400, "stream_options.continuous_usage_stats is not supported by this server (usage comes "
+                       "in the last chunk with include_usage)", param="stream_options.continuous_usage_stats",
+                       code="unsupported_option")
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_option")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -241,7 +301,12 @@ class RequestBuilder:
             "top_k": max(body.top_k or 0, 0),
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
             "seed": cfg.default_seed if body.seed is None else body.seed,
+            "min_tokens": body.min_tokens or 0,
+            "ignore_eos": bool(body.ignore_eos),
         }
+        if gen["min_tokens"] > gen["max_new_tokens"]:
+            raise APIError(400, f"min_tokens ({gen['min_tokens']}) must be at most max_tokens "
+                           f"({gen['max_new_tokens']})", param="min_tokens", code="invalid_value")
         if body.stop:
             gen["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
         _checked(check_seed, gen["seed"], param="seed")

@@ -1,14 +1,15 @@
-"""The engine worker: one thread runs every request, one at a time, from a bounded queue.
+"""The server's admission in front of the one engine: a bounded queue, a preparation thread, an engine thread.
 
-A `Model` is not thread-safe, so exactly one thread ever calls into it. Requests are admitted with
-`reserve()` (which refuses with `QueueFullError` when `max_queued` requests are already waiting), prepared
-outside the worker (media download and decoding), then `submit()`ted; an admitted request is never
+A `Model` is not thread-safe, so exactly one thread ever runs the engine (`engine.Engine.run`: chunked
+prefill, continuous batching, per-request failure isolation). Requests are admitted with `reserve()` (which
+refuses with `QueueFullError` when `max_queued` requests are already waiting), prepared on a second thread
+one request ahead of the engine (media download and decoding, prompt rendering, the vision tower: it only
+reads the weights, so it may run beside decoding steps), then decoded. An admitted request is never
 dropped: it runs, or is skipped only when its client is gone or its deadline has passed.
 
 Events of a job (`TokenEvent`s, then the final `Generation`, or an exception) are handed to the event
-loop that owns the job with `call_soon_threadsafe`. `Job.cancel()` (client disconnected) stops the
-generation at the next token. A batching scheduler can replace this class as long as it keeps
-`reserve / release / submit / stats / alive / start / stop` and the `Job` contract.
+loop that owns the job with `call_soon_threadsafe`. `Job.cancel()` (client disconnected) makes it leave
+the batch before the next step.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engine import Generation
+from ..engine import EMPTY, Engine, Generation, RequestCancelled, RequestTimeout, Ticket
 from ..media import MediaTooLargeError
+from ..metrics import EngineMetrics
 
 log = logging.getLogger("owlvid.server")
 
@@ -39,12 +41,8 @@ class PendingMediaTooLargeError(MediaTooLargeError):
     """One request's decoded media alone is over the pending-media budget (HTTP 413)."""
 
 
-class JobCancelled(Exception):
-    """The job was cancelled (client gone) before or while it ran."""
-
-
-class JobTimeout(Exception):
-    """The job passed its deadline before or while it ran."""
+JobCancelled = RequestCancelled  # the job was cancelled (client gone) before or while it ran
+JobTimeout = RequestTimeout  # the job passed its deadline before or while it ran
 
 
 _ids = itertools.count(1)
@@ -116,20 +114,28 @@ class Job:
 
 
 class Scheduler:
-    """A bounded FIFO in front of a single engine worker thread."""
+    """A bounded FIFO, a preparation thread and the engine thread (see the module docstring)."""
 
-    def __init__(self, model: Any, max_queued: int = 64, max_pending_media_bytes: int | None = None) -> None:
+    def __init__(self, model: Any, max_queued: int = 64, max_batch: int = 8, prefill_chunk: int | None = 512,
+                 max_pending_media_bytes: int | None = None) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self.model = model
         self.max_queued = max_queued
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.max_pending_media_bytes = max_pending_media_bytes  # None: no byte budget
-        self._pending_media = 0  # bytes of decoded media held by submitted, not yet started requests
+        self._pending_media = 0  # bytes of decoded media held by submitted, not yet admitted requests
         self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by the reservation count
+        self._ready: queue.Queue[Ticket | None] = queue.Queue()  # prepared, waiting for a batch slot
+        self._ahead = threading.Semaphore(1)  # one request prepared ahead of the engine at most
         self._lock = threading.Lock()
-        self._reserved = 0  # admitted, not yet picked up by the worker
-        self._running: Job | None = None
+        self._reserved = 0  # admitted, not yet taken by the engine
+        self._running = 0
         self._thread: threading.Thread | None = None
+        self._prep_thread: threading.Thread | None = None
+        self.engine: Engine | None = None
+        self.metrics = EngineMetrics()  # kept across engines (`GET /metrics`)
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
@@ -143,11 +149,13 @@ class Scheduler:
                 raise QueueFullError(f"the server is busy: {self._reserved} request(s) already waiting "
                                      f"(limit {self.max_queued}); retry later")
             self._reserved += 1
+            self.metrics.waiting = self._reserved
 
     def release(self) -> None:
         """Give back a slot taken by `reserve()` whose request will not be submitted."""
         with self._lock:
             self._reserved = max(self._reserved - 1, 0)
+            self.metrics.waiting = self._reserved
 
     def submit(self, job: Job, *, reserved: bool = False) -> Job:
         """Queue a job; without a prior `reserve()` this reserves (and may raise QueueFullError). Its
@@ -185,172 +193,61 @@ class Scheduler:
             self._pending_media += job.media_bytes
 
     def _picked_up(self, job: Job) -> None:
-        """A worker took the job off the queue: its slot and its media bytes are free again."""
+        """The engine took the job (or it ended before): its slot and its media bytes are free again."""
         with self._lock:
             self._reserved = max(self._reserved - 1, 0)
+            self.metrics.waiting = self._reserved
             if self.max_pending_media_bytes is not None and job.media_bytes:
                 self._pending_media = max(self._pending_media - job.media_bytes, 0)
 
     def stats(self) -> dict[str, int]:
+        engine = self.engine
         with self._lock:
-            return {"waiting": self._reserved, "running": int(self._running is not None),
-                    "max_queued": self.max_queued, "pending_media_bytes": self._pending_media,
-                    "completed": self.completed, "cancelled": self.cancelled, "failed": self.failed}
+            return {"waiting": self._reserved, "running": self._running, "max_queued": self.max_queued,
+                    "pending_media_bytes": self._pending_media, "completed": self.completed,
+                    "cancelled": self.cancelled, "failed": self.failed, "max_batch": self.max_batch,
+                    "peak_batch": engine.peak_batch if engine is not None else 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread is running (False before start() and after stop())."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.alive:
-            return
-        self._thread = threading.Thread(target=self._work, name="owlvid-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the jobs already queued, then stop the worker."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
-
-    # -- worker ------------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._picked_up(job)
-            with self._lock:
-                self._running = job
-            outcome = "completed"
-            try:
-                outcome = self._run(job)
-            except Exception as e:  # never let one request kill the worker
-                outcome = "failed"
-                log.debug("request %d failed: %r", job.id, e)
-                job.emit(e)
-            finally:
-                job.done = True
-                with self._lock:
-                    self._running = None
-                    if outcome == "completed":
-                        self.completed += 1
-                    elif outcome == "cancelled":
-                        self.cancelled += 1
-                    else:
-                        self.failed += 1
-
-    def _run(self, job: Job) -> str:
-        if job.cancelled:
-            job.emit(JobCancelled("the client went away"))
-            return "cancelled"
-        if job.expired():
-            job.emit(JobTimeout("the request timed out while waiting in the queue"))
-            return "failed"
-        events = iter(self.model.iter_generate(job.messages, **job.options))
-        try:
-            for event in events:
-                job.emit(event)
-                if isinstance(event, Generation):
-                    return "completed"
-                if job.cancelled:
-                    job.emit(JobCancelled("the client went away"))
-                    return "cancelled"
-                if job.expired():
-                    job.emit(JobTimeout("the request timed out while generating"))
-                    return "failed"
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
-        raise RuntimeError("the generation ended without a result")
-
-
-class BatchingScheduler(Scheduler):
-    """Continuous batching: every engine step runs one chunk of a pending prefill, then decodes one token
-    for all active requests at once (same tokens as alone).
-
-    Request preparation (prompt rendering, video decoding, vision encoding) runs on a second thread, one
-    request ahead of the engine: the vision tower only reads the weights, so it may run beside decoding
-    steps. Long prompts are prefilled `prefill_chunk` tokens per step (None: whole prompts at once), so
-    a long request arriving delays running streams by about one chunk per token, not its whole prefill.
-
-    Used when the model's runtime supports batched decoding; the admission, cancellation and timeout
-    contract is the one of `Scheduler`.
-    """
-
-    def __init__(self, model: Any, max_queued: int = 64, max_batch: int = 8, prefill_chunk: int | None = 512,
-                 max_pending_media_bytes: int | None = None) -> None:
-        super().__init__(model, max_queued, max_pending_media_bytes)
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
-        self._active: dict[Any, Job] = {}  # RequestStream -> Job (prefilling or decoding)
-        self._ready: queue.Queue = queue.Queue()  # prepared requests waiting for a batch slot
-        self._ahead = threading.Semaphore(1)  # one request prepared ahead of the engine at most
-        self._prep_thread: threading.Thread | None = None
-        self.peak_batch = 0
-
-    def stats(self) -> dict[str, int]:
-        out = super().stats()
-        out.update(running=len(self._active), max_batch=self.max_batch, peak_batch=self.peak_batch)
-        return out
-
-    # -- lifecycle: a preparation thread feeds the engine thread -----------------------------------
-
-    @property
-    def alive(self) -> bool:
-        return super().alive and self._prep_thread is not None and self._prep_thread.is_alive()
+        """Whether both threads run (False before start() and after stop())."""
+        return all(t is not None and t.is_alive() for t in (self._thread, self._prep_thread))
 
     def start(self) -> None:
         if self.alive:
             return
         self._prep_thread = threading.Thread(target=self._prepare_loop, name="owlvid-prepare", daemon=True)
+        self._thread = threading.Thread(target=self._engine_loop, name="owlvid-engine", daemon=True)
         self._prep_thread.start()
-        super().start()
+        self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the jobs already queued, then stop both threads."""
         if self._thread is None:
             return
         self._queue.put(None)  # the preparation thread passes it on to the engine thread
-        if self._prep_thread is not None:
-            self._prep_thread.join(timeout)
-            self._prep_thread = None
-        self._thread.join(timeout)
-        self._thread = None
+        for thread in (self._prep_thread, self._thread):
+            if thread is not None:
+                thread.join(timeout)
+        self._thread = self._prep_thread = None
 
-    def _finish(self, job: Job, outcome: str) -> None:
+    def _finish(self, job: Job, event: Any) -> None:
+        job.emit(event)
         job.done = True
         with self._lock:
-            if outcome == "completed":
+            if isinstance(event, Generation):
                 self.completed += 1
-            elif outcome == "cancelled":
+            elif isinstance(event, RequestCancelled):
                 self.cancelled += 1
             else:
                 self.failed += 1
 
-    def _gone(self, job: Job, where: str) -> bool:
-        """Emit the end of a job that was cancelled or passed its deadline; False if it may go on."""
-        if job.cancelled:
-            job.emit(JobCancelled("the client went away"))
-            self._finish(job, "cancelled")
-            return True
-        if job.expired():
-            job.emit(JobTimeout(f"the request timed out while {where}"))
-            self._finish(job, "failed")
-            return True
-        return False
+    # -- preparation thread ------------------------------------------------------------------------
 
     def _prepare_loop(self) -> None:
-        from ..api import split_options
-
-        runtime = self.model.runtime
+        encode_ahead = bool(self.prefill_chunk)  # the vision tower here, beside the decoding steps
         while True:
             self._ahead.acquire()  # released when the engine takes the prepared request
             job = self._queue.get()
@@ -358,91 +255,55 @@ class BatchingScheduler(Scheduler):
                 self._ready.put(None)
                 return
             # A prepared request still waits for the engine: its queue slot and media bytes stay taken
-            # until the engine admits it (`_admit`).
-            if self._gone(job, "waiting in the queue"):
+            # until the engine takes it.
+            ended = Ticket(owner=job, cancelled=lambda job=job: job.cancelled, deadline=job.deadline).gone()
+            if ended is not None:
                 self._picked_up(job)
+                self._finish(job, ended)
                 self._ahead.release()
                 continue
             try:
-                prep, params = split_options(dict(job.options))
-                request, prompt_ids = self.model.prepare(job.messages, **prep)
-                if self.prefill_chunk and runtime.supports_chunked_prefill:
-                    request = runtime.encode_media(request)  # the vision tower, beside decoding steps
+                ticket = self.model.ticket(job.messages, job.options, key=job.id, encode_ahead=encode_ahead)
             except Exception as e:  # bad input of this request only
                 log.debug("request %d failed in preparation: %r", job.id, e)
-                self._picked_up(job)
-                job.emit(e)
-                self._finish(job, "failed")
-                self._ahead.release()
-                continue
-            self._ready.put((job, request, prompt_ids, params))
+                ticket = Ticket(key=job.id, error=e)
+            ticket.owner = job
+            ticket.cancelled = lambda job=job: job.cancelled
+            ticket.deadline = job.deadline
+            self._ready.put(ticket)
 
     # -- engine thread -----------------------------------------------------------------------------
 
-    def _admit(self, item: tuple, engine: Any) -> None:
-        job, request, prompt_ids, params = item
-        self._picked_up(job)
-        if self._gone(job, "waiting in the queue"):
-            return
+    def _feed(self, block: bool) -> Any:
         try:
-            stream, events = engine.add(request, prompt_ids, params)
-        except Exception as e:  # bad input of this request only
-            job.emit(e)
-            return self._finish(job, "failed")
-        for event in events:
-            job.emit(event)
-        if stream.done:
-            job.emit(stream.result())
-            return self._finish(job, "completed")
-        self._active[stream] = job
+            ticket = self._ready.get(block=block)
+        except queue.Empty:
+            return EMPTY
+        self._ahead.release()
+        if ticket is not None:
+            self._picked_up(ticket.owner)
+            with self._lock:
+                self._running += 1
+        return ticket
 
-    def _work(self) -> None:
-        from ..engine import BatchEngine
-
-        def new_engine() -> BatchEngine:
-            return BatchEngine(self.model.runtime, self.max_batch, self.prefill_chunk)
-
-        engine = new_engine()
-        stopping = False
+    def _engine_loop(self) -> None:
         while True:
-            # Admit prepared requests: block only when nothing is prefilling or decoding.
-            while engine.active < self.max_batch and not stopping:
-                try:
-                    item = self._ready.get(block=not self._active)
-                except queue.Empty:
-                    break
-                self._ahead.release()
-                if item is None:
-                    stopping = True
-                    break
-                self._admit(item, engine)
-            if not self._active:
-                if stopping:
-                    return
-                continue
-            self.peak_batch = max(self.peak_batch, len(self._active))
+            self.engine = engine = Engine(self.model.runtime, self.max_batch, self.prefill_chunk, self.metrics)
             try:
-                results = engine.step()
-            except Exception as e:  # a real bug: fail the batch, keep serving
-                log.exception("batched decoding step failed")
-                for job in list(self._active.values()):
-                    job.emit(e)
-                    self._finish(job, "failed")
-                self._active.clear()
-                engine = new_engine()
-                continue
-            for stream, events in results:
-                job = self._active.get(stream)
-                if job is None:
-                    continue
-                for event in events:
-                    job.emit(event)
-                if stream.done:
-                    job.emit(stream.result())
-                    del self._active[stream]
-                    self._finish(job, "completed")
-            for stream, job in list(self._active.items()):
-                if job.cancelled or job.expired():
-                    engine.remove(stream)
-                    del self._active[stream]
-                    self._gone(job, "generating")
+                for ticket, event in engine.run(self._feed):
+                    if isinstance(event, BaseException) and not isinstance(event, (RequestCancelled, RequestTimeout)):
+                        log.debug("request %d failed: %r", ticket.owner.id, event)
+                    if isinstance(event, (Generation, BaseException)):
+                        with self._lock:
+                            self._running -= 1
+                        self._finish(ticket.owner, event)
+                    else:
+                        ticket.owner.emit(event)
+                return  # the feed ended: stop() was called
+            except Exception as e:  # a bug in the engine itself: fail what it held, keep serving
+                log.exception("the engine failed")
+                held = [t for t in engine.decoding] + [t for t, _ in engine.prefilling + engine.joining]
+                for ticket in held:
+                    with self._lock:
+                        self._running -= 1
+                    self._finish(ticket.owner, e)

@@ -1,8 +1,8 @@
 """Request models (pydantic) and response builders for the OpenAI-compatible API.
 
-Requests are validated strictly enough that a malformed body is a 422 with the offending field, and
-leniently enough that every field the official `openai` client may send is accepted (unknown fields
-are ignored, as vLLM does). Fields that owlvid cannot honour are refused with a 400 by the app.
+Requests are validated strictly enough that a malformed body is a 422 with the offending field. Fields
+the model does not declare are kept (`model_extra`) for `server.requests`, which refuses with a 400 naming
+it every top-level field that owlvid cannot honour (docs/serving.md, "Request fields").
 """
 
 from __future__ import annotations
@@ -60,12 +60,15 @@ class ChatCompletionRequest(_Lenient):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # NaN and infinity are refused (JSON parsers here accept them); tiny values are handled by SamplingParams
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # vLLM extension; 0 or -1 disable it
-    repetition_penalty: float | None = Field(None, gt=0)  # vLLM extension
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # vLLM extension
     seed: int | None = None
     stop: str | list[str] | None = None
+    min_tokens: int | None = Field(None, ge=0)  # vLLM extension: no end token or stop string before this
+    ignore_eos: bool | None = None  # vLLM extension: end tokens are ordinary tokens (benchmarking)
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -16,8 +16,8 @@ from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
 from ...layers import KVCache, RotaryTable
 from ...quantize import LoadQuantizer
+from ...runtime import DecodeBatch, ModelRuntime, PrefillJob
 from ...runtime import DecodeState as BaseDecodeState
-from ...runtime import ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer
 from .config import Owl3Config, owl3_config
 from .language import BatchedVisualMemory, VisualMemory
@@ -45,8 +45,6 @@ class Owl3Runtime(ModelRuntime):
     image_placeholder = IMAGE
     video_placeholder = VIDEO
     default_video_sampling = "owl3"
-    supports_chunked_prefill = True
-    supports_batching = True
     supports_streamed_video = True  # video files are decoded chunk by chunk during encoding
     uses_visual_cache = True
 
@@ -215,6 +213,17 @@ class Owl3Runtime(ModelRuntime):
         state.position += 1
         state.fed_ids.append(token_id)
         return logits[0, -1]
+
+    @property
+    def keeps_finished_states(self) -> bool:
+        return self.prefix_slots > 0
+
+    def finish_row(self, batch: DecodeBatch, row: int, generated: list[int]) -> None:
+        state = batch.rows[row]
+        fed = batch.host_positions[row] - state.position  # generated tokens fed to the batch's decoding steps
+        if self.keeps_finished_states:
+            state.fed_ids.extend(generated[:fed])
+        super().finish_row(batch, row, generated)
 
     def finish(self, state: DecodeState) -> None:
         """Keep a finished conversation's caches so that its next turn only prefills the new tokens."""

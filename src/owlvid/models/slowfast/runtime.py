@@ -51,8 +51,6 @@ class SlowFastRuntime(ModelRuntime):
     image_placeholder = IMAGE
     video_placeholder = IMAGE
     default_video_sampling = "slowfast"
-    supports_chunked_prefill = True
-    supports_batching = True
     # The official generate() runs from inputs_embeds, so a repetition penalty only sees generated ids.
     penalize_prompt = False
 
