@@ -23,7 +23,7 @@ from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve
 from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
 from .errors import InputError
 from .models import runtime_class
-from .quantize import check_supported, language_model_bytes, quantize_language_model
+from .quantize import check_supported, language_model_bytes
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
@@ -51,9 +51,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     if quantize is not None:
         check_supported(quantize, dev, dt)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
-    runtime = runtime_cls.load(folder, raw, tok, dev, dt)
-    if quantize is not None:
-        runtime.quantization = quantize_language_model(runtime.model, quantize)
+    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize)
     if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))

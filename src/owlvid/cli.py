@@ -1,4 +1,4 @@
-"""The `owlvid` command line: ask, chat, serve, batch, eval, info, download.
+"""The `owlvid` command line: ask, chat, serve, batch, eval, info, plan, download.
 
     owlvid ask photo.jpg clip.mp4 "What happens after the photo was taken?"
     owlvid chat --model mPLUG/mPLUG-Owl3-7B-241101 clip.mp4
@@ -6,6 +6,7 @@
     owlvid batch -i requests.jsonl -o answers.jsonl --model mPLUG/mPLUG-Owl3-7B-241101
     owlvid eval mvbench --data /data/MVBench --model mPLUG/mPLUG-Owl3-7B-241101 -o runs/mvbench
     owlvid info mPLUG/mPLUG-Owl3-2B-241014 --json
+    owlvid plan mPLUG/mPLUG-Owl3-7B-241101 --max-memory cuda:0=14GiB,cuda:1=14GiB --max-frames 64
     owlvid download mPLUG/mPLUG-Owl3-7B-241101
 
 Errors are one line `owlvid: error: ...` on stderr (`--debug` shows the traceback); the exit code is 2
@@ -692,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int)
+
+    from .plan_cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub, debug, _positive_int)
 
     p = sub.add_parser("info", parents=[model_opts, debug], help="describe a checkpoint",
                        description="Architecture, variant, parameters, dtype, hyper layers and checkpoint "

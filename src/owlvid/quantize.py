@@ -37,6 +37,7 @@ MODES = ("int8", "int4")
 TORCHAO_MIN = (0, 18)  # the release these tensor subclasses were measured with
 INSTALL_HINT = "pip install 'owlvid[quant]'"
 INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels take, largest (most compact) first
+INT8_CHUNK_BYTES = 1 << 20  # rows quantized per torchao call (int8_per_row)
 # Up to this many rows, the CPU int8 matrix-vector kernel beats dequantizing the weight for one GEMM
 # (2-core EPYC, bf16, a 4864x896 weight: 1 / 8 / 32 rows 0.11 / 0.51 / 1.9 ms vs 1.9 / 2.0 / 2.3 ms; 128 rows
 # 7.5 vs 4.2 ms).
@@ -103,30 +104,101 @@ class QuantizationReport:
     bytes_after: int
 
 
-def quantize_language_model(model: nn.Module, mode: str, *, include_cross_attention: bool = False
-                            ) -> QuantizationReport:
-    """Quantize `model.llm` (and `model.lm_head` when present) in place: see the module docstring."""
-    llm = model.llm
-    check_supported(mode, llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+def _targets(model: nn.Module, include_cross_attention: bool = False) -> list[str]:
+    """Parameter names of the weights to quantize, in model order (the embedding last)."""
+    suffixes = _QWEN2_PROJECTIONS + (_CROSS_ATTENTION_PROJECTIONS if include_cross_attention else ())
+    names = [f"llm.layers.{name}.weight" for name, module in model.llm.layers.named_modules()
+             if isinstance(module, nn.Linear) and name.split(".", 1)[-1] in suffixes]
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        names.append("lm_head.weight")
+    return names + ["llm.embed_tokens.weight"]
+
+
+def _quantize_param(name: str, weight: torch.Tensor, mode: str) -> torch.Tensor:
+    if name == "llm.embed_tokens.weight":  # int8 per row in both modes (see the module docstring)
+        return int8_per_row(weight)
+    return quantize_weight(weight, mode)
+
+
+def int8_per_row(weight: torch.Tensor) -> Any:
+    """torchao's per-row int8 Int8Tensor of `weight`, computed INT8_CHUNK_BYTES of rows at a time into storage
+    allocated once: the same tensor as one `Int8Tensor.from_hp` call (rows are independent), without its
+    float32 temporaries of the whole weight (5 GB for a 7B embedding table)."""
     from torchao.quantization import Int8Tensor
 
+    n, k = weight.shape
+    step = max(1, INT8_CHUNK_BYTES // max(1, k * weight.element_size()))
+    first = Int8Tensor.from_hp(weight[:step], granularity=_per_row())
+    if step >= n:
+        return first
+    parts = {"qdata": first.qdata, "scale": first.scale, "zero_point": first.zero_point}
+    full = {key: None if t is None else t.new_empty((n, *t.shape[1:])) for key, t in parts.items()}
+    for start in range(0, n, step):
+        part = first if start == 0 else Int8Tensor.from_hp(weight[start:start + step], granularity=_per_row())
+        for key, t in full.items():
+            if t is not None:
+                t[start:start + step] = getattr(part, key)
+    return Int8Tensor(full["qdata"], full["scale"], list(first.block_size), first.dtype,
+                      zero_point=full["zero_point"], act_quant_kwargs=first.act_quant_kwargs)
+
+
+def _report(model: nn.Module, mode: str, names: list[str], before: int) -> QuantizationReport:
+    """Swap the (already int8) embedding table into an Int8Embedding and describe what was done."""
+    llm = model.llm
+    if not isinstance(llm.embed_tokens, Int8Embedding):
+        llm.embed_tokens = Int8Embedding(llm.embed_tokens.weight.detach())
+    done = [n.removesuffix(".weight") for n in names]
+    return QuantizationReport(mode, done, before, language_model_bytes(model))
+
+
+def quantize_language_model(model: nn.Module, mode: str, *, include_cross_attention: bool = False
+                            ) -> QuantizationReport:
+    """Quantize the loaded `model.llm` (and `model.lm_head` when present) in place: see the module docstring.
+    Loading does better (`LoadQuantizer`): it never holds the whole model unquantized."""
+    llm = model.llm
+    check_supported(mode, llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
     register_kernels()
     before = language_model_bytes(model)
-    suffixes = _QWEN2_PROJECTIONS + (_CROSS_ATTENTION_PROJECTIONS if include_cross_attention else ())
-    done = []
+    names = _targets(model, include_cross_attention)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, module in llm.layers.named_modules():
-            if isinstance(module, nn.Linear) and name.split(".", 1)[-1] in suffixes:
-                module.weight = nn.Parameter(quantize_weight(module.weight.detach(), mode), requires_grad=False)
-                done.append(f"llm.layers.{name}")
-        if isinstance(getattr(model, "lm_head", None), nn.Linear):
-            model.lm_head.weight = nn.Parameter(quantize_weight(model.lm_head.weight.detach(), mode),
-                                                requires_grad=False)
-            done.append("lm_head")
-        table = Int8Tensor.from_hp(llm.embed_tokens.weight.detach(), granularity=_per_row())
-        llm.embed_tokens = Int8Embedding(table)
-        done.append("llm.embed_tokens")
-    return QuantizationReport(mode, done, before, language_model_bytes(model))
+        for name in names:
+            *path, leaf = name.split(".")
+            owner = model.get_submodule(".".join(path))
+            setattr(owner, leaf, nn.Parameter(_quantize_param(name, params.pop(name).detach(), mode),
+                                              requires_grad=False))
+    return _report(model, mode, names, before)
+
+
+class LoadQuantizer:
+    """A `transform` for `checkpoint.load_weights`: each weight `quantize_language_model` would quantize is
+    quantized as it is read and its unquantized copy dropped at once, so loading peaks at the quantized model
+    plus one tensor instead of the whole unquantized model (tests/test_quantize_load.py measures it).
+    `keep_rows` first cuts the embedding and LM head to that many rows (Slow-Fast's vocabulary truncation,
+    done before quantizing so that the cut rows are never stored). `finish` returns the report."""
+
+    def __init__(self, model: nn.Module, mode: str, dtype: torch.dtype, keep_rows: int | None = None) -> None:
+        register_kernels()
+        self.model, self.mode, self.keep_rows = model, mode, keep_rows
+        self.names = _targets(model)
+        self._pending = set(self.names)
+        rows = {"llm.embed_tokens.weight", "lm_head.weight"}
+        self.bytes_before = sum((min(p.shape[0], keep_rows) * p[0].numel() if keep_rows and n in rows else p.numel())
+                                * dtype.itemsize for n, p in language_model_parameters(model))
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.keep_rows is not None and name in ("llm.embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[: self.keep_rows]
+        if name not in self._pending:
+            return tensor
+        self._pending.discard(name)
+        with torch.no_grad():
+            return _quantize_param(name, tensor, self.mode)
+
+    def finish(self) -> QuantizationReport:
+        if self._pending:
+            raise AssertionError(f"weights never loaded, so not quantized: {sorted(self._pending)[:3]}")
+        return _report(self.model, self.mode, self.names, self.bytes_before)
 
 
 def _per_row() -> Any:
@@ -137,10 +209,8 @@ def _per_row() -> Any:
 
 def quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
     """A torchao int8 (per row) or int4 (per group; padded on the CPU where needed) copy of a 2-D weight."""
-    from torchao.quantization import Int8Tensor
-
     if mode == "int8":
-        return Int8Tensor.from_hp(weight, granularity=_per_row())
+        return int8_per_row(weight)
     n, k = weight.shape
     group = next((g for g in INT4_GROUP_SIZES if k % g == 0), INT4_GROUP_SIZES[-1])
     if weight.device.type != "cpu":  # torchao's GPU layout pads both sizes itself
@@ -211,7 +281,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return sum(tensor_bytes(getattr(t, n)) for n in names)
 
 
+def language_model_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of the language model: decoder, embeddings, LM head (not the vision tower)."""
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(("llm.", "lm_head."))]
+
+
 def language_model_bytes(model: nn.Module) -> int:
     """Bytes of the language model's weights: decoder, embeddings, LM head (not the vision tower)."""
-    params = list(model.llm.parameters()) + (list(model.lm_head.parameters()) if hasattr(model, "lm_head") else [])
-    return sum(tensor_bytes(p) for p in params)
+    return sum(tensor_bytes(p) for _, p in language_model_parameters(model))

@@ -86,7 +86,9 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype) -> ModelRuntime:
+             dtype: torch.dtype, quantize: str | None = None) -> ModelRuntime:
+        """Build and fill the model; `quantize` (int8 / int4) quantizes the weights as they are read
+        (quantize.LoadQuantizer) and sets `quantization`."""
         raise NotImplementedError
 
     def describe(self) -> dict:

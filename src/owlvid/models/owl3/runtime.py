@@ -15,6 +15,7 @@ from ...cache import CachedVideo, PreparedVideo, VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
 from ...layers import KVCache, RotaryTable
+from ...quantize import LoadQuantizer
 from ...runtime import DecodeBatch, ModelRuntime, PrefillJob
 from ...runtime import DecodeState as BaseDecodeState
 from ...tokenizer import QwenTokenizer
@@ -64,14 +65,18 @@ class Owl3Runtime(ModelRuntime):
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype, visual_cache: VisualCache | None = None) -> Owl3Runtime:
+             dtype: torch.dtype, quantize: str | None = None, visual_cache: VisualCache | None = None
+             ) -> Owl3Runtime:
         cfg = owl3_config(raw_config, checkpoint_shapes(folder))
         with torch.device("meta"):
             model = Owl3(cfg)
-        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device)
+        quantizer = LoadQuantizer(model, quantize, dtype) if quantize else None
+        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device, transform=quantizer)
         model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
         model.eval()
-        return cls(model, cfg, tokenizer, folder, device, dtype, visual_cache)
+        runtime = cls(model, cfg, tokenizer, folder, device, dtype, visual_cache)
+        runtime.quantization = quantizer.finish() if quantizer else None
+        return runtime
 
     def describe(self) -> dict:
         c = self.cfg

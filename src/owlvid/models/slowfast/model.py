@@ -41,10 +41,12 @@ class SlowFast(nn.Module):
             raise CheckpointError(f"the tokenizer has {n} tokens but the checkpoint only {rows} "
                                   "embedding rows")
         emb = self.llm.embed_tokens
-        emb.weight = nn.Parameter(emb.weight.detach()[:n], requires_grad=False)
+        if rows != n:  # (already cut when the weights were quantized while loading)
+            emb.weight = nn.Parameter(emb.weight.detach()[:n], requires_grad=False)
         emb.num_embeddings = n
         if not self.cfg.llm.tie_word_embeddings:
-            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach()[:n], requires_grad=False)
+            if self.lm_head.weight.shape[0] != n:
+                self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach()[:n], requires_grad=False)
             self.lm_head.out_features = n
         self.vocab_used = n
 

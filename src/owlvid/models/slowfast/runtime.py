@@ -17,6 +17,7 @@ import torch
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import CheckpointError, InputError
 from ...layers import KVCache, RotaryTable
+from ...quantize import LoadQuantizer
 from ...runtime import DecodeState, ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer
 from .config import IMAGE_TOKEN_INDEX, SlowFastConfig, slowfast_config
@@ -84,16 +85,20 @@ class SlowFastRuntime(ModelRuntime):
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype) -> SlowFastRuntime:
+             dtype: torch.dtype, quantize: str | None = None) -> SlowFastRuntime:
         cfg = slowfast_config(raw_config, checkpoint_shapes(folder))
         with torch.device("meta"):
             model = SlowFast(cfg)
-        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device)
+        # the vocabulary is cut to the tokenizer's before quantizing: the cut rows are never stored
+        quantizer = LoadQuantizer(model, quantize, dtype, keep_rows=len(tokenizer)) if quantize else None
+        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device, transform=quantizer)
         model.truncate_vocab(len(tokenizer))
         llm = cfg.llm
         model.rope = RotaryTable(llm.head_dim, llm.rope_theta, llm.max_position_embeddings, device)
         model.eval()
-        return cls(model, cfg, tokenizer, folder, device, dtype, _stop_ids(folder, raw_config, tokenizer))
+        runtime = cls(model, cfg, tokenizer, folder, device, dtype, _stop_ids(folder, raw_config, tokenizer))
+        runtime.quantization = quantizer.finish() if quantizer else None
+        return runtime
 
     def describe(self) -> dict:
         c = self.cfg
