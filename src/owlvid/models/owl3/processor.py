@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...cache import CachedVideo, FrameList, content_key, image_record
+from ...cache import content_key, image_record
 from ...errors import InputError
-from ...pipeline import StreamedVideo
 from ...tokenizer import QwenTokenizer
+from ...video_plan import CachedVideo, FrameList, StreamedVideo
 
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
