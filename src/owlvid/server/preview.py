@@ -4,9 +4,8 @@ timestamps, under the same sampling options a chat request carries (an uploaded 
 `POST /v1/uploads/ID/frames` with `{"mm_processor_kwargs": {...}, "media_io_kwargs": {...}}` (the chat
 request's own fields, checked by the same code) plans the frames with `owlvid.video_plan` (`plan_video`,
 `resolve_plan`), the plan `load_video_frames` follows for the model, and decodes them from the video it
-opened to plan them. The decoded frames are
-handed to the next chat request about that video and settings (`UploadStore.keep_frames`), so asking after
-looking does not decode the video again.
+opened to plan them. The decoded frames are handed to the next chat request about that video and settings
+(`UploadStore.keep_frames`), so asking after looking does not decode the video again.
 """
 
 from __future__ import annotations
