@@ -5,23 +5,24 @@ Messages are OpenAI/Hugging Face style: `{"role": ..., "content": str | [parts]}
 `{"type": "video", "video": path|URL|[frames], "max_frames"?, "fps"?, "sampling"?}` (and the OpenAI
 `image_url` / `video_url` forms). A string content may also carry the model's own placeholders
 (`<|image|>`, `<|video|>`) with `images=` / `videos=` lists, exactly like the official processor.
+Messages are normalised and their media loaded by `owlvid.messages`; videos follow `owlvid.video_plan`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import FrameList, PreparedVideo, VisualCache, content_key, file_identity
+from .cache import VisualCache
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
 from .errors import InputError
+from .messages import check_seed, check_text, normalize_messages
 from .models import runtime_class
 from .quantize import check_supported, language_model_bytes
 from .runtime import ModelRuntime
@@ -200,215 +201,3 @@ def split_options(kwargs: dict) -> tuple[dict, SamplingParams]:
     except TypeError as e:
         raise InputError(f"unknown option: {e}") from None
     return prep, sampling
-
-
-# -- request checks shared by the Python API and the server --------------------------------------------
-
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
-
-
-def check_seed(seed: Any) -> None:
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an integer, got {type(seed).__name__}")
-    if not SEED_MIN <= seed <= SEED_MAX:
-        raise InputError(f"seed {seed} is out of range: it must be between -2**63 and 2**64-1")
-
-
-def check_text(text: Any, where: str) -> None:
-    """Text must be encodable as UTF-8: a lone surrogate (e.g. JSON "\\ud800") is refused."""
-    if not isinstance(text, str):
-        raise InputError(f"{where} must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
-                         f"character {e.start}") from None
-
-
-def _part_source(part: dict, kind: str) -> Any:
-    value = part.get(kind)
-    if value is None and f"{kind}_url" in part:  # OpenAI style {"type": "image_url", "image_url": {"url": ...}}
-        value = part[f"{kind}_url"]
-        value = value.get("url") if isinstance(value, dict) else value
-    if value is None:
-        raise InputError(f"content part of type {part.get('type')!r} has no {kind!r} field")
-    return value
-
-
-_SPEC_KEYS = ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")
-
-
-def _sampling_spec(opts: dict, frame_cap: int | None) -> Any:
-    """The media layer's VideoSampling for `opts`; with a cap, at most `frame_cap` of the frames it selects
-    are kept (evenly), before anything is decoded."""
-    from .media import VideoSampling
-
-    sampling = opts.get("sampling")
-    if isinstance(sampling, VideoSampling):
-        return sampling if frame_cap is None else dataclasses.replace(sampling, frame_cap=frame_cap)
-    if not isinstance(sampling, str):
-        raise InputError(f"sampling must be a preset name, got {sampling!r}")
-    spec = {k: opts[k] for k in _SPEC_KEYS[1:] if k in opts}
-    return VideoSampling(preset=sampling, **spec, frame_cap=frame_cap)
-
-
-def video_plan(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None
-               ) -> tuple[str | None, Any, dict]:
-    """How `load_video_frames` reads a video: (its visual-cache key, None unless `source` is a local file;
-    the media layer's VideoSampling; the other `load_video` options). The server's frame preview decodes
-    with the same plan, so it shows the frames the model gets."""
-    opts = runtime.video_options(options)
-    key = None
-    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http:", "https:", "data:")):
-        try:
-            capped = () if frame_cap is None else (("frame_cap", frame_cap),)
-            key = content_key("video-file", file_identity(source), sorted(opts.items()), *capped)
-        except OSError:
-            key = None  # missing file: load_video reports it
-    return key, _sampling_spec(opts, frame_cap), {k: v for k, v in opts.items() if k not in _SPEC_KEYS}
-
-
-def load_video_frames(source: Any, runtime: ModelRuntime, options: dict, *, frame_cap: int | None = None,
-                      media_timeout: float | None = None,
-                      decoded: Callable[[str], PreparedVideo | None] | None = None) -> PreparedVideo | list:
-    """A list of frames is used as is; anything else is decoded with the model's sampling preset. A local
-    file already encoded with the same settings is not decoded again (the runtime's visual cache), nor one
-    whose frames `decoded(key)` holds (e.g. decoded by the server's frame preview).
-    `frame_cap`: at most this many frames (evenly spread over those the preset picks), chosen before
-    decoding. `media_timeout`: seconds the fetching and decoding may take (MediaTimeout after that, for
-    frames decoded later while encoding too). The result records what was decoded, how and how long
-    (`PreparedVideo.describe()`)."""
-    if isinstance(source, PreparedVideo):
-        return source  # already prepared (e.g. `owlvid chat` keeps a video across turns)
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    from .media import load_video
-    from .media.sources import describe_source, file_sha256
-    from .pipeline import call_with_timeout
-
-    name = describe_source(source)
-    key, spec, rest = video_plan(source, runtime, options, frame_cap=frame_cap)
-    if key is not None:
-        cached = runtime.cached_video(key)
-        if cached is None and decoded is not None:
-            cached = decoded(key)
-        if cached is not None:
-            cached.source_name = name
-            return cached
-
-    def load() -> PreparedVideo:
-        streamed = plan_streamed_video(source, spec, rest, key, media_timeout) \
-            if runtime.supports_streamed_video else None
-        if streamed is not None:
-            streamed.sha256 = file_sha256(source)
-            return streamed
-        clip = load_video(source, sampling=spec, **rest)
-        video = FrameList(clip.frames, key, clip.indices, clip.timestamps)
-        video.sha256, video.decoder = clip.sha256, clip.backend
-        return video
-
-    t0 = time.perf_counter()
-    video = call_with_timeout(load, media_timeout, name)
-    video.source_name = name
-    video.decode_s = time.perf_counter() - t0  # a streamed video adds its decoding while it is encoded
-    return video
-
-
-def load_image_source(source: Any, media_timeout: float | None = None, *, name: Any = None) -> Any:
-    """An image given as a path, URL, data: URL, bytes or file-like, loaded now (under `media_timeout`),
-    with where it came from and how long it took in its `info` (see `cache.image_record`). Anything else
-    (PIL images, arrays) is returned as it is, for the processor. `source` may also be a function that
-    loads the image (with the caller's limits); `name` then says what it loads."""
-    from .cache import IMAGE_DECODE_S, IMAGE_SOURCE
-    from .media import load_image
-    from .media.sources import describe_source, is_bytes_source
-
-    if callable(source) and not is_bytes_source(source):
-        load = source
-    elif is_bytes_source(source):
-        name = source
-        load = lambda: load_image(source)  # noqa: E731
-    else:
-        return source
-    from .pipeline import call_with_timeout
-
-    name = describe_source(name)
-    t0 = time.perf_counter()
-    image = call_with_timeout(load, media_timeout, name)
-    image.info[IMAGE_SOURCE] = name
-    image.info[IMAGE_DECODE_S] = time.perf_counter() - t0
-    return image
-
-
-def plan_streamed_video(source: Any, spec: Any, options: dict, key: str | None,
-                        media_timeout: float | None = None) -> Any:
-    """For a local video file with a plain preset, pick the frame indices now (container metadata only)
-    and decode the frames later, chunk by chunk, while the vision tower encodes (see owlvid.pipeline).
-    Returns None where the eager path must be used (URLs, time windows, variable frame rate)."""
-    from .media import probe_video
-    from .pipeline import StreamedVideo
-
-    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source) or key is None:
-        return None
-    if set(options) - {"backend", "skip_bad_frames", "max_bytes"}:
-        return None  # decoder options the streamed path does not take: let load_video decide
-    if any(getattr(spec, k) is not None for k in ("start", "end", "indices", "timestamps")):
-        return None  # time windows, explicit indices or timestamps: let load_video decide
-    info = probe_video(source, backend=options.get("backend", "pyav"))
-    if info["variable_frame_rate"]:
-        return None
-    indices = spec.select(info["total_frames"], info["fps"], None, info["duration"], cap=None)
-    return StreamedVideo(source, indices, dict(options), key, media_timeout=media_timeout)
-
-
-def normalize_messages(messages: list[dict], runtime: ModelRuntime, images: list | None, videos: list | None,
-                       video_options: dict, media_timeout: float | None = None) -> tuple[list[dict], list, list]:
-    """Structured content parts -> string content with the model's placeholders + media lists in
-    text order. A media part followed by text renders as `<placeholder>\\n{text}` like the official
-    README prompt. Media are loaded here, each within `media_timeout` seconds when given."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-    out_images = [load_image_source(i, media_timeout) for i in images or []]
-    out_videos = [load_video_frames(v, runtime, video_options, media_timeout=media_timeout) for v in (videos or [])]
-    structured = any(isinstance(m.get("content"), list) for m in messages if isinstance(m, dict))
-    if structured and (images or videos):
-        raise InputError("pass media either as content parts or as images=/videos=, not both")
-    out: list[dict] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise InputError(f"message {i} must be a dict with 'role' and 'content'")
-        content = m.get("content")
-        if content is None or isinstance(content, str):
-            check_text(content or "", f"message {i} content")
-            out.append({"role": m["role"], "content": content or ""})
-            continue
-        if not isinstance(content, list):
-            raise InputError(f"message {i} content must be a string or a list of parts")
-        text = ""
-        prev_media = False
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                part_text = part.get("text", "")
-                part_text = part_text if isinstance(part_text, str) else str(part_text)
-                check_text(part_text, f"message {i} text part")
-                text += ("\n" if prev_media else "") + part_text
-                prev_media = False
-            elif kind in ("image", "image_url"):
-                out_images.append(load_image_source(_part_source(part, "image"), media_timeout))
-                text += runtime.image_placeholder
-                prev_media = True
-            elif kind in ("video", "video_url"):
-                opts = dict(video_options)
-                opts.update({k: part[k] for k in ("max_frames", "fps", "sampling", "num_frames", "start", "end")
-                             if k in part})
-                out_videos.append(load_video_frames(_part_source(part, "video"), runtime, opts,
-                                                    media_timeout=media_timeout))
-                text += runtime.video_placeholder
-                prev_media = True
-            else:
-                raise InputError(f"message {i} has a content part of unknown type {kind!r}")
-        out.append({"role": m["role"], "content": text})
-    return out, out_images, out_videos

@@ -45,7 +45,7 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-IMAGE_SOURCE = "owlvid.source"  # Image.info keys set by `api.load_image_source`
+IMAGE_SOURCE = "owlvid.source"  # Image.info keys set by `messages.load_image_source`
 IMAGE_DECODE_S = "owlvid.decode_s"
 
 
@@ -66,75 +66,6 @@ def image_record(image: Any) -> dict:
         digest, hashed = hashlib.sha256(rgb.tobytes()).hexdigest(), "pixels"
     return {"type": "image", "source": info.get(IMAGE_SOURCE), "sha256": digest, "hashed": hashed,
             "width": image.width, "height": image.height, "decode_s": info.get(IMAGE_DECODE_S, 0.0)}
-
-
-class PreparedVideo:
-    """What every prepared video offers, whatever holds its pixels: decoded frames (`FrameList`), frames
-    decoded later while the model encodes them (`owlvid.pipeline.StreamedVideo`), or embeddings already
-    in the visual cache (`CachedVideo`). Code that handles videos uses these attributes, never `len()`.
-
-    `num_frames`: frames the model sees; `cache_key`: file identity + sampling settings (None when
-    unknown); `indices` / `timestamps`: source frame numbers and their times in seconds, where known.
-    For audits: `source_name` (a safe description of the source), `sha256` (of the source's bytes),
-    `decoder` (the backend that decoded it), `decode_s` (seconds spent fetching and decoding it for this
-    request)."""
-
-    cache_key: str | None = None
-    indices: list[int] | None = None
-    timestamps: list[float] | None = None
-    source_name: str | None = None
-    sha256: str | None = None
-    decoder: str | None = None
-    decode_s: float = 0.0
-
-    @property
-    def num_frames(self) -> int:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        """What a request used of this video: the audit record (see `Generation.media`) before encoding."""
-        return {"type": "video", "source": self.source_name, "sha256": self.sha256, "decoder": self.decoder,
-                "frames": self.num_frames, "indices": self.indices, "timestamps": self.timestamps,
-                "decode_s": self.decode_s}
-
-    def remember(self) -> dict:
-        """What the visual cache keeps next to this video's embeddings, so that a later request answered from
-        the cache can say which frames it saw (see `CachedVideo`)."""
-        return {"sha256": self.sha256, "decoder": self.decoder, "indices": self.indices,
-                "timestamps": self.timestamps}
-
-
-class FrameList(list, PreparedVideo):
-    """Decoded video frames (PIL images) with their cache key and, from a decoder, their source indices."""
-
-    def __init__(self, frames, cache_key: str | None = None, indices: list[int] | None = None,
-                 timestamps: list[float] | None = None) -> None:
-        super().__init__(frames)
-        self.cache_key = cache_key
-        self.indices = None if indices is None else list(indices)
-        self.timestamps = None if timestamps is None else list(timestamps)
-
-    @property
-    def num_frames(self) -> int:
-        return len(self)
-
-
-class CachedVideo(PreparedVideo):
-    """A video whose image embeddings are already in the visual cache: nothing to decode or encode."""
-
-    def __init__(self, cache_key: str, num_frames: int, remembered: dict | None = None) -> None:
-        self.cache_key = cache_key
-        self._num_frames = num_frames
-        for name, value in (remembered or {}).items():  # what `PreparedVideo.remember` kept
-            if name in ("sha256", "decoder", "indices", "timestamps"):
-                setattr(self, name, value)
-
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
-    def __repr__(self) -> str:
-        return f"CachedVideo({self.cache_key!r}, num_frames={self._num_frames})"
 
 
 class VisualCache:

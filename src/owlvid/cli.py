@@ -295,7 +295,7 @@ class ChatSession:
         part = media_part(source, kind)
         live = dict(part)
         if kind == "video":  # decode once, reuse the frames on every later turn
-            from .api import load_video_frames
+            from .video_plan import load_video_frames
 
             opts = {k: self.kwargs[k] for k in ("max_frames", "fps", "sampling") if k in self.kwargs}
             live = {"type": "video", "video": load_video_frames(source, self.model.runtime, opts)}

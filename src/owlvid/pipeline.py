@@ -1,5 +1,6 @@
-"""Pipelined video ingestion: frames are decoded and preprocessed on a worker thread while the vision
-tower encodes the previous chunk, and only one or two chunks of frames are alive at a time.
+"""Work beside the caller's thread: `Prefetcher` (iterate a source on a worker thread, a few items ahead:
+video chunks decoded while the vision tower encodes the previous one, tickets prepared while the engine
+runs) and `call_with_timeout` (media_timeout).
 
 PyAV decoding, PIL resizing and torch kernels all release the GIL, so the worker really runs beside
 the encoder.
@@ -9,13 +10,9 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-import torch
-
-from .cache import PreparedVideo
 from .errors import MediaTimeout
 
 _DONE = object()
@@ -130,66 +127,3 @@ def _produce(source: Iterable, q: queue.Queue, stop: threading.Event) -> None:
                 close()
             except Exception:  # noqa: BLE001 - the consumer has its answer (or has gone); nothing to report to
                 pass
-
-
-class StreamedVideo(PreparedVideo):
-    """A video whose frame selection is known (`indices`) but whose frames are decoded only when the
-    model encodes them, chunk by chunk."""
-
-    def __init__(self, source: Any, indices: list[int], options: dict, cache_key: str | None,
-                 chunk_size: int = 16, media_timeout: float | None = None) -> None:
-        self.source = source
-        self.indices = list(indices)
-        self.options = {k: v for k, v in options.items()
-                        if k not in ("sampling", "max_frames", "num_frames", "fps", "min_frames", "start", "end")}
-        self.cache_key = cache_key
-        self.chunk_size = chunk_size
-        self.media_timeout = media_timeout  # decoding that stalls or takes longer in all: MediaTimeout
-        self.decoder = self.options.get("backend", "pyav")
-        from .media.sources import describe_source
-
-        self.source_name = describe_source(source)
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def pixel_chunks(self, transform: Callable[[list], torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Yield `transform(frames)` for consecutive chunks, decoded and transformed on a worker thread.
-        The frames' timestamps and the decoding time are recorded as they come (`timestamps`, `decode_s`).
-        With `media_timeout`, a chunk that does not come within it, or decoding that takes longer in all,
-        raises MediaTimeout (the worker is abandoned)."""
-        from .media import iter_video_chunks
-
-        self.timestamps = []
-        limit = self.media_timeout
-
-        def produce():
-            chunks = iter_video_chunks(self.source, chunk_size=self.chunk_size, indices=self.indices, **self.options)
-            spent = 0.0
-            while True:
-                t0 = time.perf_counter()
-                clip = next(chunks, None)
-                spent += time.perf_counter() - t0
-                self.decode_s += time.perf_counter() - t0
-                if clip is None:
-                    return
-                if limit is not None and spent > limit:
-                    raise MediaTimeout(f"{clip.source}: decoding took longer than media_timeout={limit:g} s")
-                self.timestamps.extend(clip.timestamps)
-                yield transform(clip.frames)
-
-        feed = Prefetcher(produce(), depth=2)
-        try:
-            while True:
-                chunk = feed.next(timeout=limit)
-                if chunk is Prefetcher.EMPTY:
-                    raise MediaTimeout(f"{self.source_name}: no decoded frames for media_timeout={limit:g} s")
-                if chunk is Prefetcher.END:
-                    return
-                yield chunk
-        finally:
-            feed.close()

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .cache import CachedVideo, VisualCache
+from .cache import VisualCache
 from .layers import KVCache, RaggedKVCache, new_attention_inputs
 from .tokenizer import QwenTokenizer
 
 if TYPE_CHECKING:
     from .quantize import QuantizationReport
+    from .video_plan import CachedVideo
 
 
 @dataclass

@@ -67,3 +67,46 @@ def test_missing_torchcodec_is_a_clear_media_error(videos, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchcodec)
     with pytest.raises(MediaError, match="backend='torchcodec' needs the torchcodec package"):
         load_video(videos["cfr_mp4"], backend="torchcodec")
+
+
+def test_torchcodec_numbers_frames_with_the_pyav_time_model_only(videos, monkeypatch):
+    """The TorchCodec reader takes frame count, rate and per-frame times from PyAV's time model
+    (PyAVStream) without building a PyAV reader. Runs without TorchCodec: a stand-in decoder serves the
+    frames the PyAV backend decodes."""
+    import sys
+    import types
+
+    import torch
+
+    from owlvid.media import probe_video, pyav_backend
+
+    ref = load_video(videos["vfr_mkv"], sampling="all")
+    width, height = ref.frames[0].size
+
+    class StandIn:
+        def __init__(self, source, **options) -> None:
+            self.metadata = types.SimpleNamespace(num_frames=ref.total_frames, begin_stream_seconds=0.0, rotation=0,
+                                                  width=width, height=height)
+
+        def get_frames_at(self, indices):
+            data = torch.from_numpy(np.stack([np.asarray(ref.frames[i]) for i in indices]))
+            return types.SimpleNamespace(data=data, pts_seconds=torch.tensor([ref.timestamps[i] for i in indices]))
+
+    decoders = types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder = StandIn
+    monkeypatch.setitem(sys.modules, "torchcodec", types.ModuleType("torchcodec"))
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    readers = []
+    real_init = pyav_backend.PyAVReader.__init__
+
+    def counted(self, *args, **kwargs):
+        readers.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pyav_backend.PyAVReader, "__init__", counted)
+    tc = load_video(videos["vfr_mkv"], backend="torchcodec", indices=[2, 9, 11])
+    info = probe_video(videos["vfr_mkv"], backend="torchcodec")
+    assert readers == []
+    assert tc.backend == "torchcodec" and tc.indices == [2, 9, 11] and [read_index(f) for f in tc.frames] == [2, 9, 11]
+    assert tc.timestamps == pytest.approx([ref.timestamps[i] for i in (2, 9, 11)], abs=1e-6)
+    assert info["variable_frame_rate"] is True and info["total_frames"] == ref.total_frames

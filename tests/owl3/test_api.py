@@ -249,8 +249,7 @@ def _bunny():
 def test_same_video_in_two_batched_conversations(tiny_owl3_dirs):
     """generate_batch with one video file in two conversations, then again (now from the visual cache),
     and with other sampling settings: every answer is what `generate` gives alone."""
-    from owlvid.cache import CachedVideo, PreparedVideo
-    from owlvid.pipeline import StreamedVideo
+    from owlvid.video_plan import CachedVideo, PreparedVideo, StreamedVideo
 
     video = _bunny()
     model = owlvid.load(tiny_owl3_dirs["241101"], dtype="float32", device="cpu")  # a cold visual cache
@@ -265,7 +264,7 @@ def test_same_video_in_two_batched_conversations(tiny_owl3_dirs):
                   for c in convs]
         batch = model.generate_batch(convs2, max_new_tokens=6)
         assert [g.token_ids for g in batch] == [model.generate(c, max_new_tokens=6).token_ids for c in convs2]
-    from owlvid.api import load_video_frames
+    from owlvid.video_plan import load_video_frames
 
     cached = load_video_frames(video, model.runtime, {})
     fresh = load_video_frames(video, model.runtime, {"num_frames": 7})

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import owlvid
-from owlvid.cache import CachedVideo
-from owlvid.pipeline import Prefetcher, StreamedVideo
+from owlvid.pipeline import Prefetcher
+from owlvid.video_plan import CachedVideo, StreamedVideo
 
 av = pytest.importorskip("av")
 

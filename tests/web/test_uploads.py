@@ -15,9 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from owlvid.api import load_video_frames
 from owlvid.requests import APIError, ServerConfig
 from owlvid.server.uploads import UploadStore
+from owlvid.video_plan import load_video_frames
 
 from ..media.synth import read_index
 from ..server.helpers import API_KEY, bunny_path, png_bytes
@@ -258,10 +258,10 @@ def test_chat_request_takes_the_frames_the_preview_decoded(tmp_path, local_model
     """In-process, with the server's own parts: the chat request after a preview gets the frames the preview
     decoded. Proof: the stored file is then overwritten with zeros (same size and time, so the same cache
     key), which no decoder could read, and the request still gets the right frames; once."""
-    from owlvid.cache import FrameList
     from owlvid.errors import MediaError
     from owlvid.requests import RequestBuilder
     from owlvid.server.preview import FramePreviewer
+    from owlvid.video_plan import FrameList
 
     config = ServerConfig(upload_dir=str(tmp_path))
     store = UploadStore(config)

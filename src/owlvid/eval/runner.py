@@ -221,8 +221,9 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
 
 def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, max_batch: int, seed: int,
             progress: bool, metrics: EngineMetrics | None = None) -> None:
-    from ..cache import FrameList, content_key, file_identity
+    from ..cache import content_key, file_identity
     from ..jobs import generate_each
+    from ..video_plan import FrameList
 
     as_images = proto.frames_as == "images"
     # the official pipeline hands the frames over as images without cutting (no cut_cfg for video tasks)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from owlvid.errors import MediaError
 
-__all__ = ["MediaWarning", "SizeRule", "VideoClip", "VideoReader", "size_fn", "warn_or_raise"]
+__all__ = ["MediaWarning", "SizeRule", "VideoClip", "VideoInfo", "VideoReader", "size_fn", "warn_or_raise"]
 
 SizeRule = tuple[int, int] | int | Callable[[int, int], tuple[int, int]] | None
 
@@ -54,6 +54,25 @@ class VideoClip:
         """The frames as one uint8 array ``T x H x W x 3`` (all frames must have the same size)."""
         return np.stack([np.asarray(f) for f in self.frames])
 
+
+@dataclass(frozen=True, eq=False)
+class VideoInfo:
+    """What probing a video found (no frame decoded): frame count, average rate, duration in seconds,
+    per-frame presentation times (None when frame k is at ``k / fps``), whether the rate varies, the reader
+    that probed it and a safe description of the source."""
+
+    total_frames: int
+    fps: float
+    duration: float
+    frame_times: np.ndarray | None
+    variable_frame_rate: bool
+    backend: str
+    source: str
+
+    def as_dict(self) -> dict:
+        """:func:`~owlvid.media.probe_video`'s answer."""
+        return {"total_frames": self.total_frames, "fps": self.fps, "duration": self.duration,
+                "variable_frame_rate": self.variable_frame_rate, "backend": self.backend, "source": self.source}
 
 
 def size_fn(size: SizeRule) -> Callable[[int, int], tuple[int, int]] | None:
@@ -93,13 +112,15 @@ def size_fn(size: SizeRule) -> Callable[[int, int], tuple[int, int]] | None:
 
 
 class VideoReader(Protocol):
-    """An opened video: frame count, average rate, duration, per-frame times, and the wanted frames."""
+    """An opened video: frame count, average rate, duration, per-frame times, whether the rate varies, and
+    the wanted frames. Everything but ``read`` is known once the reader is built (the probe)."""
 
     backend: str
     description: str
     total_frames: int
     avg_fps: float
     duration: float
+    variable_frame_rate: bool
 
     def frame_times(self) -> np.ndarray | None: ...
 

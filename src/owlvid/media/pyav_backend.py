@@ -19,7 +19,7 @@ from .base import MediaWarning, warn_or_raise
 from .pyav_timing import PyAVTimeModel, ffmpeg_reason
 from .sources import OpenedMedia, sniff_kind
 
-__all__ = ["PyAVReader", "VIDEO_DEMUXERS"]
+__all__ = ["PyAVReader", "PyAVStream", "VIDEO_DEMUXERS"]
 
 # FFmpeg demuxers we allow. Probing is by content; this list keeps out demuxers that open further
 # files or URLs named inside the input (HLS/DASH playlists, concat scripts, image sequences): a crafted
@@ -42,29 +42,18 @@ def _stream_rank(stream) -> tuple:
     return (True, stream.frames or 0, (ctx.width or 0) * (ctx.height or 0))
 
 
-
-
-class PyAVReader(PyAVTimeModel):
-    """One opened video stream with a time model that maps presentation timestamps to frame numbers.
-
-    Time models, cheapest first:
-    * ``cfr``: MP4/MOV whose sample table (read from the header, no packet is read) has evenly spaced
-      timestamps: frame k is at ``t0 + k * delta``.
-    * ``table``: any other file: one demux-only pass (packets are read, never decoded) collects every
-      packet's pts; frame k has the k-th smallest pts (exactly decord's numbering).
-    * ``count``: packets without timestamps (raw streams): frames are numbered by decoding order of
-      output, and the file is only ever decoded sequentially.
-    """
+class PyAVStream(PyAVTimeModel):
+    """One opened video stream and its time model (see :class:`PyAVReader`), nothing decoded: what the
+    TorchCodec backend uses to number frames exactly like this backend. ``close()`` when done."""
 
     backend = "pyav"
 
-    def __init__(self, opened: OpenedMedia, *, size_fn, skip_bad: bool, strategy: str) -> None:
+    def __init__(self, opened: OpenedMedia, *, skip_bad: bool) -> None:
         import av  # noqa: F401 - imported here so that the image path works without PyAV
 
         self._opened = opened
         self.description = opened.description
-        self._size_fn, self._skip, self._strategy = size_fn, skip_bad, strategy
-        self._warned_rotation = False
+        self._skip = skip_bad
         kind = sniff_kind(opened.head())
         if kind is not None and kind.endswith("image") and not kind.startswith(("GIF", "WebP")):
             raise MediaError(f"{self.description}: this is a {kind}, not a video (use load_image, or pass a "
@@ -78,11 +67,6 @@ class PyAVReader(PyAVTimeModel):
             self.close()
             raise
         self._fresh = True  # container positioned at the start, nothing demuxed yet
-        self._skip_mode: str | None = None
-        self._wanted_pts: set[int] = set()
-        # Skipping non-reference frames is only done where FFmpeg's decoders support it well.
-        codec = self._stream.codec_context.name
-        self._nonref_ok = self._model in ("cfr", "table") and codec in _NONREF_SKIP_CODECS
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -127,6 +111,42 @@ class PyAVReader(PyAVTimeModel):
         stream.thread_type = "AUTO"  # frame + slice threads; decoding is the bottleneck
         return stream
 
+    def _after_scan(self) -> None:
+        """The packet scan of the probe has read the container to its end: nothing to undo here (a
+        reader goes back to the start)."""
+
+    def close(self) -> None:
+        c = getattr(self, "_container", None)
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._container = None
+
+
+class PyAVReader(PyAVStream):
+    """One opened video stream with a time model that maps presentation timestamps to frame numbers.
+
+    Time models, cheapest first:
+    * ``cfr``: MP4/MOV whose sample table (read from the header, no packet is read) has evenly spaced
+      timestamps: frame k is at ``t0 + k * delta``.
+    * ``table``: any other file: one demux-only pass (packets are read, never decoded) collects every
+      packet's pts; frame k has the k-th smallest pts (exactly decord's numbering).
+    * ``count``: packets without timestamps (raw streams): frames are numbered by decoding order of
+      output, and the file is only ever decoded sequentially.
+    """
+
+    def __init__(self, opened: OpenedMedia, *, size_fn, skip_bad: bool, strategy: str) -> None:
+        super().__init__(opened, skip_bad=skip_bad)
+        self._size_fn, self._strategy = size_fn, strategy
+        self._warned_rotation = False
+        self._skip_mode: str | None = None
+        self._wanted_pts: set[int] = set()
+        # Skipping non-reference frames is only done where FFmpeg's decoders support it well.
+        codec = self._stream.codec_context.name
+        self._nonref_ok = self._model in ("cfr", "table") and codec in _NONREF_SKIP_CODECS
+
     def _reopen(self) -> None:
         # Re-opening is the one way back to the start that works for every format (some cannot seek).
         self._container.close()
@@ -135,6 +155,9 @@ class PyAVReader(PyAVTimeModel):
         self._stream.thread_type = "AUTO"
         self._skip_mode = None  # a fresh decoder context
         self._fresh = True
+
+    def _after_scan(self) -> None:
+        self._reopen()
 
     # -- decoding ---------------------------------------------------------------------------------
 
@@ -338,16 +361,6 @@ class PyAVReader(PyAVTimeModel):
             img = img.transpose((None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
                                  Image.Transpose.ROTATE_270)[quarter])
         return img
-
-    def close(self) -> None:
-        c = getattr(self, "_container", None)
-        if c is not None:
-            try:
-                c.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._container = None
-
 
 def _chain(first, rest):
     yield first

@@ -22,7 +22,8 @@ __all__ = ["PyAVTimeModel", "ffmpeg_reason"]
 class PyAVTimeModel:
     """Probing part of :class:`~owlvid.media.pyav_backend.PyAVReader`: maps pts to frame numbers.
 
-    Uses the reader's ``_stream``, ``_container``, ``_skip``, ``description`` and ``_reopen()``; sets
+    Uses the reader's ``_stream``, ``_container``, ``_skip``, ``description`` and ``_after_scan()`` (called
+    once a packet scan has read the container to its end); sets
     ``total_frames``, ``avg_fps``, ``duration`` and the model (``cfr``, ``table`` or ``count``).
     """
 
@@ -50,7 +51,7 @@ class PyAVTimeModel:
             self._model_from_index()
         if self._model is None:
             self._model_from_packets()
-            self._reopen()
+            self._after_scan()
         if self.total_frames < 1:
             raise MediaError(f"{self.description}: the video stream has no frames")
         self._fix_duration_and_rate()

@@ -1,7 +1,8 @@
 """Optional ``backend="torchcodec"``: frames decoded by TorchCodec, numbered exactly like the PyAV backend.
 
-The frame count, frame rate and per-frame times come from the same PyAV probe as the default backend
-(MP4 sample table or a demux-only packet scan, no decoding), so both backends select the same frames;
+The frame count, frame rate and per-frame times come from the same PyAV time model as the default backend
+(:class:`~owlvid.media.pyav_backend.PyAVStream`: MP4 sample table or a demux-only packet scan, no decoder
+set up, nothing decoded), so both backends select the same frames;
 TorchCodec (``seek_mode="exact"``) only decodes them. TorchCodec is imported lazily: without it, asking
 for this backend raises a :class:`MediaError` that says how to install it.
 """
@@ -17,7 +18,7 @@ from PIL import Image
 
 from owlvid.errors import MediaError
 
-from .pyav_backend import PyAVReader
+from .pyav_backend import PyAVStream
 from .sources import OpenedMedia
 
 _BATCH = 16  # frames per get_frames_at call: bounds the uint8 batch tensor TorchCodec allocates
@@ -36,14 +37,14 @@ def _import_decoder():
 
 
 class TorchCodecReader:
-    """Same interface as the PyAV reader (``total_frames``, ``avg_fps``, ``duration``, ``frame_times()``,
-    ``read(wanted)``, ``close()``)."""
+    """Same interface as the PyAV reader (``total_frames``, ``avg_fps``, ``duration``,
+    ``variable_frame_rate``, ``frame_times()``, ``read(wanted)``, ``close()``)."""
 
     backend = "torchcodec"
 
     def __init__(self, opened: OpenedMedia, *, size_fn, skip_bad: bool) -> None:
         video_decoder = _import_decoder()
-        probe = PyAVReader(opened, size_fn=None, skip_bad=skip_bad, strategy="sequential")
+        probe = PyAVStream(opened, skip_bad=skip_bad)  # the time model only: nothing is decoded by PyAV
         try:
             self.description = probe.description
             self.total_frames = probe.total_frames

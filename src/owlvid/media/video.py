@@ -1,4 +1,5 @@
-"""Video loading entry points: :func:`load_video`, :func:`iter_video_chunks`, :func:`probe_video`.
+"""Video loading entry points: :func:`load_video`, :func:`iter_video_chunks`, :func:`probe_video`,
+:func:`open_video` (probe once, decode later).
 
 They open the source, pick a reader from the backend registry (:mod:`.pyav_backend`, the default, or
 :mod:`.torchcodec_backend`; frame folders, lists and arrays: :mod:`.frames`), select frames with
@@ -19,7 +20,7 @@ from PIL import Image
 
 from owlvid.errors import MediaError
 
-from .base import MediaWarning, SizeRule, VideoClip, VideoReader, size_fn
+from .base import MediaWarning, SizeRule, VideoClip, VideoInfo, VideoReader, size_fn
 from .frames import FRAME_IMAGE_EXTENSIONS, frame_list_reader, list_frame_files
 from .image import DEFAULT_MAX_PIXELS
 from .pyav_backend import VIDEO_DEMUXERS, PyAVReader
@@ -40,12 +41,15 @@ __all__ = [
     "DECODE_STRATEGIES",
     "FRAME_IMAGE_EXTENSIONS",
     "MediaWarning",
+    "OpenedVideo",
     "SizeRule",
     "VIDEO_DEMUXERS",
     "VideoClip",
+    "VideoInfo",
     "iter_video_chunks",
     "list_frame_files",
     "load_video",
+    "open_video",
     "probe_video",
 ]
 
@@ -59,6 +63,9 @@ _READERS: dict[str, Callable[..., VideoReader]] = {
 }
 BACKENDS = tuple(_READERS)
 DECODE_STRATEGIES = ("auto", "seek", "sequential")
+
+
+_SELECTION = ("max_frames", "num_frames", "fps", "min_frames", "indices", "timestamps", "start", "end")
 
 
 def _make_sampling(sampling: str | VideoSampling, max_frames, num_frames, fps, min_frames, indices,
@@ -127,15 +134,113 @@ def _looks_like_url(source: Any) -> bool:
         and not os.path.exists(source)
 
 
-def _select(reader: VideoReader, spec: VideoSampling, cap: int | None) -> list[int]:
-    return spec.select(reader.total_frames, reader.avg_fps, reader.frame_times(), reader.duration, cap=cap)
+class OpenedVideo:
+    """A video opened and probed once (:func:`open_video`): its :class:`VideoInfo`, then any of its frames,
+    as often as needed, without opening or probing the source again. Close it (or use ``with``); a
+    collected one closes itself."""
+
+    _reader: VideoReader | None = None
+    _opened: OpenedMedia | None = None
+
+    def __init__(self, reader: VideoReader, opened: OpenedMedia | None) -> None:
+        self._reader, self._opened = reader, opened
+        self.info = VideoInfo(reader.total_frames, reader.avg_fps, reader.duration, reader.frame_times(),
+                              reader.variable_frame_rate, reader.backend, reader.description)
+
+    def select(self, spec: VideoSampling, cap: int | None = MAX_FRAMES_HARD_CAP) -> list[int]:
+        """The frames ``spec`` picks (source indices; more than ``cap`` raises MediaError)."""
+        i = self.info
+        return spec.select(i.total_frames, i.fps, i.frame_times, i.duration, cap=cap)
+
+    def sha256(self) -> str | None:
+        """SHA-256 of the source's bytes (None for frame folders and lists)."""
+        return self._opened.sha256() if self._opened is not None else None
+
+    def decode(self, picked: Sequence[int], sampling: str, *, sha256: bool = True) -> VideoClip:
+        """The frames ``picked`` (any order, repeats allowed) as one clip; ``sampling`` names the selection."""
+        wanted = sorted(set(picked))
+        got: dict[int, tuple[float, Image.Image]] = {}
+        for idx, ts, img in self._reader.read(wanted):
+            got[idx] = (ts, img)
+        keep = [i for i in picked if i in got]
+        if not keep:
+            raise MediaError(f"{self.info.source}: none of the {len(wanted)} requested frames could be decoded")
+        return self._clip(sampling, [got[i][1] for i in keep], keep, [got[i][0] for i in keep],
+                          self.sha256() if sha256 else None)
+
+    def chunks(self, picked: Sequence[int], sampling: str, chunk_size: int) -> Iterator[VideoClip]:
+        """The frames ``picked`` (ascending) as consecutive clips of at most ``chunk_size`` frames, decoded
+        lazily: one chunk of RGB frames alive at a time."""
+        if any(b < a for a, b in zip(picked, picked[1:])):
+            raise MediaError(f"{self.info.source}: iter_video_chunks needs indices in ascending order")
+        frames: list[Image.Image] = []
+        idxs: list[int] = []
+        times: list[float] = []
+        pending = iter(picked)
+        nxt = next(pending, None)
+        for idx, ts, img in self._reader.read(sorted(set(picked))):
+            while nxt is not None and nxt < idx:  # skipped (undecodable) frames
+                nxt = next(pending, None)
+            while nxt == idx:  # a repeated index (e.g. slowfast on a short video) repeats the frame
+                frames.append(img)
+                idxs.append(idx)
+                times.append(ts)
+                nxt = next(pending, None)
+                if len(frames) == chunk_size:
+                    yield self._clip(sampling, frames, idxs, times)
+                    frames, idxs, times = [], [], []
+        if frames:
+            yield self._clip(sampling, frames, idxs, times)
+
+    def _clip(self, sampling: str, frames, indices, timestamps, sha256: str | None = None) -> VideoClip:
+        i = self.info
+        return VideoClip(frames=frames, indices=indices, timestamps=timestamps, fps=i.fps, duration=i.duration,
+                         total_frames=i.total_frames, backend=i.backend, source=i.source, sampling=sampling,
+                         sha256=sha256)
+
+    def close(self) -> None:
+        reader, opened, self._reader, self._opened = self._reader, self._opened, None, None
+        if reader is not None:
+            reader.close()
+        if opened is not None:
+            opened.close()
+
+    def __enter__(self) -> OpenedVideo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._reader is not None:
+            self.close()
 
 
-def _clip(reader: VideoReader, spec: VideoSampling, frames, indices, timestamps, sha256: str | None = None
-          ) -> VideoClip:
-    return VideoClip(frames=frames, indices=indices, timestamps=timestamps, fps=reader.avg_fps,
-                     duration=reader.duration, total_frames=reader.total_frames, backend=reader.backend,
-                     source=reader.description, sampling=spec.name, sha256=sha256)
+def open_video(
+    source: Any,
+    *,
+    backend: str = "pyav",
+    size: SizeRule = None,
+    skip_bad_frames: bool = False,
+    max_bytes: int | None = DEFAULT_VIDEO_MAX_BYTES,
+    timeout: float | None = DEFAULT_VIDEO_TIMEOUT,
+    source_fps: float | None = None,
+    decode_strategy: str = "auto",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    url_policy: UrlPolicy | None = None,
+) -> OpenedVideo:
+    """Open and probe a video once (options as :func:`load_video`'s): select frames with its ``info`` and
+    decode them with ``decode`` / ``chunks``, any number of times."""
+    reader, opened = _open_reader(source, backend=backend, size_fn=size_fn(size), skip_bad=skip_bad_frames,
+                                  strategy=decode_strategy, source_fps=source_fps, max_bytes=max_bytes,
+                                  timeout=timeout, max_pixels=max_pixels, url_policy=url_policy)
+    try:
+        return OpenedVideo(reader, opened)
+    except BaseException:
+        reader.close()
+        if opened is not None:
+            opened.close()
+        raise
 
 
 def probe_video(
@@ -147,19 +252,10 @@ def probe_video(
     timeout: float | None = DEFAULT_VIDEO_TIMEOUT,
     url_policy: UrlPolicy | None = None,
 ) -> dict[str, Any]:
-    """Frame count, average fps, duration (and per-frame times for variable frame rate) without decoding."""
-    reader, opened = _open_reader(source, backend=backend, size_fn=None, skip_bad=False, strategy="auto",
-                                  source_fps=source_fps, max_bytes=max_bytes, timeout=timeout,
-                                  max_pixels=DEFAULT_MAX_PIXELS, url_policy=url_policy)
-    try:
-        return {"total_frames": reader.total_frames, "fps": reader.avg_fps, "duration": reader.duration,
-                "variable_frame_rate": bool(getattr(reader, "variable_frame_rate", False)),
-                "backend": reader.backend,
-                "source": reader.description}
-    finally:
-        reader.close()
-        if opened is not None:
-            opened.close()
+    """Frame count, average fps, duration and whether the frame rate varies, without decoding."""
+    with open_video(source, backend=backend, source_fps=source_fps, max_bytes=max_bytes, timeout=timeout,
+                    url_policy=url_policy) as video:
+        return video.info.as_dict()
 
 
 def load_video(
@@ -196,25 +292,10 @@ def load_video(
     :class:`owlvid.media.UrlPolicy`; default: any host). Raises :class:`owlvid.errors.MediaError`.
     """
     spec = _make_sampling(sampling, max_frames, num_frames, fps, min_frames, indices, timestamps, start, end)
-    reader, opened = _open_reader(source, backend=backend, size_fn=size_fn(size), skip_bad=skip_bad_frames,
-                                  strategy=decode_strategy, source_fps=source_fps, max_bytes=max_bytes,
-                                  timeout=timeout, max_pixels=max_pixels, url_policy=url_policy)
-    try:
-        picked = _select(reader, spec, MAX_FRAMES_HARD_CAP)
-        wanted = sorted(set(picked))
-        got: dict[int, tuple[float, Image.Image]] = {}
-        for idx, ts, img in reader.read(wanted):
-            got[idx] = (ts, img)
-        keep = [i for i in picked if i in got]
-        if not keep:
-            raise MediaError(f"{reader.description}: none of the {len(wanted)} requested frames could be "
-                             "decoded")
-        return _clip(reader, spec, [got[i][1] for i in keep], keep, [got[i][0] for i in keep],
-                     opened.sha256() if opened is not None else None)
-    finally:
-        reader.close()
-        if opened is not None:
-            opened.close()
+    with open_video(source, backend=backend, size=size, skip_bad_frames=skip_bad_frames, max_bytes=max_bytes,
+                    timeout=timeout, source_fps=source_fps, decode_strategy=decode_strategy,
+                    max_pixels=max_pixels, url_policy=url_policy) as video:
+        return video.decode(video.select(spec), spec.name)
 
 
 def iter_video_chunks(source: Any, chunk_size: int = 32, **options: Any) -> Iterator[VideoClip]:
@@ -229,37 +310,6 @@ def iter_video_chunks(source: Any, chunk_size: int = 32, **options: Any) -> Iter
     if unknown:
         raise TypeError(f"iter_video_chunks() got unexpected option(s) {', '.join(sorted(unknown))}")
     opts = {**load_video.__kwdefaults__, **options}
-    spec = _make_sampling(opts["sampling"], opts["max_frames"], opts["num_frames"], opts["fps"],
-                          opts["min_frames"], opts["indices"], opts["timestamps"], opts["start"], opts["end"])
-    reader, opened = _open_reader(source, backend=opts["backend"], size_fn=size_fn(opts["size"]),
-                                  skip_bad=opts["skip_bad_frames"], strategy=opts["decode_strategy"],
-                                  source_fps=opts["source_fps"], max_bytes=opts["max_bytes"],
-                                  timeout=opts["timeout"], max_pixels=opts["max_pixels"],
-                                  url_policy=opts["url_policy"])
-    try:
-        picked = _select(reader, spec, None)
-        if any(b < a for a, b in zip(picked, picked[1:])):
-            raise MediaError(f"{reader.description}: iter_video_chunks needs indices in ascending order")
-        wanted = sorted(set(picked))
-        frames: list[Image.Image] = []
-        idxs: list[int] = []
-        times: list[float] = []
-        pending = iter(picked)
-        nxt = next(pending, None)
-        for idx, ts, img in reader.read(wanted):
-            while nxt is not None and nxt < idx:  # skipped (undecodable) frames
-                nxt = next(pending, None)
-            while nxt == idx:  # a repeated index (e.g. slowfast on a short video) repeats the frame
-                frames.append(img)
-                idxs.append(idx)
-                times.append(ts)
-                nxt = next(pending, None)
-                if len(frames) == chunk_size:
-                    yield _clip(reader, spec, frames, idxs, times)
-                    frames, idxs, times = [], [], []
-        if frames:
-            yield _clip(reader, spec, frames, idxs, times)
-    finally:
-        reader.close()
-        if opened is not None:
-            opened.close()
+    spec = _make_sampling(opts.pop("sampling"), *(opts.pop(k) for k in _SELECTION))
+    with open_video(source, **opts) as video:
+        yield from video.chunks(video.select(spec, cap=None), spec.name, chunk_size)

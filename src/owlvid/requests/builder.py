@@ -13,9 +13,9 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from ..api import check_seed, check_text
 from ..errors import InputError
 from ..media import MediaTooLargeError, NamedPath, UrlPolicy
+from ..messages import check_seed, check_text
 from . import schemas
 from .config import ServerConfig
 from .errors import APIError
@@ -310,8 +310,8 @@ class RequestBuilder:
         return out
 
     def _image(self, url: str, param: str):
-        from ..api import load_image_source
         from ..media import load_image
+        from ..messages import load_image_source
 
         cfg = self.config
         source = self.sources.resolve(url, "image", param)
@@ -322,11 +322,10 @@ class RequestBuilder:
         return image
 
     def decode_options(self, source: Any, options: dict) -> dict:
-        """The `load_video_frames` options of a video under the server's limits."""
+        """The `load_video_frames` options of a video under the server's limits (the frame cap is applied by
+        `owlvid.video_plan.plan_video`)."""
         cfg = self.config
         opts = dict(options)
-        if opts.get("sampling") in ("fps", "all"):
-            opts.setdefault("max_frames", cfg.max_frames)  # fps spreads, all refuses, past the cap
         opts.update(max_bytes=cfg.max_media_bytes, timeout=cfg.download_timeout,
                     max_pixels=cfg.max_image_pixels)
         if self.sources.is_url(source):  # only then: other options would turn off streamed decoding
@@ -336,7 +335,7 @@ class RequestBuilder:
     def _video(self, url: str, options: dict, param: str) -> Any:
         """The video as the model's PreparedVideo: at most --max-frames frames, chosen before decoding.
         Frames the web page's preview already decoded for an upload are used instead of decoding again."""
-        from ..api import load_video_frames
+        from ..video_plan import load_video_frames
 
         source = self.sources.resolve(url, "video", param)
         uploads = self.sources.uploads

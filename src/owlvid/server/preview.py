@@ -2,10 +2,10 @@
 timestamps, under the same sampling options a chat request carries (an uploaded image: its thumbnail).
 
 `POST /v1/uploads/ID/frames` with `{"mm_processor_kwargs": {...}, "media_io_kwargs": {...}}` (the chat
-request's own fields, checked by the same code) plans the frames with `owlvid.api.video_plan`, the plan
-`load_video_frames` follows for the model, and decodes them with the media layer. The decoded frames are
-handed to the next chat request about that video and settings (`UploadStore.keep_frames`), so asking after
-looking does not decode the video again.
+request's own fields, checked by the same code) plans the frames with `owlvid.video_plan` (`plan_video`,
+`resolve_plan`), the plan `load_video_frames` follows for the model, and decodes them from the video it
+opened to plan them. The decoded frames are handed to the next chat request about that video and settings
+(`UploadStore.keep_frames`), so asking after looking does not decode the video again.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from fastapi import APIRouter, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from ..api import video_plan
-from ..cache import CachedVideo, FrameList
-from ..media import NamedPath, iter_video_chunks, load_image
+from ..media import NamedPath, load_image
 from ..requests import APIError, RequestBuilder
+from ..video_plan import CachedVideo, FrameList, PreparedVideo, plan_video, resolve_plan
 from .uploads import UPLOADS_PATH, Upload, UploadStore
 
 THUMBNAIL_BOX = (192, 108)  # largest thumbnail width, height (aspect kept)
@@ -74,7 +73,8 @@ class FramePreviewer:
         builder = self.builder
         source = NamedPath(upload.path, upload.filename)
         opts = builder.decode_options(source, video)
-        key, spec, rest = video_plan(source, builder.model.runtime, opts, frame_cap=builder.config.max_frames)
+        plan = plan_video(source, builder.model.runtime, opts, frame_cap=builder.config.max_frames)
+        key = plan.cache_key
         assert key is not None  # a local file always has one
         with self._lock:
             answer = self._answers.get((upload.id, key))
@@ -87,20 +87,22 @@ class FramePreviewer:
         thumbnails: list[str] = []
         held = 0
         keep = True
-        for clip in iter_video_chunks(source, chunk_size=16, sampling=spec, **rest):
-            for frame in clip.frames:
-                thumbnails.append(thumbnail_data_url(frame))
-            indices += clip.indices
-            times += clip.timestamps
-            if keep:  # the model's frames, for the chat request that follows, while they fit the budget
-                frames += clip.frames
-                held += sum(f.width * f.height * 3 for f in clip.frames)
-                keep = held <= self.store.frames_budget
-                if not keep:
-                    frames = []
+        plan, video = resolve_plan(plan)
+        with video:  # opened once, to plan the frames and to decode them
+            for clip in video.chunks(plan.indices, plan.sampling.name, chunk_size=16):
+                for frame in clip.frames:
+                    thumbnails.append(thumbnail_data_url(frame))
+                indices += clip.indices
+                times += clip.timestamps
+                if keep:  # the model's frames, for the chat request that follows, while they fit the budget
+                    frames += clip.frames
+                    held += sum(f.width * f.height * 3 for f in clip.frames)
+                    keep = held <= self.store.frames_budget
+                    if not keep:
+                        frames = []
         if keep and frames:
             self.store.keep_frames(upload, key, FrameList(frames, key, indices, times), held)
-        answer = {"object": "frame_preview", "upload": upload.id, "sampling": spec.name,
+        answer = {"object": "frame_preview", "upload": upload.id, "sampling": plan.sampling.name,
                   "num_frames": len(indices), "total_frames": upload.info["total_frames"],
                   "fps": upload.info["fps"], "duration": upload.info["duration"],
                   "frames": [{"index": i, "time": round(t, 3), "image": img}
@@ -122,7 +124,7 @@ def media_headers(messages: list[dict]) -> dict[str, str]:
     the visual cache (`X-Owlvid-Visual-Cache: hit`, else `miss`)."""
     parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
     videos = [p["video"] for p in parts if p.get("type") == "video"]
-    headers = {"X-Owlvid-Frames": str(sum(getattr(v, "num_frames", None) or len(v) for v in videos)),
+    headers = {"X-Owlvid-Frames": str(sum(v.num_frames if isinstance(v, PreparedVideo) else len(v) for v in videos)),
                "X-Owlvid-Images": str(sum(p.get("type") == "image" for p in parts))}
     if videos:
         headers["X-Owlvid-Visual-Cache"] = "hit" if all(isinstance(v, CachedVideo) for v in videos) else "miss"

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...cache import CachedVideo, FrameList, content_key, image_record
+from ...cache import content_key, image_record
 from ...errors import InputError
-from ...pipeline import StreamedVideo
 from ...tokenizer import QwenTokenizer
+from ...video_plan import CachedVideo, FrameList, StreamedVideo
 
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
@@ -162,8 +162,8 @@ class Owl3Processor:
                     if not frames:
                         raise InputError("a video has no frames")
                     pixels = frames_to_pixels(frames, size)
-                    add(pixels, getattr(frames, "cache_key", None), len(frames),
-                        frames if isinstance(frames, FrameList) else None)
+                    prepared = frames if isinstance(frames, FrameList) else None
+                    add(pixels, prepared.cache_key if prepared is not None else None, len(frames), prepared)
                     count = len(frames)
                 body = IMAGE * count
                 return f"<|start_video_frame|>{body}<|end_video_frame|>" if self.video_spans else body

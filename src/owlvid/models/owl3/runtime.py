@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...cache import CachedVideo, PreparedVideo, VisualCache, content_key
+from ...cache import VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
 from ...layers import KVCache, RotaryTable
@@ -19,6 +19,7 @@ from ...quantize import LoadQuantizer
 from ...runtime import DecodeBatch, ModelRuntime, PrefillJob
 from ...runtime import DecodeState as BaseDecodeState
 from ...tokenizer import QwenTokenizer
+from ...video_plan import CachedVideo, PreparedVideo
 from .config import Owl3Config, owl3_config
 from .language import BatchedVisualMemory, VisualMemory
 from .model import Owl3, checkpoint_key_map

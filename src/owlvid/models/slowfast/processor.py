@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...cache import PreparedVideo, image_record
+from ...cache import image_record
 from ...errors import InputError
 from ...tokenizer import QwenTokenizer
+from ...video_plan import PreparedVideo
 from .config import IMAGE_TOKEN_INDEX, SlowFastConfig
 from .vision import token_counts
 
