@@ -159,7 +159,7 @@ def test_decode_steps_read_nothing_back_from_the_device(family, tmp_path, tiny_o
     """Batched steps, sampling (greedy and penalised), requests joining and leaving: all on the meta
     device, where reading a value back (`int(t)`, `.item()`, `.tolist()`, `bool(t)`) raises."""
     import owlvid
-    from owlvid.models.slowfast.testing import make_tiny_slowfast
+    from owlvid.testing.slowfast import make_tiny_slowfast
 
     folder = tiny_owl3_dirs["241101"] if family == "owl3" else make_tiny_slowfast(tmp_path / "sf")
     model = owlvid.load(folder, dtype="float32", device="cpu")

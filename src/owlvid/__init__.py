@@ -3,8 +3,7 @@
 from .api import DEFAULT_MODEL, Model, load
 from .engine import Generation, SamplingParams
 from .errors import CheckpointError, InputError, MediaError, OwlvidError, UnsupportedError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["load", "Model", "Generation", "SamplingParams", "DEFAULT_MODEL", "OwlvidError", "CheckpointError",
            "InputError", "MediaError", "UnsupportedError", "__version__"]

@@ -75,10 +75,8 @@ class EngineMetrics:
 
     def request_done(self, result: Any, seconds: float) -> None:
         """A request ended: its `Generation`, or the exception it ended with; `seconds` since it arrived."""
-        from .generation import Generation
-
         with self._lock:
-            if not isinstance(result, Generation):
+            if isinstance(result, BaseException):
                 self.errors[type(result).__name__] += 1
                 return
             self.finished[result.finish_reason] += 1

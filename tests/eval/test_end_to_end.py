@@ -19,7 +19,7 @@ import owlvid
 from owlvid.errors import InputError
 from owlvid.eval import get_protocol, load_questions, run
 from owlvid.media import load_video
-from owlvid.models.slowfast.testing import make_tiny_slowfast
+from owlvid.testing.slowfast import make_tiny_slowfast
 from tests.eval.layouts import MAKERS
 
 pytest.importorskip("pyarrow")

@@ -308,7 +308,7 @@ def test_mvbench_task_table():
 @pytest.fixture(scope="module")
 def tiny_slowfast_model(tmp_path_factory):
     import owlvid
-    from owlvid.models.slowfast.testing import make_tiny_slowfast
+    from owlvid.testing.slowfast import make_tiny_slowfast
 
     return owlvid.load(make_tiny_slowfast(tmp_path_factory.mktemp("sf") / "sf"), dtype="float32", device="cpu")
 

@@ -266,7 +266,7 @@ def test_frame_cap_is_applied_before_decoding(local_model, media_root):
 def test_slowfast_user_frame_count_wins_over_the_preset_default(media_root, tmp_path_factory):
     """Slow-Fast's preset default (64 training frames) must not refuse num_frames=16 (issue 10)."""
     import owlvid
-    from owlvid.models.slowfast.testing import make_tiny_slowfast
+    from owlvid.testing.slowfast import make_tiny_slowfast
 
     from .helpers import ServerProcess
 

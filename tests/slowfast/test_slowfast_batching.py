@@ -14,7 +14,7 @@ import torch
 import owlvid
 from owlvid.engine import Engine, SamplingParams, run_batch
 from owlvid.jobs import generate_each
-from owlvid.models.slowfast.testing import make_tiny_slowfast
+from owlvid.testing.slowfast import make_tiny_slowfast
 
 from .test_slowfast_tiny import frames, video_message
 

@@ -19,8 +19,8 @@ from owlvid.errors import CheckpointError, InputError
 from owlvid.layers import KVCache, Qwen2Config
 from owlvid.models.slowfast.config import ConvNextConfig, SlowFastConfig
 from owlvid.models.slowfast.language import SlowMemory
-from owlvid.models.slowfast.testing import make_tiny_slowfast, reference_logits
 from owlvid.models.slowfast.vision import fast_plan, sample_fast_frames, split_fast_tokens, token_counts
+from owlvid.testing.slowfast import make_tiny_slowfast, reference_logits
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def _run_locked(proto: ImageProtocol, questions: list[ImageQuestion], model: Any
 
 
 def _run_info(proto: ImageProtocol, model: Any, seed: int, split: str | None) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     folder = Path(model.runtime.folder)
     return {"benchmark": proto.benchmark, "protocol": proto.name, "protocol_source": proto.source,

@@ -131,7 +131,7 @@ def _run_locked(benchmark: str, questions: list[Question], model: Any, out: Path
 
 
 def _run_info(proto: Protocol, model: Any, seed: int) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     folder = Path(model.runtime.folder)
     return {"benchmark": proto.benchmark, "protocol": proto.name, "protocol_source": proto.source,

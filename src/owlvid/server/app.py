@@ -359,7 +359,7 @@ async def _sse(job: Job, first: Any, cid: str, created: int, model: str, include
 
 def _version() -> str:
     try:
-        from .. import __version__
+        from ..version import __version__
 
         return __version__
     except ImportError:  # pragma: no cover

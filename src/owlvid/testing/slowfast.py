@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from ...layers import KVCache
-from ...testing import write_tiny_tokenizer
-from .processor import SlowFastInputs
+from ..layers import KVCache
+from ..models.slowfast.processor import SlowFastInputs
+from . import write_tiny_tokenizer
 
 if TYPE_CHECKING:
-    from .runtime import SlowFastRuntime
+    from ..models.slowfast.runtime import SlowFastRuntime
 
 
 def _draw(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
