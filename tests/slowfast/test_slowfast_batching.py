@@ -180,3 +180,46 @@ def test_batching_scheduler_serves_slowfast_requests_together(model, no_stop_tok
         assert isinstance(events[-1], Generation), events[-1]
         assert events[-1].token_ids == ref.token_ids and events[-1].text == ref.text
     assert sched.stats()["peak_batch"] >= 2 and sched.stats()["completed"] == 4
+
+
+def test_a_long_video_joining_a_batch_job_is_prefilled_in_chunks_between_the_others_tokens(model, no_stop_tokens):
+    """Batch jobs run on the server's engine: a 64-frame request (~1,400 prompt tokens) joining a running job
+    is prefilled at most `prefill_chunk` tokens per step, and the request already decoding gets a token at
+    every step in between (before the one engine, batch jobs prefilled it whole while the others waited)."""
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of every forward call of the language model
+    llm = model.runtime.model.llm
+    hook = llm.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[:2])))
+    jobs = [("text", ([{"role": "user", "content": "Tell me a long story."}], {"max_new_tokens": 120})),
+            ("video", (video_message(frames(64, seed=3), "What happens?"), {"max_new_tokens": 4}))]
+    try:
+        results = dict(generate_each(model, jobs, max_batch=2, prefetch=0, prefill_chunk=128))
+    finally:
+        hook.remove()
+    alone = model.generate(jobs[1][1][0], max_new_tokens=4)
+    assert results["video"].token_ids == alone.token_ids and results["video"].prompt_tokens > 1000
+    assert max(tokens for _, tokens in calls) <= 128
+    prefill = [i for i, (_, tokens) in enumerate(calls) if tokens > 1]
+    video_chunks = [i for i in prefill if i > prefill[0] + 1]  # after the text prompt's own prefill
+    assert len(video_chunks) >= results["video"].prompt_tokens // 128
+    # between two chunks of the video's prompt, the text request decodes a token (a one-row call)
+    for a, b in zip(video_chunks, video_chunks[1:]):
+        assert calls[a + 1: b] == [(1, 1)], (a, b, calls[a: b + 1])
+
+
+def test_a_follow_up_question_in_a_batch_job_reuses_the_prefix(tiny_owl3_models):
+    """The engine hands finished rows to the runtime's prefix cache in batch jobs too: the second turn of a
+    conversation prefills only its new tokens, and answers as it does from scratch."""
+    model = tiny_owl3_models["241101"]
+    first = [{"role": "user", "content": "Describe an owl in a few words, please, in detail."}]
+    answer = model.generate(first, max_new_tokens=12).text
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And its eyes?"}]
+    model.runtime._prefixes.clear()
+    scratch = model.generate(second, max_new_tokens=12)
+    model.runtime._prefixes.clear()
+    before = model.runtime.stats["prefix_reused_tokens"]
+    jobs = [("1", (first, {"max_new_tokens": 12})), ("2", (second, {"max_new_tokens": 12}))]
+    results = dict(generate_each(model, jobs, max_batch=1, prefetch=0))
+    reused = model.runtime.stats["prefix_reused_tokens"] - before
+    assert results["1"].text == answer
+    assert reused >= results["1"].prompt_tokens  # the whole first turn came from the cache
+    assert results["2"].token_ids == scratch.token_ids
