@@ -181,19 +181,6 @@ def test_invalid_input_is_one_line_naming_the_line_and_writes_nothing(model_dir,
     assert not output.exists()
 
 
-def test_without_the_server_extra_one_line_says_what_to_install(model_dir, tmp_path):
-    source = write_jsonl(tmp_path / "in.jsonl", [request_line("a", "Hi")])
-    output = tmp_path / "out.jsonl"
-    code = ("import sys; sys.modules['fastapi'] = None; from owlvid.cli import main; "
-            f"sys.exit(main(['batch', '-i', {str(source)!r}, '-o', {str(output)!r}, '--model', {str(model_dir)!r}]))")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "pip install 'owlvid[server]'" in err[0], proc.stderr
-    assert not output.exists()
-
-
 def test_resume_skips_answered_lines_and_cuts_a_torn_last_line(model, media, tmp_path):
     requests = job_lines(media)
     source = write_jsonl(tmp_path / "in.jsonl", requests)
