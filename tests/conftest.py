@@ -86,3 +86,28 @@ def silent_host():
     sock.listen(8)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
+
+
+# The fast lane (`pytest -m "not slow"`, about two minutes on two cores) leaves out what starts processes or
+# browsers, runs whole jobs end to end, or walks a matrix; CI runs everything. Listed here, in one place, by
+# module (everything in it) or by test name (every parametrisation).
+SLOW_MODULES = (
+    "tests/web/", "tests/ray/", "tests/server/", "tests/cli/",  # real servers, browsers, Ray, CLI processes
+    "tests/eval/test_end_to_end.py", "tests/eval/test_run_safety.py", "tests/batch/test_output_safety.py",
+    "tests/batch/test_base_install.py", "tests/test_quantize_load.py", "tests/plan/test_plan_cli.py",
+)
+SLOW_TESTS = {
+    "test_quality_on_every_fixture_case", "test_cli_quantize_flag", "test_batch_results_equal_individual_results",
+    "test_generate_stream_chat_agree", "test_same_video_in_two_batched_conversations",
+    "test_cached_decoding_equals_full_recompute", "test_killed_job_resumes_to_the_uninterrupted_answers",
+    "test_results_equal_generate_alone_and_failures_are_isolated", "test_requests_join_a_running_batch",
+    "test_second_question_reuses_cached_image_features", "test_multi_turn_reuses_the_prefix_kv_cache",
+    "test_sampling_is_seeded", "test_batched_decoding_gives_the_tokens_of_each_request_alone",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        path = Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
+        if path.startswith(SLOW_MODULES) or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
