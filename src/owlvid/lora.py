@@ -1,0 +1,126 @@
+"""Applying LoRA adapters: merged into the weights at load, or kept apart to serve several at once.
+
+Merged (`owlvid.load(model, adapter=PATH)`): `W += scale * B @ A` once (float32, cast back), so a token
+costs what it costs on the base model.
+
+Unmerged (`owlvid.load(model, lora_modules={name: PATH})`): each adapted linear layer of the decoder becomes a
+`LoraLinear` holding every adapter's factors stacked by slot (slot 0 is the base model: zeros). A forward
+call carries the slot of each of its rows in `AttentionInputs.adapters` (an `AdapterRows`, built by the runtime
+from the prepared request or the decoding batch, never global state): the base GEMM is shared by all rows and
+each row adds its own low-rank delta, `(x @ A[slot].T) @ B[slot].T` (scale folded into B), as one batched
+matmul over the rows' gathered factors. Rows on the base model cost nothing when the whole call is on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .errors import UnsupportedError
+from .layers import Linear, linear
+
+# Layers that take an `adapters` argument at every call (decoder projections): the only ones the unmerged path
+# can adapt. Others (vision tower, projector, gates inside nn.Sequential) need the adapter merged.
+UNMERGED_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.v_kv_proj",
+                     "self_attn.cross_attn_kv_proj")
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Add every module's update to its weight in place (float32 sum, cast back to the weight's dtype)."""
+    params = dict(model.named_parameters())
+    for module, w in adapter.modules.items():
+        weight = params[module + ".weight"]
+        if type(weight.data) is not torch.Tensor:
+            raise UnsupportedError("an adapter cannot be merged into quantized weights: merge before quantizing")
+        merged = weight.float() + w.delta().to(weight.device)
+        weight.copy_(merged.to(weight.dtype))
+
+
+@dataclass
+class AdapterRows:
+    """The adapter slot of each row of one forward call: `index` [B] on the device (gathers), `host` the same
+    on the host; `single` is the slot when every row has the same one (plain matmuls, no gather)."""
+
+    index: torch.Tensor
+    host: list[int]
+    single: int | None
+
+    @classmethod
+    def of(cls, slots: list[int], device: torch.device) -> AdapterRows | None:
+        """None when every row is on the base model (the layers then skip the LoRA path entirely)."""
+        if not any(slots):
+            return None
+        single = slots[0] if all(s == slots[0] for s in slots) else None
+        return cls(torch.tensor(slots, dtype=torch.long, device=device), list(slots), single)
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Each row's `(x @ A.T) @ B.T` for x [B, ..., in], stacks a [slots, r, in] and b [slots, out, r]."""
+        if self.single is not None:
+            return linear(linear(x, a[self.single]), b[self.single])
+        rows = x.shape[0]
+        xb = x.reshape(rows, -1, x.shape[-1])
+        u = torch.bmm(xb, a[self.index].transpose(1, 2))
+        out = torch.bmm(u, b[self.index].transpose(1, 2))
+        return out.reshape(*x.shape[:-1], b.shape[1])
+
+
+class LoraLinear(Linear):
+    """A decoder projection with the low-rank factors of several adapters (see the module docstring). The
+    weight and bias are the base layer's (same parameters, possibly quantized); the factors are buffers kept
+    out of the state dict."""
+
+    lora_a: torch.Tensor  # [slots, r, in]
+    lora_b: torch.Tensor  # [slots, out, r], scale folded in
+
+    @classmethod
+    def wrap(cls, base: nn.Linear, slots: int, rank: int) -> LoraLinear:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = base.in_features, base.out_features
+        layer.weight, layer.bias = base.weight, base.bias
+        dtype = base.weight.dtype  # a quantized weight reports its activation dtype
+        device = base.weight.device
+        layer.register_buffer("lora_a", torch.zeros(slots, rank, base.in_features, dtype=dtype, device=device),
+                              persistent=False)
+        layer.register_buffer("lora_b", torch.zeros(slots, base.out_features, rank, dtype=dtype, device=device),
+                              persistent=False)
+        return layer
+
+    def forward(self, x: torch.Tensor, adapters: AdapterRows | None = None) -> torch.Tensor:
+        y = linear(x, self.weight, self.bias)
+        if adapters is None:
+            return y
+        return y + adapters.delta(x, self.lora_a, self.lora_b)
+
+
+def check_unmerged(adapter: Adapter) -> None:
+    """Refuse, with one line, an adapter that the unmerged path cannot apply."""
+    for module in adapter.modules:
+        if not (module.startswith("llm.layers.") and module.endswith(UNMERGED_SUFFIXES)):
+            raise UnsupportedError(f"adapter {adapter.name!r} adapts {module!r}, which can only be merged: load it "
+                                   "with adapter=PATH (--adapter) instead of lora_modules")
+
+
+@torch.no_grad()
+def install_adapters(model: nn.Module, adapters: list[Adapter]) -> None:
+    """Make every layer some adapter targets a LoraLinear with one slot per adapter (slot i + 1 is
+    adapters[i]); ranks are padded with zeros to the largest."""
+    for adapter in adapters:
+        check_unmerged(adapter)
+    targets = sorted({m for adapter in adapters for m in adapter.modules})
+    rank = max(adapter.max_rank for adapter in adapters)
+    for module in targets:
+        parent_name, _, leaf = module.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoraLinear.wrap(getattr(parent, leaf), len(adapters) + 1, rank)
+        for slot, adapter in enumerate(adapters, 1):
+            w = adapter.modules.get(module)
+            if w is not None:
+                layer.lora_a[slot, : w.rank] = w.a.to(layer.lora_a.dtype)
+                layer.lora_b[slot, :, : w.rank] = (w.b * w.scale).to(layer.lora_b.dtype)
+        setattr(parent, leaf, layer)
