@@ -119,3 +119,18 @@ def test_unknown_adapter_and_unmergeable_targets(setups, loaded, tmp_path):
         load(base, lora_modules={"v": vision})
     described = served.describe()["lora_modules"]
     assert [d["name"] for d in described] == ["a", "b"] and described[1]["use_rslora"] is True
+
+
+def test_adapters_on_a_quantized_model(setups, loaded):
+    """int8 weights (torchao): a merged adapter is merged before quantizing, unmerged factors stay in the model
+    dtype on top of the quantized base GEMM; both land next to the float merged model, far from the base."""
+    pytest.importorskip("torchao")
+    base, adapters = setups["241101"]
+    messages = image_messages()
+    want = loaded("241101", "a").next_token_logits(messages)
+    plain = loaded("241101", "plain").next_token_logits(messages)
+    served = load(base, quantize="int8", lora_modules=adapters).next_token_logits(messages, adapter="a")
+    merged = load(base, quantize="int8", adapter=adapters["a"]).next_token_logits(messages)
+    far = (plain - want).abs().max()
+    for got in (served, merged):
+        assert (got - want).abs().max() < 0.1 * far
