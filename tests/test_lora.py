@@ -243,3 +243,12 @@ def test_lora_modules_names_are_checked(owl3_dirs):
         load(owl3_dirs["241101"], lora_modules=["a"])
     with pytest.raises(InputError, match="non-empty string"):
         load(owl3_dirs["241101"], lora_modules={" a": "x"})
+
+
+def test_null_and_empty_config_fields_are_defaults(owl3_dirs, tmp_path):
+    """Older PEFT / ms-swift versions write null (or omit) fields that newer ones write as false / []."""
+    base = owl3_dirs["241101"]
+    adapter = make_lora_adapter(tmp_path / "adapter", base, extra_config={
+        "use_dora": None, "lora_bias": None, "modules_to_save": None, "bias": "none", "layer_replication": [],
+        "trainable_token_indices": None, "use_qalora": False})
+    assert load(base, adapter=adapter).runtime.merged_adapter.modules

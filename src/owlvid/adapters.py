@@ -124,8 +124,8 @@ def check_config(config: dict, where: Path) -> None:
     if peft_type != "LORA":
         raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not supported (owlvid serves LoRA adapters)")
     for key, (ok, message) in _MUST_BE.items():
-        value = config.get(key, ok)
-        if value != ok and not (ok is None and value in ([], {})):
+        value = config.get(key)
+        if value is not None and value != ok and value not in ([], {}, False):  # null, empty, false: unset
             raise UnsupportedError(f"{where}: " + message.format(value))
     for key in ("r", "lora_alpha"):
         value = config.get(key)
