@@ -134,3 +134,36 @@ def test_adapters_on_a_quantized_model(setups, loaded):
     far = (plain - want).abs().max()
     for got in (served, merged):
         assert (got - want).abs().max() < 0.1 * far
+
+
+@pytest.mark.parametrize("slots", [3, 6, 9])
+def test_lora_linear_rows_match_per_row_math(slots):
+    """Each row of a LoraLinear gets W x + b + B[slot] A[slot] x, whichever way the rows are computed: one
+    adapter (plain matmuls), few adapters (stacked factors, masked columns), many (gathered factors, bmm)."""
+    from owlvid.adapters import Adapter, LoraWeights
+    from owlvid.lora import AdapterRows, install_adapters
+
+    gen = torch.Generator().manual_seed(slots)
+    attn, layer, net = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+    attn.q_proj = torch.nn.Linear(12, 7)
+    layer.self_attn = attn
+    net.llm = torch.nn.Module()
+    net.llm.layers = torch.nn.ModuleList([layer])
+    name = "llm.layers.0.self_attn.q_proj"
+    adapters = []
+    for i in range(slots - 1):
+        rank = 1 + i % 3
+        w = LoraWeights(name, torch.randn(rank, 12, generator=gen), torch.randn(7, rank, generator=gen), 0.5 + i)
+        adapters.append(Adapter(f"a{i}", None, rank, 1.0, False, {name: w}, "x"))
+    base = attn.q_proj
+    layout = install_adapters(net, adapters)
+    assert layout == (slots, max(1 + i % 3 for i in range(slots - 1)))
+    x = torch.randn(4, 2, 12, generator=gen)
+    for rows in ([0, 1, 2, 0], [2, 2, 2, 2], [1, slots - 1, 0, slots - 2]):
+        got = attn.q_proj(x, AdapterRows.of(rows, layout, torch.float32, torch.device("cpu")))
+        for r, slot in enumerate(rows):
+            want = base(x[r])
+            if slot:
+                want = want + x[r] @ adapters[slot - 1].modules[name].delta().T
+            torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
+    assert AdapterRows.of([0, 0], layout, torch.float32, torch.device("cpu")) is None

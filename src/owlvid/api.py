@@ -85,7 +85,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
 
         key_map = runtime.weight_key_map()
         runtime.adapters = [read_adapter(path, runtime.model, key_map, name) for name, path in lora_modules.items()]
-        install_adapters(runtime.model, runtime.adapters)
+        runtime.lora_layout = install_adapters(runtime.model, runtime.adapters)
     if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))

@@ -94,6 +94,7 @@ class ModelRuntime:
         self.quantization: QuantizationReport | None = None  # set by owlvid.load(quantize=...)
         self.adapters: list[Adapter] = []  # unmerged LoRA adapters, slot i + 1 (owlvid.load(lora_modules=...))
         self.merged_adapter: Adapter | None = None  # owlvid.load(adapter=...)
+        self.lora_layout = (0, 0)  # (slots, rank) of the LoraLinear layers, set with `adapters`
 
     # -- what every family implements --------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class ModelRuntime:
 
     def adapter_rows(self, slots: list[int]) -> AdapterRows | None:
         """What a forward call over rows on these adapter slots passes to its layers."""
-        return AdapterRows.of(slots, self.device) if self.adapters else None
+        return AdapterRows.of(slots, self.lora_layout, self.dtype, self.device) if self.adapters else None
 
     def weights_changed(self, tag: str) -> None:
         """The weights now differ from the checkpoint's (a merged adapter, `tag` identifies it): a family that
