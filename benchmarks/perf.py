@@ -363,7 +363,7 @@ def bench_decode(model: Model, n: int, tokens: int) -> dict:
 
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + tokens + 8,
                     runtime.dtype, DEVICE)
-    state = DecodeState(cache, len(ids), visual)
+    state = DecodeState(cache, len(ids), visual=visual)
     runtime._forward(torch.tensor([ids], device=DEVICE), 0, cache, visual)
     token = 100
     for _ in range(2):  # warm up

@@ -95,6 +95,7 @@ SLOW_MODULES = (
     "tests/web/", "tests/ray/", "tests/server/", "tests/cli/",  # real servers, browsers, Ray, CLI processes
     "tests/eval/test_end_to_end.py", "tests/eval/test_run_safety.py", "tests/batch/test_output_safety.py",
     "tests/batch/test_base_install.py", "tests/test_quantize_load.py", "tests/plan/test_plan_cli.py",
+    "tests/test_lora_cli.py",
 )
 SLOW_TESTS = {
     "test_quality_on_every_fixture_case", "test_cli_quantize_flag", "test_batch_results_equal_individual_results",

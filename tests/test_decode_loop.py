@@ -155,21 +155,28 @@ def _runtime_on_meta(model, states):
 
 
 @pytest.mark.parametrize("family", ["owl3", "slowfast"])
-def test_decode_steps_read_nothing_back_from_the_device(family, tmp_path, tiny_owl3_dirs):
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_steps_read_nothing_back_from_the_device(family, lora, tmp_path, tiny_owl3_dirs):
     """Batched steps, sampling (greedy and penalised), requests joining and leaving: all on the meta
-    device, where reading a value back (`int(t)`, `.item()`, `.tolist()`, `bool(t)`) raises."""
+    device, where reading a value back (`int(t)`, `.item()`, `.tolist()`, `bool(t)`) raises. With `lora`,
+    the rows are on two unmerged LoRA adapters and the base model (per-row deltas)."""
     import owlvid
+    from owlvid.testing import make_lora_adapter
     from owlvid.testing.slowfast import make_tiny_slowfast
 
     folder = tiny_owl3_dirs["241101"] if family == "owl3" else make_tiny_slowfast(tmp_path / "sf")
-    model = owlvid.load(folder, dtype="float32", device="cpu")
+    under = "language_model" if family == "owl3" else "model.layers"
+    adapters = {name: make_lora_adapter(tmp_path / name, folder, seed=i, under=under)
+                for i, name in enumerate("ab")} if lora else None
+    model = owlvid.load(folder, dtype="float32", device="cpu", lora_modules=adapters)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     states = []
     for i, with_image in enumerate((True, False, True)):
         content = [{"type": "text", "text": "describe " * (i + 1)}]
         if with_image:
             content.insert(0, {"type": "image", "image": image})
-        request, _ = model.prepare([{"role": "user", "content": content}])
+        adapter = ("a", None, "b")[i] if lora else None
+        request, _ = model.prepare([{"role": "user", "content": content}], adapter=adapter)
         states.append(model.runtime.prefill(request)[1])
     runtime, states = _runtime_on_meta(model, states)
     samplers = [Sampler(SamplingParams()), Sampler(SamplingParams(repetition_penalty=1.2), history=[3, 4])]
@@ -186,6 +193,7 @@ def test_decode_steps_read_nothing_back_from_the_device(family, tmp_path, tiny_o
     assert logits.shape[0] == 2 and logits.dtype == torch.float32
     first = [s.position for s in states]
     assert batch.host_positions == [first[0] + 5, first[2] + 2]
+    assert (batch.adapters.host if lora else batch.adapters) == ([1, 2] if lora else None)
 
 
 def test_batched_results_are_unchanged_with_sampling_and_early_finishes(tiny_owl3_models):

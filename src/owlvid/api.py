@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from .adapters import check_lora_modules, read_adapter
 from .cache import VisualCache
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
 from .errors import InputError
 from .messages import check_seed, check_text, normalize_messages
 from .models import runtime_class
-from .quantize import check_supported, language_model_bytes
+from .quantize import check_supported, language_model_bytes, quantize_language_model
 from .runtime import ModelRuntime
 from .tokenizer import QwenTokenizer
 
@@ -34,7 +35,8 @@ DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
          tokenizer: str | os.PathLike | None = None, revision: str | None = None,
          cache_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None,
-         quantize: str | None = None) -> Model:
+         quantize: str | None = None, adapter: str | os.PathLike | None = None,
+         lora_modules: dict[str, str | os.PathLike] | None = None) -> Model:
     """Load a checkpoint from a local folder (no network) or a hub id (downloaded once into the HF cache).
 
     The architecture and variant come from config.json and the checkpoint keys, never from the name.
@@ -43,6 +45,10 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     so a second question about the same media skips decoding and vision encoding.
     `quantize="int8" | "int4"` stores the language model's weights in int8 / group-wise int4 (torchao, the
     `quant` extra; see owlvid.quantize); a mode this machine cannot run is refused before loading.
+    `adapter`: a LoRA adapter folder (PEFT / ms-swift: adapter_config.json + adapter_model.safetensors) merged
+    into the weights (no cost per token). `lora_modules`: {name: folder} of adapters kept unmerged, chosen
+    per request with `adapter="name"` (the base GEMMs shared by all rows of a batch, each row adding its own
+    low-rank delta). See docs/finetunes.md.
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
@@ -51,8 +57,25 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     dt = resolve_dtype(dtype, dev)
     if quantize is not None:
         check_supported(quantize, dev, dt)
+    check_lora_modules(lora_modules)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
-    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize)
+    # a merged adapter changes the weights, so it is merged before quantizing (then not as the weights are read)
+    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize if adapter is None else None)
+    if adapter is not None:
+        from .lora import merge_adapter
+
+        merged = read_adapter(adapter, runtime.model, runtime.weight_key_map())
+        merge_adapter(runtime.model, merged)
+        runtime.merged_adapter = merged
+        runtime.weights_changed(f"lora:{merged.sha256}")
+        if quantize is not None:
+            runtime.quantization = quantize_language_model(runtime.model, quantize)
+    if lora_modules:
+        from .lora import install_adapters
+
+        key_map = runtime.weight_key_map()
+        runtime.adapters = [read_adapter(path, runtime.model, key_map, name) for name, path in lora_modules.items()]
+        runtime.lora_layout = install_adapters(runtime.model, runtime.adapters)
     if cache_bytes > 0 and runtime.uses_visual_cache:
         runtime.visual_cache = VisualCache(cache_bytes, cache_dir)
     return Model(runtime, name=str(model))
@@ -96,21 +119,33 @@ class Model:
         info["quantize"] = None if report is None else report.mode
         info["language_model_bytes"] = language_model_bytes(self.runtime.model)
         info["parameters"] = sum(p.numel() for p in self.runtime.model.parameters())
+        merged = self.runtime.merged_adapter
+        info["adapter"] = None if merged is None else merged.describe()
+        info["lora_modules"] = [a.describe() for a in self.runtime.adapters]
         return info
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The unmerged adapters a request may name (`adapter="name"`), in load order."""
+        return [a.name for a in self.runtime.adapters]
 
     # -- requests ----------------------------------------------------------------------------------
 
     def prepare(self, messages: list[dict], *, images: list | None = None, videos: list | None = None,
                 cut_enable: bool | None = None, max_frames: int | None = None, fps: float | None = None,
                 sampling: str | None = None, max_new_tokens: int | None = None,
-                media_timeout: float | None = None) -> tuple[Any, list[int]]:
+                media_timeout: float | None = None, adapter: str | None = None) -> tuple[Any, list[int]]:
         """Render and tokenize a conversation with its media; returns (model inputs, prompt ids).
         A prompt that fills the context, or with `max_new_tokens` leaves less room than that, is refused.
-        `media_timeout`: seconds each image or video may take to load and decode (MediaTimeout after)."""
+        `media_timeout`: seconds each image or video may take to load and decode (MediaTimeout after).
+        `adapter`: the name of an unmerged LoRA adapter (`lora_modules`) that answers it (None: the base)."""
+        slot = self.runtime.adapter_slot(adapter)  # an unknown name fails before any media is loaded
         video_opts = {k: v for k, v in (("max_frames", max_frames), ("fps", fps), ("sampling", sampling))
                       if v is not None}
         msgs, imgs, vids = normalize_messages(messages, self.runtime, images, videos, video_opts, media_timeout)
         request, prompt_ids = self.runtime.prepare(msgs, imgs, vids, cut_enable)
+        if slot:
+            request["adapter"] = slot
         check_context(len(prompt_ids), self.runtime.max_positions, max_new_tokens)
         return request, prompt_ids
 
@@ -158,14 +193,19 @@ class Model:
             if isinstance(event, TokenEvent) and event.text:
                 yield event.text
 
-    def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8, *,
-                       return_exceptions: bool = False, **kwargs: Any) -> list[Generation]:
+    def generate_batch(self, conversations: list[list[dict]], max_batch: int = 8,
+                       adapters: list[str | None] | None = None, *, return_exceptions: bool = False,
+                       **kwargs: Any) -> list[Generation]:
         """Answer several conversations together (decoded as one batch); results in input order.
-        Each result is token for token what `generate` gives for that conversation alone. A request that
-        fails in the engine fails alone: its error is raised once the others have finished, or with
-        `return_exceptions=True` it takes that request's place in the results. A mistake in a
-        conversation's input is raised before anything runs."""
-        tickets = [self.ticket(messages, kwargs) for messages in conversations]
+        Each result is token for token what `generate` gives for that conversation alone. `adapters`: per
+        conversation, the unmerged LoRA adapter that answers it (None: the base model); rows on different
+        adapters decode in the same batch. A request that fails in the engine fails alone: its error is raised
+        once the others have finished, or with `return_exceptions=True` it takes that request's place in the
+        results. A mistake in a conversation's input is raised before anything runs."""
+        if adapters is not None and len(adapters) != len(conversations):
+            raise InputError(f"adapters has {len(adapters)} entries for {len(conversations)} conversations")
+        per_row = adapters if adapters is not None else [kwargs.get("adapter")] * len(conversations)
+        tickets = [self.ticket(messages, {**kwargs, "adapter": name}) for messages, name in zip(conversations, per_row)]
         for ticket in tickets:
             ticket.prepare_s = 0.0  # prepared inline: no preparation or queueing to report
         return run_batch(self.runtime, tickets, max_batch=max_batch,
@@ -179,7 +219,7 @@ class Model:
         return logits.float().cpu()
 
 
-_PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling", "media_timeout"}
+_PREPARE_KEYS = {"images", "videos", "cut_enable", "max_frames", "fps", "sampling", "media_timeout", "adapter"}
 
 
 def split_options(kwargs: dict) -> tuple[dict, SamplingParams]:

@@ -12,8 +12,8 @@ last line, from a killed run, is cut away first), so an interrupted job resumes 
 A job holds a lock on its output (`records.exclusive`) from before it reads it until it ends: a second job
 on the same output exits at once, naming the first.
 
-Requests decode together (continuous batching, `engine.BatchEngine`) where the model supports it, one by
-one otherwise; those sharing a video run next to each other, so the visual cache decodes and encodes it once.
+Requests decode together through the one engine (`engine.Engine`: continuous batching, chunked prefill);
+those sharing a video run next to each other, so the visual cache decodes and encodes it once.
 """
 
 from __future__ import annotations

@@ -196,6 +196,18 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
                 yield key, read
 
 
+def iter_file(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, reader) for every tensor of one safetensors file (e.g. a LoRA adapter's), read as
+    `iter_checkpoint` reads a checkpoint's files."""
+    header, data_start = _read_header(file)
+    with open(file, "rb") as f:
+        for key, info in header.items():
+            def read(info=info, key=key) -> torch.Tensor:
+                return _read_tensor(f, info, data_start, key, file)
+
+            yield key, read
+
+
 def _read_tensor(f, info: dict, data_start: int, key: str, file: Path) -> torch.Tensor:
     dtype = _ST_DTYPES.get(info.get("dtype"))
     if dtype is None:

@@ -106,7 +106,42 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="store the language model's weights in int8 or group-wise int4 (torchao: "
                    "pip install 'owlvid[quant]'; default: unquantized)")
+    g.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT / ms-swift) merged into the weights at load")
     return p
+
+
+def _lora_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("LoRA adapters served side by side")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help="unmerged LoRA adapters; a request's `model` NAME picks one (the base model's name: none)")
+    g.add_argument("--max-loras", type=_positive_int, default=None, metavar="N",
+                   help="the most adapters kept on the device (all stay resident; default: as many as given)")
+    return p
+
+
+def _lora_modules(args: argparse.Namespace) -> dict[str, str] | None:
+    """--lora-modules NAME=DIR ... as a dict (usage errors for malformed, repeated or too many names)."""
+    specs = getattr(args, "lora_modules", None)  # only serve and batch have the flag
+    if not specs:
+        if getattr(args, "max_loras", None) is not None:
+            raise UsageError("--max-loras needs --lora-modules")
+        return None
+    modules: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora-modules takes NAME=DIR, got {spec!r}")
+        if name in modules:
+            raise UsageError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    if args.max_loras is not None and len(modules) > args.max_loras:
+        raise UsageError(f"--lora-modules gives {len(modules)} adapters but --max-loras is {args.max_loras}")
+    base = getattr(args, "served_model_name", None) or _model_name(args)
+    if base in modules:
+        raise UsageError(f"adapter name {base!r} is the base model's name: requests could not reach the base")
+    return modules
 
 
 RAY_DEFAULTS = {"ray_address": None, "num_replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0}
@@ -216,7 +251,7 @@ def _load_model(args: argparse.Namespace):
     if tty:
         print(f"owlvid: loading {name} ...", file=sys.stderr, end="\r", flush=True)
     model = load(name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, revision=args.revision,
-                 quantize=args.quantize)
+                 quantize=args.quantize, adapter=args.adapter, lora_modules=_lora_modules(args))
     if tty:
         print(" " * (len(name) + 24), file=sys.stderr, end="\r", flush=True)
     return model
@@ -471,7 +506,7 @@ def _ray_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """What every Ray replica passes to owlvid.load (each loads the model itself)."""
     return {"device": args.device, "dtype": args.dtype, "tokenizer": args.tokenizer, "revision": args.revision,
-            "quantize": args.quantize}
+            "quantize": args.quantize, "adapter": args.adapter, "lora_modules": _lora_modules(args)}
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -586,7 +621,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    model_opts, gen_opts, ray_opts = _model_options(), _generation_options(), _ray_options()
+    model_opts, gen_opts, ray_opts, lora_opts = _model_options(), _generation_options(), _ray_options(), _lora_options()
     parser = _Parser(prog="owlvid", description="Inference for cross-attention video / multi-image LLMs "
                      "(mPLUG-Owl3, Slow-Fast).")
     parser.add_argument("--version", action="version", version=f"owlvid {__version__}")
@@ -614,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each answer as one JSON line")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", parents=[model_opts, gen_opts, ray_opts, debug], help="OpenAI-compatible HTTP server",
+    p = sub.add_parser("serve", parents=[model_opts, gen_opts, ray_opts, lora_opts, debug],
+                       help="OpenAI-compatible HTTP server",
                        description="Serve the model with an OpenAI-compatible API "
                        "(POST /v1/chat/completions, GET /v1/models, GET /health). Generation options set the "
                        "defaults of requests; "
@@ -668,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("batch", parents=[model_opts, ray_opts, debug], help="answer a file of OpenAI batch requests",
+    p = sub.add_parser("batch", parents=[model_opts, ray_opts, lora_opts, debug],
+                       help="answer a file of OpenAI batch requests",
                        description="Answer every line of an OpenAI batch input file (POST /v1/chat/completions "
                        "requests) into an OpenAI batch output file. The whole input is checked first; each answer "
                        "is written as it completes; a rerun skips the custom_ids already in the output.")

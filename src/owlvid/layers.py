@@ -329,9 +329,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and keys) computed with :func:`linear`."""
+    """`nn.Linear` (same parameters and keys) computed with :func:`linear`. `adapters` (the rows' LoRA slots,
+    `AttentionInputs.adapters`) is read by `owlvid.lora.LoraLinear` only."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: object | None = None) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
@@ -342,8 +343,8 @@ class Qwen2MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, adapters: object | None = None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), adapters)
 
 
 @dataclass
@@ -356,6 +357,7 @@ class AttentionInputs:
     cache: KVCache | RaggedKVCache
     causal_mask: torch.Tensor | None  # [B, 1, T, S] bool over cached+new text keys, None = plain causal
     visual: object | None = None  # model-specific per-request visual memory (see the model files)
+    adapters: object | None = None  # the rows' LoRA slots (owlvid.lora.AdapterRows), None: the base model
 
 
 class Qwen2Attention(nn.Module):
@@ -375,9 +377,10 @@ class Qwen2Attention(nn.Module):
     def project(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, ...]:
         """RoPE'd q [B, H, T, D] and all text k/v so far [B, Hkv, S, D] (the new ones cached)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        a = inputs.adapters
+        q = self.q_proj(x, a).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, a).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, a).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, inputs.cos, inputs.sin)
         k = apply_rope(k, inputs.cos, inputs.sin)
         k_all, v_all = inputs.cache.append(self.layer_index, k, v)
@@ -395,7 +398,7 @@ class Qwen2Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         q, k, v = self.project(x, inputs)
         ctx = self.self_attention(q, k, v, inputs)
-        return self.o_proj(merge_heads(ctx))
+        return self.o_proj(merge_heads(ctx), inputs.adapters)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -420,7 +423,7 @@ class Qwen2DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), inputs)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), inputs.adapters)
 
 
 @dataclass
@@ -482,10 +485,10 @@ class Qwen2Decoder(nn.Module):
 
 def new_attention_inputs(rope: RotaryTable, positions: torch.Tensor, cache: KVCache | RaggedKVCache,
                          dtype: torch.dtype, causal_mask: torch.Tensor | None = None, visual: object | None = None,
-                         max_position: int | None = None) -> AttentionInputs:
+                         max_position: int | None = None, adapters: object | None = None) -> AttentionInputs:
     cos, sin = rope.lookup(positions, dtype, max_position)
     return AttentionInputs(positions=positions, cos=cos[:, None], sin=sin[:, None], cache=cache,
-                           causal_mask=causal_mask, visual=visual)
+                           causal_mask=causal_mask, visual=visual, adapters=adapters)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -84,11 +84,12 @@ class BatchPredictor:
                  tokenizer: str | os.PathLike | None = None, revision: str | None = None,
                  quantize: str | None = None, allowed_local_media_path: str | os.PathLike | None = None,
                  relative_to: str | os.PathLike | None = None, max_batch: int = 8,
-                 media_timeout: float | None = None, prefetch: int = 2) -> None:
+                 media_timeout: float | None = None, prefetch: int = 2, adapter: str | None = None,
+                 lora_modules: dict[str, str] | None = None) -> None:
         from .api import load
 
         self.model = load(model, device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                          quantize=quantize)
+                          quantize=quantize, adapter=adapter, lora_modules=lora_modules)
         restricted = allowed_local_media_path is not None
         self.relative_to = None if restricted else Path(relative_to or os.getcwd())
         self.config = batch.job_config(self.model.name, allowed_local_media_path if restricted else "/", max_batch,
@@ -160,13 +161,19 @@ def answers_dataset(requests: Any, model: str | os.PathLike, *, num_replicas: in
     return answers
 
 
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    """Adapter folders as absolute paths: replicas may run in another working directory."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike, *,
         device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
         revision: str | None = None, quantize: str | None = None,
         allowed_local_media_path: str | os.PathLike | None = None, max_batch: int = 8,
         media_timeout: float | None = None, prefetch: int = 2, num_replicas: int = 1,
         gpus_per_replica: float = 0, cpus_per_replica: float = 1, requests_per_batch: int | None = None,
-        ray_address: str | None = None, progress: bool = True, json_progress: bool = False) -> dict[str, Any]:
+        ray_address: str | None = None, progress: bool = True, json_progress: bool = False,
+        adapter: str | os.PathLike | None = None, lora_modules: dict[str, str] | None = None) -> dict[str, Any]:
     """`owlvid.batch.run` on a Ray cluster: same checks before work, same output lines, same resuming, same
     options (`max_batch`, `media_timeout`, `prefetch` apply in each replica).
 
@@ -205,7 +212,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
             answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
                                       gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                                       device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                                      quantize=quantize,
+                                      quantize=quantize, adapter=_absolute(adapter), lora_modules=lora_modules and {
+                                          name: _absolute(path) for name, path in lora_modules.items()},
                                       allowed_local_media_path=root, relative_to=os.getcwd(),
                                       max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
             answers.context.enable_progress_bars = False  # ours is on stderr

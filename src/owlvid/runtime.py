@@ -20,6 +20,7 @@ so that the API, the server and batch jobs apply it the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,20 +28,25 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .cache import VisualCache
+from .errors import InputError
 from .layers import KVCache, RaggedKVCache, new_attention_inputs
+from .lora import AdapterRows
 from .tokenizer import QwenTokenizer
 
 if TYPE_CHECKING:
+    from .adapters import Adapter
     from .quantize import QuantizationReport
     from .video_plan import CachedVideo
 
 
 @dataclass
 class DecodeState:
-    """One request's decoding state: its text K/V cache and the sequence index of the next token."""
+    """One request's decoding state: its text K/V cache, the sequence index of the next token and its LoRA
+    adapter slot (0: the base model)."""
 
     cache: KVCache
     position: int
+    adapter: int = 0
 
 
 @dataclass
@@ -60,6 +66,7 @@ class DecodeBatch:
     rows: list[DecodeState]
     visual: Any = None
     host_positions: list[int] = field(default_factory=list)  # `positions` on the host (no device reads)
+    adapters: AdapterRows | None = None  # the rows' LoRA slots (None: every row on the base model)
 
 
 class ModelRuntime:
@@ -82,6 +89,9 @@ class ModelRuntime:
         self.max_positions = max_positions
         self.visual_cache: VisualCache | None = None
         self.quantization: QuantizationReport | None = None  # set by owlvid.load(quantize=...)
+        self.adapters: list[Adapter] = []  # unmerged LoRA adapters, slot i + 1 (owlvid.load(lora_modules=...))
+        self.merged_adapter: Adapter | None = None  # owlvid.load(adapter=...)
+        self.lora_layout = (0, 0)  # (slots, rank) of the LoraLinear layers, set with `adapters`
 
     # -- what every family implements --------------------------------------------------------------
 
@@ -94,6 +104,11 @@ class ModelRuntime:
 
     def describe(self) -> dict:
         """Architecture facts for `owlvid info` and `Model.describe()`."""
+        raise NotImplementedError
+
+    def weight_key_map(self) -> Callable[[str], str | None]:
+        """Official checkpoint key -> parameter name of `model` (None: a tensor the model never uses); LoRA
+        adapters are mapped with it too."""
         raise NotImplementedError
 
     def prepare(self, messages: list[dict], images: list, videos: list, cut_enable: bool | None
@@ -145,6 +160,28 @@ class ModelRuntime:
         (the records of `engine.Generation.media`); `encode_s` grows as the vision side runs."""
         return []
 
+    def adapter_slot(self, name: str | None) -> int:
+        """The slot of the adapter called `name` (0: None, the base model); unknown names are an InputError."""
+        if name is None:
+            return 0
+        for slot, adapter in enumerate(self.adapters, 1):
+            if adapter.name == name:
+                return slot
+        known = ", ".join(repr(a.name) for a in self.adapters) or "none loaded"
+        raise InputError(f"unknown adapter {name!r} (adapters: {known})")
+
+    def request_adapter(self, request: Any) -> int:
+        """The adapter slot `Model.prepare` recorded in a prepared request (0 if none)."""
+        return request.get("adapter", 0) if isinstance(request, dict) else 0
+
+    def adapter_rows(self, slots: list[int]) -> AdapterRows | None:
+        """What a forward call over rows on these adapter slots passes to its layers."""
+        return AdapterRows.of(slots, self.lora_layout, self.dtype, self.device) if self.adapters else None
+
+    def weights_changed(self, tag: str) -> None:
+        """The weights now differ from the checkpoint's (a merged adapter, `tag` identifies it): a family that
+        caches outputs of its weights under the checkpoint's identity must key them by `tag` too."""
+
     def cached_video(self, key: str) -> CachedVideo | None:
         """A video already encoded under `key`, so that it needs no decoding (None: not cached)."""
         return None
@@ -169,7 +206,8 @@ class ModelRuntime:
         return DecodeBatch(cache=RaggedKVCache.from_caches([s.cache for s in states], rows=max_rows),
                            positions=torch.tensor([s.position for s in states], device=self.device),
                            rows=list(states), visual=self.batch_memory(states),
-                           host_positions=[s.position for s in states])
+                           host_positions=[s.position for s in states],
+                           adapters=self.adapter_rows([s.adapter for s in states]))
 
     @torch.inference_mode()
     def join_batch(self, batch: DecodeBatch, states: list[DecodeState]) -> None:
@@ -179,6 +217,7 @@ class ModelRuntime:
         batch.positions = torch.cat([batch.positions, torch.tensor([s.position for s in states], device=self.device)])
         batch.host_positions += [s.position for s in states]
         batch.rows.extend(states)
+        batch.adapters = self.adapter_rows([s.adapter for s in batch.rows])
 
     @torch.inference_mode()
     def keep_rows(self, batch: DecodeBatch, rows: list[int]) -> None:
@@ -188,6 +227,7 @@ class ModelRuntime:
         batch.positions = batch.positions[torch.tensor(rows, dtype=torch.long, device=self.device)]
         batch.host_positions = [batch.host_positions[i] for i in rows]
         batch.rows = [batch.rows[i] for i in rows]
+        batch.adapters = self.adapter_rows([s.adapter for s in batch.rows])
 
     @torch.inference_mode()
     def decode_batch(self, batch: DecodeBatch, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
@@ -198,7 +238,7 @@ class ModelRuntime:
         ids = torch.as_tensor(token_ids, device=self.device).reshape(-1, 1)
         inputs = new_attention_inputs(model.rope, batch.positions[:, None], batch.cache, self.dtype,
                                       causal_mask=batch.cache.valid_mask(), visual=batch.visual,
-                                      max_position=max(batch.host_positions))
+                                      max_position=max(batch.host_positions), adapters=batch.adapters)
         h = model.llm(model.llm.embed_tokens(ids), inputs)
         batch.cache.advance(1)
         batch.positions += 1
@@ -221,13 +261,16 @@ class ModelRuntime:
 
     # -- shared by the families --------------------------------------------------------------------------
 
-    def run_decoder(self, embeds: torch.Tensor, start: int, cache: KVCache, memory: Any = None) -> torch.Tensor:
+    def run_decoder(self, embeds: torch.Tensor, start: int, cache: KVCache, memory: Any = None,
+                    adapter: int = 0) -> torch.Tensor:
         """The Qwen2 decoder over `embeds` [B, T, hidden] at positions start.., appending their K/V to
-        `cache`; `memory` is the family's visual memory read by its special layers. Hidden states out."""
+        `cache`; `memory` is the family's visual memory read by its special layers, `adapter` the LoRA slot of
+        every row. Hidden states out."""
         model = self.model
         positions = torch.arange(start, start + embeds.shape[1], device=self.device)[None]
         inputs = new_attention_inputs(model.rope, positions, cache, self.dtype, visual=memory,
-                                      max_position=start + embeds.shape[1] - 1)
+                                      max_position=start + embeds.shape[1] - 1,
+                                      adapters=self.adapter_rows([adapter] * embeds.shape[0]))
         h = model.llm(embeds, inputs)
         cache.advance(embeds.shape[1])
         return h

@@ -217,8 +217,37 @@ class RequestBuilder:
         self.config = config
         self.sources = MediaSources(config, uploads)
 
+    def adapter_for(self, name: str | None) -> str | None:
+        """The unmerged LoRA adapter (`--lora-modules`) a request's `model` names; None: the base model."""
+        return name if name and name != self.config.served_model_name and name in self.adapter_names else None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.model.adapter_names
+
+    def check_model(self, name: str | None) -> str:
+        """The model name a response reports: the base's or the adapter's; 404 (OpenAI's model_not_found)
+        for a name that is neither."""
+        if not name or name == self.config.served_model_name:
+            return self.config.served_model_name
+        if name in self.adapter_names:
+            return name
+        served = ", ".join(f"`{n}`" for n in [self.config.served_model_name, *self.adapter_names])
+        raise APIError(404, f"The model `{name}` does not exist: this server serves {served}", param="model",
+                       code="model_not_found")
+
+    def adapter_cards(self, created: int) -> list[dict]:
+        """/v1/models entries of the adapters (vLLM's form: `root` the adapter folder, `parent` the base)."""
+        cards = []
+        for adapter in self.model.runtime.adapters:
+            card = schemas.model_card(adapter.name, str(adapter.path), self.model.runtime.max_positions, created)
+            card["parent"] = self.config.served_model_name
+            cards.append(card)
+        return cards
+
     def options(self, body: schemas.ChatCompletionRequest) -> tuple[dict, dict]:
-        """(generation kwargs, video options) of a request; cheap, runs first."""
+        """(generation kwargs, video options) of a request; cheap, runs first. A `model` naming an unmerged
+        LoRA adapter selects it (`adapter`); any other name answers with the base model (batch files)."""
         cfg = self.config
         _refuse_unsupported(body)
         asked = body.max_completion_tokens or body.max_tokens
@@ -245,6 +274,9 @@ class RequestBuilder:
         video, cut = self.video_options(body.media_io_kwargs, body.mm_processor_kwargs)
         if cut is not None:
             gen["cut_enable"] = cut
+        adapter = self.adapter_for(body.model)
+        if adapter is not None:
+            gen["adapter"] = adapter
         return gen, video
 
     def video_options(self, media_io_kwargs: dict | None, mm_processor_kwargs: dict | None

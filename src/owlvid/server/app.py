@@ -242,13 +242,11 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
     @app.get("/v1/models")
     async def models() -> dict:
         card = schemas.model_card(cfg.served_model_name, root, model.runtime.max_positions, started)
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card] + builder.adapter_cards(started)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
-        if body.model and body.model != cfg.served_model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist: this server serves "
-                           f"`{cfg.served_model_name}`", param="model", code="model_not_found")
+        answered_as = builder.check_model(body.model)  # 404 for an unknown model (or adapter) name
         gen, video = builder.options(body)
         deadline = time.monotonic() + cfg.request_timeout
         try:
@@ -281,7 +279,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
         cid, created = schemas.new_completion_id(), schemas.now()
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse(job, first, cid, created, cfg.served_model_name, usage, request, deadline)
+            events = _sse(job, first, cid, created, answered_as, usage, request, deadline)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **seen})
         try:
@@ -296,7 +294,7 @@ def create_app(model: Model, config: ServerConfig | None = None, scheduler: Sche
         finally:
             if not job.done:
                 job.cancel()
-        answer = schemas.completion(cid, created, cfg.served_model_name, event.text, event.finish_reason,
+        answer = schemas.completion(cid, created, answered_as, event.text, event.finish_reason,
                                     event.prompt_tokens, event.completion_tokens)
         return JSONResponse(answer, headers=seen)
 

@@ -131,3 +131,60 @@ def make_tiny_owl3(folder: str | Path, release: str = "241101", *, seed: int = 0
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "v_kv_proj",
+                "cross_attn_kv_proj")
+
+
+def make_lora_adapter(folder: str | Path, base: str | Path, *, seed: int = 0, r: int = 4, alpha: float = 8,
+                      use_rslora: bool = False, targets: tuple[str, ...] = LORA_TARGETS,
+                      under: str = "language_model", rank_pattern: dict | None = None,
+                      alpha_pattern: dict | None = None, dtype: torch.dtype = torch.float32,
+                      extra_config: dict | None = None) -> Path:
+    """A random LoRA adapter of the checkpoint in `base`, on disk exactly as PEFT (and ms-swift, which
+    trains through PEFT) saves one: adapter_config.json and adapter_model.safetensors keyed
+    `base_model.model.<official module>.lora_A.weight` [r, in] / `lora_B.weight` [out, r], for every linear
+    layer whose name is in `targets` and whose path starts with `under` (ms-swift's default for mPLUG-Owl3:
+    the language model's linear layers). Both factors are random (a trained adapter's B is not zero)."""
+    import re
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    with safe_open(str(Path(base) / "model.safetensors"), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    tensors = {}
+    for key, shape in sorted(shapes.items()):
+        module = key[: -len(".weight")]
+        if not key.endswith(".weight") or len(shape) != 2 or not module.startswith(under) \
+                or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        rank = r
+        for pattern, value in (rank_pattern or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                rank = value
+                break
+        out_features, in_features = shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) \
+            / in_features**0.5
+        tensors[f"base_model.model.{module}.lora_B.weight"] = 0.5 * torch.randn(out_features, rank, generator=gen) \
+            / rank**0.5
+    config = {
+        "alpha_pattern": alpha_pattern or {}, "auto_mapping": None, "base_model_name_or_path": str(base),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": alpha, "lora_bias": False, "lora_dropout": 0.05, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": [], "peft_type": "LORA", "r": r,
+        "rank_pattern": rank_pattern or {}, "revision": None,
+        # ms-swift writes its `all-linear` choice as one regex over the module paths
+        "target_modules": rf"^({under}(?=\.).*\.({'|'.join(targets)}))$", "task_type": "CAUSAL_LM",
+        "use_dora": False, "use_rslora": use_rslora,
+    }
+    config.update(extra_config or {})
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -204,12 +204,12 @@ class HyperAttention(Qwen2Attention):
         elif self.variant == "static_gate":
             self.gate = nn.Parameter(torch.zeros(c.hidden_size))
 
-    def visual_kv(self, normed_embeds: torch.Tensor, positions: torch.Tensor, rope: RotaryTable
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual_kv(self, normed_embeds: torch.Tensor, positions: torch.Tensor, rope: RotaryTable,
+                  adapters: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """normed_embeds [N, P, hidden] -> K, V [1, Hkv, N*P, D]; K rotated (MI-RoPE, float32) with one
         position per media item."""
         n, p, _ = normed_embeds.shape
-        kv = self.v_kv_proj(normed_embeds).view(n * p, self.kv_heads, 2, self.head_dim)
+        kv = self.v_kv_proj(normed_embeds.flatten(0, 1)[None], adapters).view(n * p, self.kv_heads, 2, self.head_dim)
         k, v = kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [Hkv, N*P, D]
         pos = positions.repeat_interleave(p)
         cos, sin = rope.table(pos)
@@ -246,7 +246,7 @@ class HyperAttention(Qwen2Attention):
                     seen = text_mask.new_ones(b - a, items * p)
                     pieces.append(sdpa(q[:, :, a:b], keys, values, torch.cat([seen, text_mask[a:b]], dim=-1)))
             ctx = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
-            return self.o_proj(merge_heads(ctx))
+            return self.o_proj(merge_heads(ctx), inputs.adapters)
         ctx = self.self_attention(q, k, v, inputs)
         # Tokens before the first media item get no cross-attention and no gate.
         pieces = [(lo, sdpa(q[:, :, lo:hi], vis_k[:, :, : items * p], vis_v[:, :, : items * p]))
@@ -257,7 +257,7 @@ class HyperAttention(Qwen2Attention):
             tail = ctx[:, :, first:]
             g = self._gate(tail)
             ctx = torch.cat([ctx[:, :, :first], tail * (1 - g) + v_ctx * g], dim=2)
-        return self.o_proj(merge_heads(ctx))
+        return self.o_proj(merge_heads(ctx), inputs.adapters)
 
     def _gate(self, ctx: torch.Tensor) -> torch.Tensor:
         if self.variant == "dynamic_gate":
@@ -272,10 +272,10 @@ class HyperAttention(Qwen2Attention):
         vis_mask = memory.key_mask[:, None, None, :]
         if self.variant == "fused":
             ctx = sdpa_parts(q, [(vis_k, vis_v, vis_mask), (k, v, inputs.causal_mask)])
-            return self.o_proj(merge_heads(ctx))
+            return self.o_proj(merge_heads(ctx), inputs.adapters)
         ctx = self.self_attention(q, k, v, inputs)
         with_media = memory.has_media[:, None, None, None]
         v_ctx = sdpa(q, vis_k, vis_v, vis_mask | ~with_media)  # rows without media: ignored below
         g = self._gate(ctx)
         ctx = torch.where(with_media, ctx * (1 - g) + v_ctx * g, ctx)
-        return self.o_proj(merge_heads(ctx))
+        return self.o_proj(merge_heads(ctx), inputs.adapters)

@@ -61,9 +61,10 @@ class Owl3(nn.Module):
         return chunk
 
     @torch.inference_mode()
-    def visual_memory(self, image_embeds: torch.Tensor, starts: list[int]) -> VisualMemory:
+    def visual_memory(self, image_embeds: torch.Tensor, starts: list[int], adapters: object | None = None
+                      ) -> VisualMemory:
         """Normalise the image embeddings with each hyper layer's own input RMSNorm and project them to
-        that layer's visual K/V, once per request."""
+        that layer's visual K/V (with the request's LoRA `adapters`), once per request."""
         device = image_embeds.device
         starts_t = torch.tensor(starts, dtype=torch.long, device=device)
         rope_pos = starts_t + 1 if self.cfg.strict_visibility else starts_t
@@ -71,7 +72,8 @@ class Owl3(nn.Module):
         for layer in self.llm.layers:
             attn = layer.self_attn
             if isinstance(attn, HyperAttention):
-                kv[attn.layer_index] = attn.visual_kv(layer.input_layernorm(image_embeds), rope_pos, self.rope)
+                kv[attn.layer_index] = attn.visual_kv(layer.input_layernorm(image_embeds), rope_pos, self.rope,
+                                                         adapters)
         return VisualMemory(starts=starts_t, tokens_per_item=image_embeds.shape[1], kv=kv)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,9 @@ class Owl3Runtime(ModelRuntime):
                 "tied_embeddings": c.llm.tie_word_embeddings, "vocab_size": c.llm.vocab_size,
                 "layers": c.llm.num_hidden_layers, "hidden_size": c.llm.hidden_size}
 
+    def weight_key_map(self):
+        return checkpoint_key_map(self.cfg)
+
     # -- requests ----------------------------------------------------------------------------------
 
     def prepare(self, messages: list[dict], images: list, videos: list[list], cut_enable: bool | None
@@ -101,6 +104,10 @@ class Owl3Runtime(ModelRuntime):
         if "num_frames" in opts:
             opts.setdefault("sampling", "owl3-eval")
         return super().video_options(opts)
+
+    def weights_changed(self, tag: str) -> None:
+        """A merged adapter may change the vision tower or projector: cached features are keyed by it."""
+        self.model_key = content_key(self.model_key, tag)
 
     def cached_video(self, key: str) -> CachedVideo | None:
         """A video already encoded under `key` (file identity + sampling): skip decoding and encoding."""
@@ -161,7 +168,8 @@ class Owl3Runtime(ModelRuntime):
         the weights) so that the prefill does not: the results ride along in `inputs`."""
         if inputs.get("media_starts") and "visual_memory" not in inputs:
             embeds = self.image_embeds(inputs)
-            inputs["visual_memory"] = self.model.visual_memory(embeds, inputs["media_starts"])
+            inputs["visual_memory"] = self.model.visual_memory(embeds, inputs["media_starts"],
+                                                               self.adapter_rows([self.request_adapter(inputs)]))
         return inputs
 
     def _visual_memory(self, inputs: Owl3Inputs) -> VisualMemory | None:
@@ -169,7 +177,10 @@ class Owl3Runtime(ModelRuntime):
         if visual is not None:
             return visual
         embeds = self.image_embeds(inputs)
-        return self.model.visual_memory(embeds, inputs["media_starts"]) if embeds is not None else None
+        if embeds is None:
+            return None
+        return self.model.visual_memory(embeds, inputs["media_starts"],
+                                        self.adapter_rows([self.request_adapter(inputs)]))
 
     @torch.inference_mode()
     def begin_prefill(self, inputs: Owl3Inputs) -> PrefillState:
@@ -179,12 +190,13 @@ class Owl3Runtime(ModelRuntime):
         ids = inputs["input_ids"][0].tolist()
         keys = tuple(item["key"] for item in inputs.get("media_items") or [])
         starts = inputs["media_starts"]
-        state, reuse = self._take_prefix(ids, keys, starts)
+        adapter = self.request_adapter(inputs)
+        state, reuse = self._take_prefix(ids, keys, starts, adapter)
         if state is None:
             visual = self._visual_memory(inputs)
             cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
                             self.dtype, self.device)
-            state = DecodeState(cache, 0, visual, [], keys)
+            state = DecodeState(cache, 0, adapter, visual, [], keys)
         elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
             state.visual = self._visual_memory(inputs)
             state.media_keys = keys
@@ -202,7 +214,7 @@ class Owl3Runtime(ModelRuntime):
         end = len(job.ids) if max_tokens is None else min(len(job.ids), state.position + max_tokens)
         chunk = job.ids[state.position: end]
         logits = self._forward(torch.tensor([chunk], device=self.device), state.position, state.cache,
-                               state.visual)
+                               state.visual, state.adapter)
         state.fed_ids.extend(chunk)
         state.position = end
         return logits[0, -1] if end == len(job.ids) else None
@@ -210,7 +222,7 @@ class Owl3Runtime(ModelRuntime):
     @torch.inference_mode()
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
-        logits = self._forward(ids, state.position, state.cache, state.visual)
+        logits = self._forward(ids, state.position, state.cache, state.visual, state.adapter)
         state.position += 1
         state.fed_ids.append(token_id)
         return logits[0, -1]
@@ -234,12 +246,13 @@ class Owl3Runtime(ModelRuntime):
         while len(self._prefixes) > self.prefix_slots:
             self._prefixes.popitem(last=False)
 
-    def _take_prefix(self, ids: list[int], keys: tuple[str, ...], starts: list[int]
+    def _take_prefix(self, ids: list[int], keys: tuple[str, ...], starts: list[int], adapter: int
                      ) -> tuple[DecodeState | None, int]:
-        """The stored state sharing the longest token prefix with `ids` (and the same earlier media)."""
+        """The stored state sharing the longest token prefix with `ids` (and the same earlier media and
+        LoRA adapter: another adapter's cached K/V are other numbers)."""
         best, best_len = None, 0
         for slot, state in self._prefixes.items():
-            if keys[: len(state.media_keys)] != state.media_keys:
+            if keys[: len(state.media_keys)] != state.media_keys or state.adapter != adapter:
                 continue
             n = 0
             for a, b in zip(ids, state.fed_ids):
@@ -270,6 +283,6 @@ class Owl3Runtime(ModelRuntime):
         return memory.keep(rows)
 
     def _forward(self, ids: torch.Tensor, start: int, cache: KVCache, visual: VisualMemory | None,
-                 last_only: bool = True) -> torch.Tensor:
-        h = self.run_decoder(self.model.llm.embed_tokens(ids), start, cache, visual)
+                 adapter: int = 0, last_only: bool = True) -> torch.Tensor:
+        h = self.run_decoder(self.model.llm.embed_tokens(ids), start, cache, visual, adapter)
         return self.model.logits(h[:, -1:] if last_only else h)

@@ -35,11 +35,12 @@ class HybridAttention(Qwen2Attention):
         self.cross_attn_gate_proj = nn.Sequential(nn.Linear(cfg.hidden_size, 1), nn.Tanh())
         self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1))
 
-    def slow_kv(self, normed_slow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slow_kv(self, normed_slow: torch.Tensor, adapters: object | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """normed_slow [N, hidden] -> K, V [1, Hkv, N, D]; the projection is head-major (K then V per
         KV head), as the official einops split `(H KV D)`. Keys get no positions."""
         n = normed_slow.shape[0]
-        kv = self.cross_attn_kv_proj(normed_slow).view(n, self.kv_heads, 2, self.head_dim)
+        kv = self.cross_attn_kv_proj(normed_slow[None], adapters).view(n, self.kv_heads, 2, self.head_dim)
         k = kv[:, :, 0].transpose(0, 1)[None].contiguous()
         v = kv[:, :, 1].transpose(0, 1)[None].contiguous()
         return k, v
@@ -56,4 +57,4 @@ class HybridAttention(Qwen2Attention):
         text = ctx[:, rows]
         gate = self.cross_attn_gate_proj(text) * torch.tanh(self.cross_attn_warm_up_gate)
         ctx = ctx.index_copy(1, rows, text + cross * gate)
-        return self.o_proj(ctx)
+        return self.o_proj(ctx, inputs.adapters)

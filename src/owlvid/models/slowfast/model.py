@@ -74,14 +74,15 @@ class SlowFast(nn.Module):
         return split_fast_tokens(features, self.cfg), features.reshape(-1, features.shape[-1])
 
     @torch.inference_mode()
-    def slow_memory(self, slow: torch.Tensor, query_rows: torch.Tensor) -> SlowMemory:
-        """Slow-token K/V of every hybrid layer, normalised with that layer's own input RMSNorm; once
-        per request."""
+    def slow_memory(self, slow: torch.Tensor, query_rows: torch.Tensor, adapters: object | None = None
+                    ) -> SlowMemory:
+        """Slow-token K/V of every hybrid layer, normalised with that layer's own input RMSNorm (with the
+        request's LoRA `adapters`); once per request."""
         kv = {}
         for layer in self.llm.layers:
             attn = layer.self_attn
             if isinstance(attn, HybridAttention):
-                kv[attn.layer_index] = attn.slow_kv(layer.input_layernorm(slow))
+                kv[attn.layer_index] = attn.slow_kv(layer.input_layernorm(slow), adapters)
         return SlowMemory(query_rows=query_rows, kv=kv)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

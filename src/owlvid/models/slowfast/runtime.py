@@ -114,6 +114,9 @@ class SlowFastRuntime(ModelRuntime):
                 "vocab_rows_stored": c.llm.vocab_size, "layers": c.llm.num_hidden_layers,
                 "hidden_size": c.llm.hidden_size, "tied_embeddings": c.llm.tie_word_embeddings}
 
+    def weight_key_map(self):
+        return checkpoint_key_map(self.cfg)
+
     # -- requests ----------------------------------------------------------------------------------
 
     def prepare(self, messages: list[dict], images: list, videos: list[list], cut_enable: bool | None
@@ -171,7 +174,8 @@ class SlowFastRuntime(ModelRuntime):
     def _prepared(self, inputs: SlowFastInputs) -> tuple[torch.Tensor, SlowMemory | None]:
         seq = self.sequence(inputs)
         # K/V of the slow tokens: once per request, dropped after the prefill
-        memory = self.model.slow_memory(seq.slow, seq.text_rows) if seq.slow is not None else None
+        adapters = self.adapter_rows([self.request_adapter(inputs)])
+        memory = self.model.slow_memory(seq.slow, seq.text_rows, adapters) if seq.slow is not None else None
         return seq.embeds, memory
 
     @torch.inference_mode()
@@ -183,7 +187,7 @@ class SlowFastRuntime(ModelRuntime):
         length = embeds.shape[1]
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length + 256,
                         self.dtype, self.device)
-        return SlowFastPrefill(DecodeState(cache, 0), embeds, memory, length)
+        return SlowFastPrefill(DecodeState(cache, 0, self.request_adapter(inputs)), embeds, memory, length)
 
     @torch.inference_mode()
     def prefill_step(self, job: SlowFastPrefill, max_tokens: int | None = None) -> torch.Tensor | None:
@@ -198,7 +202,7 @@ class SlowFastRuntime(ModelRuntime):
             rows = job.memory.query_rows
             rows = rows[(rows >= start) & (rows < end)] - start
             memory = SlowMemory(query_rows=rows, kv=job.memory.kv)
-        h = self.run_decoder(job.embeds[:, start:end], start, state.cache, memory)
+        h = self.run_decoder(job.embeds[:, start:end], start, state.cache, memory, state.adapter)
         state.position = end
         if end < job.length:
             return None
@@ -209,7 +213,7 @@ class SlowFastRuntime(ModelRuntime):
     def decode(self, state: DecodeState, token_id: int) -> torch.Tensor:
         """One generated token: plain Qwen2 layers (the official decode steps get no cross-attention)."""
         ids = torch.tensor([[token_id]], device=self.device)
-        h = self.run_decoder(self.model.llm.embed_tokens(ids), state.position, state.cache, None)
+        h = self.run_decoder(self.model.llm.embed_tokens(ids), state.position, state.cache, None, state.adapter)
         state.position += 1
         return self.model.logits(h[:, -1])[0]
 
