@@ -49,7 +49,8 @@ from PIL import Image
 
 import owlvid
 from owlvid.api import Model
-from owlvid.layers import KVCache, RotaryTable, new_attention_inputs
+from owlvid.kv_cache import KVCache
+from owlvid.layers import RotaryTable, new_attention_inputs
 from owlvid.models.owl3 import Owl3, Owl3Runtime
 from owlvid.models.owl3.config import owl3_config
 from owlvid.models.slowfast import SlowFast, SlowFastRuntime

@@ -26,7 +26,7 @@ import torch
 from perf import bench_decode, bench_matmul, build_model, table, video_messages
 
 import owlvid
-from owlvid.layers import KVCache
+from owlvid.kv_cache import KVCache
 from owlvid.quantize import import_torchao, language_model_bytes, quantize_language_model
 from owlvid.testing import write_tiny_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from owlvid.engine import SamplingParams, run_batch
-from owlvid.layers import KVCache, RaggedKVCache
+from owlvid.kv_cache import KVCache, RaggedKVCache
 from owlvid.sampling import Sampler, sample
 
 META = torch.device("meta")

@@ -1,4 +1,4 @@
-"""Shared transformer pieces: RMSNorm, rotary embeddings, SDPA attention, Qwen2 blocks, KV cache.
+"""Shared transformer pieces: RMSNorm, rotary embeddings, SDPA attention, Qwen2 blocks (the KV caches: kv_cache.py).
 
 Numerics follow the official Qwen2 code (the reference both model families were trained with):
 RMSNorm in float32 then cast back before the weight multiply, RoPE tables in float32 cast to the
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedError
+from .kv_cache import KVCache, RaggedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -138,168 +139,6 @@ def sdpa_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, to
     return out.reshape(b, h, t, d)
 
 
-@dataclass
-class LayerKV:
-    """The text keys/values of one layer for a batch: [B, Hkv, capacity, D], first `length` valid."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-class KVCache:
-    """Pre-allocated per-layer key/value storage for one batch of sequences (all the same length)."""
-
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
-                               torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
-        self.length = 0
-        self.capacity = capacity
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, T, D] after the current length; return all valid keys/values."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.capacity:
-            self._grow(max(end, 2 * self.capacity))
-        entry = self.layers[layer]
-        entry.k[:, :, start:end] = k
-        entry.v[:, :, start:end] = v
-        return entry.k[:, :, :end], entry.v[:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def load_row(self, ragged: RaggedKVCache, row: int) -> None:
-        """This (one-sequence) cache takes the keys/values of `row` of a decoding batch's ragged cache."""
-        n = ragged.host_lengths[row]
-        if n > self.capacity:
-            self._grow(n)
-        for entry, source in zip(self.layers, ragged.layers):
-            entry.k[0, :, :n] = source.k[row, :, :n]
-            entry.v[0, :, :n] = source.v[row, :, :n]
-        self.length = n
-
-    def _grow(self, capacity: int) -> None:
-        for entry in self.layers:
-            for name in ("k", "v"):
-                old = getattr(entry, name)
-                new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
-                new[:, :, : self.length] = old[:, :, : self.length]
-                setattr(entry, name, new)
-        self.capacity = capacity
-
-
-class RaggedKVCache:
-    """Key/value storage for a decoding batch whose sequences have different lengths, allocated once.
-
-    Storage is [rows, Hkv, capacity, D] per layer for up to `rows` requests; the batch's B requests are
-    its first B rows, row b holding `lengths[b]` valid entries. `append` writes one new token per row at
-    its own length, in place, and `valid_mask()` hides the padding from attention. Requests join into the
-    next free rows and leaving rows are compacted in place, so the storage is reallocated only when the
-    batch outgrows it (capacity doubles). The lengths are mirrored on the host: no step reads them back
-    from the device (on a GPU every such read is a synchronisation).
-    """
-
-    def __init__(self, layers: list[LayerKV], lengths: list[int], device: torch.device | str) -> None:
-        self.layers = layers  # [rows, Hkv, capacity, D] each; only the first len(host_lengths) rows in use
-        self.host_lengths = list(lengths)
-        self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)  # [B] on the device
-
-    @classmethod
-    def from_caches(cls, caches: list[KVCache], rows: int | None = None, extra: int = 64) -> RaggedKVCache:
-        """A batch of these prefilled requests, with room for `rows` requests (default: just these)."""
-        ref = caches[0].layers[0].k
-        cache = cls.allocate(len(caches[0].layers), max(rows or 0, len(caches)), ref.shape[1],
-                             max(c.length for c in caches) + extra, ref.shape[3], ref.dtype, ref.device)
-        cache.add(caches)
-        return cache
-
-    @classmethod
-    def allocate(cls, num_layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> RaggedKVCache:
-        """Empty storage. Zeros, not `empty`: padding is masked, but a NaN there would still reach the
-        output through 0 * NaN in the attention's weighted sum."""
-        shape = (rows, kv_heads, capacity, head_dim)
-        return cls([LayerKV(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)], [], device)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.host_lengths)
-
-    @property
-    def rows(self) -> int:
-        return self.layers[0].k.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].k.shape[2]
-
-    def add(self, caches: list[KVCache]) -> None:
-        """Prefilled requests join the batch: their keys/values are copied into the next free rows."""
-        start, end = self.batch_size, self.batch_size + len(caches)
-        longest = max([c.length for c in caches] + self.host_lengths)
-        self._reserve(end, longest + 1)
-        for i, entry in enumerate(self.layers):
-            for b, c in enumerate(caches, start):
-                entry.k[b, :, : c.length] = c.layers[i].k[0, :, : c.length]
-                entry.v[b, :, : c.length] = c.layers[i].v[0, :, : c.length]
-        self.host_lengths += [c.length for c in caches]
-        self.lengths = torch.cat([self.lengths, torch.tensor([c.length for c in caches], dtype=torch.long,
-                                                             device=self.lengths.device)])
-
-    def keep(self, rows: list[int]) -> None:
-        """Only these rows (ascending) stay: each moves down into the first free row, in place."""
-        for i, r in enumerate(rows):
-            if r != i:
-                n = self.host_lengths[r]
-                for entry in self.layers:
-                    entry.k[i, :, :n] = entry.k[r, :, :n]
-                    entry.v[i, :, :n] = entry.v[r, :, :n]
-        self.host_lengths = [self.host_lengths[r] for r in rows]
-        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.lengths.device)]
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new token per row (k/v [B, Hkv, 1, D]) at each row's length; all keys/values up to the
-        longest row (the padding is hidden by `valid_mask`)."""
-        end = self.end
-        if end > self.capacity:
-            self._reserve(self.batch_size, end)
-        entry, b = self.layers[layer], k.shape[0]
-        rows = torch.arange(b, device=k.device)
-        entry.k[rows, :, self.lengths] = k[:, :, 0]
-        entry.v[rows, :, self.lengths] = v[:, :, 0]
-        return entry.k[:b, :, :end], entry.v[:b, :, :end]
-
-    @property
-    def end(self) -> int:
-        """Keys visible to this step: the longest row plus its new token."""
-        return max(self.host_lengths) + 1
-
-    def valid_mask(self) -> torch.Tensor:
-        """Bool [B, 1, 1, S] over the keys after this step's append."""
-        return (torch.arange(self.end, device=self.lengths.device)[None, :] <= self.lengths[:, None])[:, None, None]
-
-    def advance(self, n: int = 1) -> None:
-        self.lengths += n
-        self.host_lengths = [length + n for length in self.host_lengths]
-
-    def _reserve(self, rows: int, capacity: int) -> None:
-        """Grow the storage (doubling) to at least `rows` rows of `capacity` keys, keeping the contents."""
-        if rows <= self.rows and capacity <= self.capacity:
-            return
-        new_rows = self.rows if rows <= self.rows else max(rows, 2 * self.rows)
-        new_capacity = self.capacity if capacity <= self.capacity else max(capacity, 2 * self.capacity)
-        used = self.batch_size
-        for entry in self.layers:
-            for name in ("k", "v"):
-                old = getattr(entry, name)
-                new = old.new_zeros((new_rows, old.shape[1], new_capacity, old.shape[3]))
-                new[:used, :, : old.shape[2]] = old[:used]
-                setattr(entry, name, new)
-
-
 # Linear kernels for quantized weights (tensor subclasses), by weight type; filled by owlvid.quantize. A
 # subclass not listed here goes to F.linear, which dispatches to the subclass's own implementation.
 QUANTIZED_LINEAR: dict[type, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {}
@@ -348,6 +187,55 @@ class Qwen2MLP(nn.Module):
 
 
 @dataclass
+class AdapterRows:
+    """The adapter slot of each row of one forward call: `host` on the host, `index` [B] on the device (gathers),
+    `mask` [B, 1, slots * rank] (1 on the columns of the row's slot) in the model dtype, `single` the slot when
+    every row has the same one."""
+
+    host: list[int]
+    index: torch.Tensor
+    mask: torch.Tensor
+    single: int | None
+    slots: int
+    rank: int
+
+    @classmethod
+    def of(cls, slots: list[int], layout: tuple[int, int], dtype: torch.dtype, device: torch.device
+           ) -> AdapterRows | None:
+        """Rows on these slots, for LoraLinear layers of `layout` (slots, rank); None when every row is on the
+        base model (the layers then skip the LoRA path entirely)."""
+        if not any(slots):
+            return None
+        count, rank = layout
+        single = slots[0] if all(s == slots[0] for s in slots) else None
+        mask = torch.zeros(len(slots), 1, count * rank, dtype=dtype)
+        for row, slot in enumerate(slots):
+            mask[row, 0, slot * rank: (slot + 1) * rank] = 1
+        return cls(list(slots), torch.tensor(slots, dtype=torch.long, device=device), mask.to(device), single,
+                   count, rank)
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Each row's `(x @ A[slot].T) @ B[slot].T` for x [B, ..., in], stacked factors a [slots * r, in] and
+        b [out, slots * r]."""
+        r = self.rank
+        if self.single is not None:  # one adapter: plain matmuls over its own columns
+            cols = slice(self.single * r, (self.single + 1) * r)
+            return linear(linear(x, a[cols]), b[:, cols].contiguous())
+        rows = x.shape[0]
+        if self.slots <= 2 * rows:
+            # Few adapters: every slot's factors at once, each row keeping its own slot's columns (two GEMMs and
+            # a multiply: on the CPU 2x faster than gathering per-row factors for bmm; on a GPU fewer kernels).
+            xb = x.reshape(rows, -1, x.shape[-1])
+            return linear(linear(xb, a) * self.mask, b).reshape(*x.shape[:-1], b.shape[0])
+        # Many adapters: only the rows' own factors are read (gathered), one bmm each way.
+        xb = x.reshape(rows, -1, x.shape[-1])
+        a_rows = a.view(self.slots, r, -1).index_select(0, self.index)  # [B, r, in]
+        b_rows = b.view(b.shape[0], self.slots, r).index_select(1, self.index)  # [out, B, r]
+        out = torch.bmm(torch.bmm(xb, a_rows.transpose(1, 2)), b_rows.permute(1, 2, 0))
+        return out.reshape(*x.shape[:-1], b.shape[0])
+
+
+@dataclass
 class AttentionInputs:
     """What every attention layer of one forward call needs besides its hidden states."""
 
@@ -357,7 +245,7 @@ class AttentionInputs:
     cache: KVCache | RaggedKVCache
     causal_mask: torch.Tensor | None  # [B, 1, T, S] bool over cached+new text keys, None = plain causal
     visual: object | None = None  # model-specific per-request visual memory (see the model files)
-    adapters: object | None = None  # the rows' LoRA slots (owlvid.lora.AdapterRows), None: the base model
+    adapters: AdapterRows | None = None  # the rows' LoRA slots (None: every row on the base model)
 
 
 class Qwen2Attention(nn.Module):
@@ -500,7 +388,7 @@ def param_count(module: nn.Module) -> int:
 
 
 __all__ = [
-    "RMSNorm", "RotaryTable", "apply_rope", "rotate_half", "sdpa", "KVCache", "Qwen2MLP", "Qwen2Attention",
+    "RMSNorm", "RotaryTable", "apply_rope", "rotate_half", "sdpa", "Qwen2MLP", "Qwen2Attention",
     "Qwen2DecoderLayer", "Qwen2Decoder", "Qwen2Config", "AttentionInputs", "new_attention_inputs",
     "merge_heads", "causal_mask", "gelu_tanh", "param_count",
 ]

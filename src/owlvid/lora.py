@@ -14,14 +14,12 @@ over the rows' gathered factors. Rows on the base model cost nothing when the wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .adapters import Adapter
 from .errors import UnsupportedError
-from .layers import Linear, linear
+from .layers import AdapterRows, Linear, linear
 
 # Layers that take an `adapters` argument at every call (decoder projections): the only ones the unmerged path
 # can adapt. Others (vision tower, projector, gates inside nn.Sequential) need the adapter merged.
@@ -40,55 +38,6 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
             raise UnsupportedError("an adapter cannot be merged into quantized weights: merge before quantizing")
         merged = weight.float() + w.delta().to(weight.device)
         weight.copy_(merged.to(weight.dtype))
-
-
-@dataclass
-class AdapterRows:
-    """The adapter slot of each row of one forward call: `host` on the host, `index` [B] on the device (gathers),
-    `mask` [B, 1, slots * rank] (1 on the columns of the row's slot) in the model dtype, `single` the slot when
-    every row has the same one."""
-
-    host: list[int]
-    index: torch.Tensor
-    mask: torch.Tensor
-    single: int | None
-    slots: int
-    rank: int
-
-    @classmethod
-    def of(cls, slots: list[int], layout: tuple[int, int], dtype: torch.dtype, device: torch.device
-           ) -> AdapterRows | None:
-        """Rows on these slots, for LoraLinear layers of `layout` (slots, rank); None when every row is on the
-        base model (the layers then skip the LoRA path entirely)."""
-        if not any(slots):
-            return None
-        count, rank = layout
-        single = slots[0] if all(s == slots[0] for s in slots) else None
-        mask = torch.zeros(len(slots), 1, count * rank, dtype=dtype)
-        for row, slot in enumerate(slots):
-            mask[row, 0, slot * rank: (slot + 1) * rank] = 1
-        return cls(list(slots), torch.tensor(slots, dtype=torch.long, device=device), mask.to(device), single,
-                   count, rank)
-
-    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Each row's `(x @ A[slot].T) @ B[slot].T` for x [B, ..., in], stacked factors a [slots * r, in] and
-        b [out, slots * r]."""
-        r = self.rank
-        if self.single is not None:  # one adapter: plain matmuls over its own columns
-            cols = slice(self.single * r, (self.single + 1) * r)
-            return linear(linear(x, a[cols]), b[:, cols].contiguous())
-        rows = x.shape[0]
-        if self.slots <= 2 * rows:
-            # Few adapters: every slot's factors at once, each row keeping its own slot's columns (two GEMMs and
-            # a multiply: on the CPU 2x faster than gathering per-row factors for bmm; on a GPU fewer kernels).
-            xb = x.reshape(rows, -1, x.shape[-1])
-            return linear(linear(xb, a) * self.mask, b).reshape(*x.shape[:-1], b.shape[0])
-        # Many adapters: only the rows' own factors are read (gathered), one bmm each way.
-        xb = x.reshape(rows, -1, x.shape[-1])
-        a_rows = a.view(self.slots, r, -1).index_select(0, self.index)  # [B, r, in]
-        b_rows = b.view(b.shape[0], self.slots, r).index_select(1, self.index)  # [out, B, r]
-        out = torch.bmm(torch.bmm(xb, a_rows.transpose(1, 2)), b_rows.permute(1, 2, 0))
-        return out.reshape(*x.shape[:-1], b.shape[0])
 
 
 class LoraLinear(Linear):

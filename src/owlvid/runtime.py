@@ -29,8 +29,8 @@ import torch
 
 from .cache import VisualCache
 from .errors import InputError
-from .layers import KVCache, RaggedKVCache, new_attention_inputs
-from .lora import AdapterRows
+from .kv_cache import KVCache, RaggedKVCache
+from .layers import AdapterRows, new_attention_inputs
 from .tokenizer import QwenTokenizer
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from owlvid.layers import KVCache
+from owlvid.kv_cache import KVCache
 
 from .test_visual_cache import image
 

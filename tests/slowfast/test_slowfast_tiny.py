@@ -16,7 +16,8 @@ from PIL import Image
 
 import owlvid
 from owlvid.errors import CheckpointError, InputError
-from owlvid.layers import KVCache, Qwen2Config
+from owlvid.kv_cache import KVCache
+from owlvid.layers import Qwen2Config
 from owlvid.models.slowfast.config import ConvNextConfig, SlowFastConfig
 from owlvid.models.slowfast.language import SlowMemory
 from owlvid.models.slowfast.vision import fast_plan, sample_fast_frames, split_fast_tokens, token_counts

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from ..layers import KVCache
+from ..kv_cache import KVCache
 from ..models.slowfast.processor import SlowFastInputs
 from . import write_tiny_tokenizer
 

@@ -14,7 +14,8 @@ import torch
 from ...cache import VisualCache, content_key
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import InputError
-from ...layers import KVCache, RotaryTable
+from ...kv_cache import KVCache
+from ...layers import RotaryTable
 from ...quantize import LoadQuantizer
 from ...runtime import DecodeBatch, ModelRuntime, PrefillJob
 from ...runtime import DecodeState as BaseDecodeState

@@ -16,7 +16,8 @@ import torch
 
 from ...checkpoint import checkpoint_shapes, load_weights
 from ...errors import CheckpointError, InputError
-from ...layers import KVCache, RotaryTable
+from ...kv_cache import KVCache
+from ...layers import RotaryTable
 from ...quantize import LoadQuantizer
 from ...runtime import DecodeState, ModelRuntime, PrefillJob
 from ...tokenizer import QwenTokenizer

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, InputError
-from .plan import GiB, MemoryPlan, parse_max_memory, parse_size, plan_memory
+from ..errors import CheckpointError, InputError
+from ..plan import GiB, MemoryPlan, parse_max_memory, parse_size, plan_memory
 
 GPU_RESERVE = 1 * GiB  # left on each detected GPU for the CUDA context, cuBLAS workspaces, allocator slack
 
