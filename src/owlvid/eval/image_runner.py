@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import records as records_mod
 from ..errors import InputError, OwlvidError
 from ..metrics import EngineMetrics
 from .frames import question_seed
@@ -26,9 +25,9 @@ from .runner import (
     RESULTS,
     RUN,
     _check_same_run,
-    _progress,
     _read_predictions,
     _write_json,
+    answer_into,
     checkpoint_fingerprint,
     model_family,
     run_folder,
@@ -106,7 +105,6 @@ def _image_source(q: ImageQuestion, k: int) -> str:
 
 def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: Path, *, max_batch: int, seed: int,
             progress: bool, metrics: EngineMetrics | None = None) -> None:
-    from ..jobs import generate_each
 
     placeholder = model.runtime.image_placeholder
 
@@ -121,21 +119,9 @@ def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: P
 
         return build
 
-    by_id = {q.qid: q for q in todo}
     image_size = model.runtime.describe().get("image_size")
-    bar = _progress(len(todo), progress, proto.benchmark)
-    counts = {"answered": 0, "failed": 0}
-    try:
-        with records_mod.RecordWriter(path) as f:
-            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
-                                             metrics=metrics):
-                record = _record(by_id[qid], proto, result, image_size, seed)
-                f.write(record)
-                counts["failed" if record["error"] else "answered"] += 1
-                bar.set_postfix(counts, refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
+    answer_into(model, todo, path, job, lambda q, result: _record(q, proto, result, image_size, seed),
+                benchmark=proto.benchmark, max_batch=max_batch, progress=progress, metrics=metrics)
 
 
 def image_audit(q: ImageQuestion, media: list[dict], cut: bool, image_size: int | None) -> list[dict]:

@@ -222,7 +222,6 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
 def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, max_batch: int, seed: int,
             progress: bool, metrics: EngineMetrics | None = None) -> None:
     from ..cache import content_key, file_identity
-    from ..jobs import generate_each
     from ..video_plan import FrameList
 
     as_images = proto.frames_as == "images"
@@ -252,16 +251,29 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
 
         return build
 
+    answer_into(model, todo, path, job, lambda q, result: _record(q, proto, model.runtime, result,
+                                                                  audits.pop(q.qid, None), seed),
+                benchmark=proto.benchmark, max_batch=max_batch, progress=progress, metrics=metrics)
+
+
+def answer_into(model: Any, todo: Sequence[Any], path: Path, job: Callable[[Any], Callable[[], tuple]],
+                record: Callable[[Any, Any], dict], *, benchmark: str, max_batch: int, progress: bool,
+                metrics: EngineMetrics | None) -> None:
+    """Answer the questions through the engine (`job(q)` builds a question's conversation when it is prepared)
+    into the predictions file, one `record(q, result)` line each as it completes, with a progress bar (the
+    video and the image tables alike)."""
+    from ..jobs import generate_each
+
     by_id = {q.qid: q for q in todo}
-    bar = _progress(len(todo), progress, proto.benchmark)
+    bar = _progress(len(todo), progress, benchmark)
     counts = {"answered": 0, "failed": 0}
     try:
         with records_mod.RecordWriter(path) as f:
             for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
                                              metrics=metrics):
-                record = _record(by_id[qid], proto, model.runtime, result, audits.pop(qid, None), seed)
-                f.write(record)
-                counts["failed" if record["error"] else "answered"] += 1
+                line = record(by_id[qid], result)
+                f.write(line)
+                counts["failed" if line["error"] else "answered"] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update(1)
     finally:
