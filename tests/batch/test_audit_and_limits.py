@@ -78,8 +78,8 @@ def test_audit_names_the_frames_decoder_and_hash_and_a_second_question_hits_the_
     timings = lines["first"]["response"]["body"]["owlvid"]["timings"]
     assert timings["media_s"] == first["decode_s"] and timings["vision_s"] == first["encode_s"]
     assert timings["decode_steps"] == lines["first"]["response"]["body"]["usage"]["completion_tokens"] - 1
-    for key in ("prefill_s", "decode_s", "prepare_s", "queue_s"):
-        assert timings[key] >= 0
+    # time was spent where the work was: the prefill, the decoding steps, the preparation (which decoded the video)
+    assert timings["prefill_s"] > 0 and timings["decode_s"] > 0 and timings["prepare_s"] >= first["decode_s"] > 0
     messages = [{"role": "user", "content": [{"type": "video", "video": url, "num_frames": len(EXPECTED_INDICES)},
                                              {"type": "text", "text": "What happens?"}]}]
     alone = model.generate(messages, max_new_tokens=request_line("x", "")["body"]["max_tokens"])

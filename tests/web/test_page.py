@@ -320,5 +320,10 @@ def test_screenshot_of_a_video_conversation(open_page, web_server, tmp_path):
     page.screenshot(path=str(target))
     from PIL import Image
 
+    answers = page.get_by_test_id("answer")
+    assert answers.count() == 2 and all(answers.nth(i).text_content().strip() for i in range(2))
+    assert page.get_by_test_id("frames").locator("img").count() == 8
     with Image.open(target) as shot:
         assert shot.size == (1280, 800)
+        colors = shot.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is None or len(colors) > 2000  # the video's frames are on it, not an empty page
