@@ -106,3 +106,20 @@ def test_at_most_eight_floors_under_the_entry_points():
 def test_no_module_past_450_lines():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 450}
     assert long == {}, f"split these modules: {long}"
+
+
+def test_model_families_fill_in_the_skeleton(tiny_owl3_models, tmp_path):
+    """Every family's top-level module is a `VisionLanguageModel`: the names tools read exist on each (no
+    probing), `lm_head` is None exactly when tied to the embedding."""
+    from torch import nn
+
+    from owlvid.models.base import VisionLanguageModel
+    from owlvid.testing.slowfast import make_tiny_slowfast
+
+    models = [m.runtime.model for m in tiny_owl3_models.values()]
+    models.append(owlvid.load(make_tiny_slowfast(tmp_path / "sf"), dtype="float32", device="cpu").runtime.model)
+    for model in models:
+        assert isinstance(model, VisionLanguageModel)
+        assert isinstance(model.vision, nn.Module) and isinstance(model.projector, nn.Module)
+        assert (model.lm_head is None) == model.cfg.llm.tie_word_embeddings
+        assert model.vision in model.modules() and model.projector in model.modules()

@@ -109,7 +109,7 @@ def _targets(model: nn.Module, include_cross_attention: bool = False) -> list[st
     suffixes = _QWEN2_PROJECTIONS + (_CROSS_ATTENTION_PROJECTIONS if include_cross_attention else ())
     names = [f"llm.layers.{name}.weight" for name, module in model.llm.layers.named_modules()
              if isinstance(module, nn.Linear) and name.split(".", 1)[-1] in suffixes]
-    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+    if model.lm_head is not None:
         names.append("lm_head.weight")
     return names + ["llm.embed_tokens.weight"]
 

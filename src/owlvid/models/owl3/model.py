@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...layers import Qwen2Decoder, RotaryTable, linear
+from ..base import VisionLanguageModel
 from .config import Owl3Config
 from .language import HyperAttention, VisualMemory
 from .vision import SiglipTower
@@ -18,7 +19,7 @@ from .vision import SiglipTower
 CPU_VISION_CHUNK_BYTES = 16 << 20
 
 
-class Owl3(nn.Module):
+class Owl3(VisionLanguageModel):
     """The whole mPLUG-Owl3 network. Module names are ours; `checkpoint_key_map` maps official keys."""
 
     def __init__(self, cfg: Owl3Config) -> None:
@@ -26,8 +27,7 @@ class Owl3(nn.Module):
         self.cfg = cfg
         c = cfg.llm
         self.llm = Qwen2Decoder(c, cfg.hyper_layers, lambda i: HyperAttention(cfg, i))
-        if not c.tie_word_embeddings:
-            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.vision = SiglipTower(cfg.vision)
         d_vis = cfg.vision.hidden_size
         if cfg.projector == "mlp":

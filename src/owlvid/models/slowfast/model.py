@@ -10,12 +10,13 @@ from torch import nn
 
 from ...errors import CheckpointError
 from ...layers import Qwen2Decoder, RotaryTable, linear
+from ..base import VisionLanguageModel
 from .config import SlowFastConfig
 from .language import HybridAttention, SlowMemory
 from .vision import ConvNeXt, build_projector, pool_frames, split_fast_tokens
 
 
-class SlowFast(nn.Module):
+class SlowFast(VisionLanguageModel):
     """The whole network; module names follow the official keys minus the `model.` prefixes."""
 
     def __init__(self, cfg: SlowFastConfig) -> None:
@@ -23,12 +24,19 @@ class SlowFast(nn.Module):
         self.cfg = cfg
         c = cfg.llm
         self.llm = Qwen2Decoder(c, cfg.hybrid_layers, lambda i: HybridAttention(c, i))
-        if not c.tie_word_embeddings:
-            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.vision_tower = ConvNeXt(cfg.vision)
         self.mm_projector = build_projector(cfg.projector, cfg.mm_hidden_size, c.hidden_size)
         self.rope: RotaryTable | None = None  # built after the weights are on their device
         self.vocab_used = c.vocab_size  # rows actually used (len(tokenizer)), see truncate_vocab
+
+    @property
+    def vision(self) -> nn.Module:  # the official name is kept for the module (weight keys follow it)
+        return self.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.mm_projector
 
     def hybrid_attentions(self) -> list[HybridAttention]:
         return [layer.self_attn for layer in self.llm.layers if isinstance(layer.self_attn, HybridAttention)]
