@@ -60,7 +60,7 @@ def read_plan_config(model: str, revision: str | None = None) -> tuple[dict, dic
         if not config_file.exists():
             raise CheckpointError(f"{path} is not a checkpoint folder: it has no config.json")
     else:
-        from .checkpoint import is_hub_id
+        from ..checkpoint import is_hub_id
 
         if not is_hub_id(model):
             raise CheckpointError(f"checkpoint {model!r} not found: give a folder, a config.json or a hub id")
@@ -73,7 +73,7 @@ def read_plan_config(model: str, revision: str | None = None) -> tuple[dict, dic
         raise CheckpointError(f"{config_file} does not hold a JSON object")
     shapes = None
     if folder is not None and any(folder.glob("*.safetensors")):
-        from .checkpoint import checkpoint_shapes
+        from ..checkpoint import checkpoint_shapes
 
         shapes = checkpoint_shapes(folder)
     return config, shapes
@@ -116,7 +116,7 @@ def detected_max_memory() -> dict[str, int]:
 def cmd_plan(args: argparse.Namespace) -> int:
     model = args.model_arg or args.model
     if model is None:
-        from .api import DEFAULT_MODEL
+        from ..api import DEFAULT_MODEL
 
         model = DEFAULT_MODEL
     config, shapes = read_plan_config(str(model), args.revision)
