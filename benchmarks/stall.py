@@ -139,6 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.model == "small":
         perf.SHAPES["small"], perf.SIGLIP = SMALL, SMALL_SIGLIP
+        perf.RELEASES["small"] = "241014"  # tied embeddings, as the 1B/2B releases
     tok_dir = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tok_dir)
     model = perf.build_model(args.model, torch.float32, tok_dir)
