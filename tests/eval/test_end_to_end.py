@@ -78,8 +78,13 @@ def test_mvbench_official_owl3_answers_as_generate_with_the_official_frames(owl3
     expected = owl3.generate(proto.with_frames(proto.messages(q.question, list(q.options), **q.fields), frames),
                              cut_enable=False, **proto.generation)
     assert r["response"] == expected.text
-    score = proto.score(expected.text, list(q.options), "B")
-    assert (r["predicted"], r["correct"], r["parsed"]) == (score.predicted, score.correct, score.parsed)
+    # the official check_answer, written out for this question (answer "B. closing"): correct when the first
+    # word without dots is a substring of "b.", or "closing" follows it; else a first word A/C is the prediction
+    words = expected.text.lower().split(" ")
+    first, rest = words[0].replace(".", "").strip(), " ".join(words[1:])
+    correct = first in "b." or "closing" in rest
+    predicted = ("B" if first else None) if correct else (first.upper() if first.upper() in ("A", "C") else None)
+    assert (r["predicted"], r["correct"]) == (predicted, correct)
     assert records["episodic_reasoning/0"]["frames"]["files"] == [
         f"{k:05d}.jpg" for k in (6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23)]
     assert records["action_sequence/0"]["frames"]["seed"] > 0
