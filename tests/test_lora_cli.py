@@ -73,10 +73,12 @@ def test_batch_lines_pick_their_adapter(folders, answers, tmp_path):
     code = main(["batch", "--model", str(folders["base"]), "--dtype", "float32", "--device", "cpu", "-i", str(src),
                  "-o", str(out), "--no-progress", "--lora-modules", f"a={folders['a']}", f"b={folders['b']}"])
     assert code == 0
-    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
-           for r in map(json.loads, out.read_text().splitlines())}
+    bodies = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    base_name = bodies["r0"]["model"]
     for i, name in enumerate([None, "a", "b", "a", None, "b"]):
-        assert got[f"r{i}"] == answers[name][i % 3], i
+        assert bodies[f"r{i}"]["choices"][0]["message"]["content"] == answers[name][i % 3], i
+        assert bodies[f"r{i}"]["model"] == (name or base_name), i  # the answer names the adapter that gave it
+    assert base_name not in ("a", "b")
 
 
 def test_server_lists_and_routes_adapters(folders, answers, tmp_path):

@@ -360,13 +360,15 @@ def answer_requests(model: Any, config: Any, todo: list[BatchRequest], *, prefet
 
         return build
 
+    # the name a line's answer carries: the adapter its `model` picked, else the base model's
+    answered_as = {r.custom_id: builder.adapter_for(r.body.model) or config.served_model_name for r in todo}
     for custom_id, result in generate_each(model, ((r.custom_id, job(r.body)) for r in todo),
                                            max_batch=config.max_batch, prefetch=prefetch,
                                            media_timeout=config.media_timeout, metrics=metrics):
         if isinstance(result, Exception):
             yield (custom_id, *_error(result))
         else:
-            body = schemas.completion(schemas.new_completion_id(), created, config.served_model_name, result.text,
+            body = schemas.completion(schemas.new_completion_id(), created, answered_as[custom_id], result.text,
                                       result.finish_reason, result.prompt_tokens, result.completion_tokens)
             body["owlvid"] = audit(result)
             yield custom_id, 200, body
