@@ -37,7 +37,7 @@ from owlvid.engine import (  # noqa: E402
     Ticket,  # noqa: E402
     TokenEvent,
 )
-from owlvid.server.scheduler import Job, Scheduler  # noqa: E402
+from owlvid.server.scheduler import Job, Scheduler, watched  # noqa: E402
 from owlvid.testing import write_tiny_tokenizer  # noqa: E402
 
 # A small model that runs the scenario in a few minutes on two cores (same code paths as 1b).
@@ -57,15 +57,13 @@ class BeforeScheduler(Scheduler):
             if job is None:
                 self._ready.put(None)
                 return
-            self._ready.put(Ticket(owner=job, cancelled=lambda job=job: job.cancelled, deadline=job.deadline))
+            self._ready.put(watched(Ticket(), job))
 
     def _feed(self, block: bool):
         ticket = super()._feed(block)
         if isinstance(ticket, Ticket):  # prepared here, on the engine thread
             job = ticket.owner
-            prepared = self.model.ticket(job.messages, job.options)
-            prepared.owner, prepared.cancelled, prepared.deadline = job, ticket.cancelled, ticket.deadline
-            return prepared
+            return watched(self.model.ticket(job.messages, job.options, timed=True), job)
         return ticket
 
 

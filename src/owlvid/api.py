@@ -21,7 +21,7 @@ import torch
 from .adapters import check_lora_modules, read_adapter
 from .cache import VisualCache
 from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
-from .engine import Engine, Generation, SamplingParams, Ticket, TokenEvent, check_context, list_feed, run_batch
+from .engine import Generation, SamplingParams, Ticket, TokenEvent, check_context, run_batch, run_generation
 from .errors import InputError
 from .messages import check_seed, check_text, normalize_messages
 from .models import runtime_class
@@ -150,10 +150,12 @@ class Model:
         return request, prompt_ids
 
     def ticket(self, messages: list[dict], options: dict, *, key: Any = None, encode_ahead: bool = False,
-               media_timeout: float | None = None) -> Ticket:
+               media_timeout: float | None = None, timed: bool = False) -> Ticket:
         """A request ready for the engine: options split (generation vs media), messages rendered and their
         media loaded; with `encode_ahead`, the vision tower run too (on the caller's thread, beside the
-        engine's steps). A mistake in the request is raised here."""
+        engine's steps). `timed`: its result reports the preparation and the wait for a batch slot
+        (`prepare_s`, `queue_s`: front doors that prepare beside the engine). A mistake in the request is
+        raised here."""
         t0 = time.perf_counter()
         options = dict(options)
         if media_timeout is not None:
@@ -165,16 +167,12 @@ class Model:
             request = self.runtime.encode_media(request)
         now = time.perf_counter()
         return Ticket(key=key, request=request, prompt_ids=prompt_ids, params=params, prepare_s=now - t0,
-                      ready_at=now)
+                      ready_at=now, timed=timed)
 
     def iter_generate(self, messages: list[dict], **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         """TokenEvents as tokens are generated, then the final Generation."""
         ticket = self.ticket(messages, kwargs)
-        ticket.prepare_s = 0.0  # prepared inline: no preparation or queueing to report
-        for _, event in Engine(self.runtime, max_batch=1, prefill_chunk=None).run(list_feed([ticket])):
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+        yield from run_generation(self.runtime, ticket.request, ticket.prompt_ids, ticket.params)
 
     def generate(self, messages: list[dict], **kwargs: Any) -> Generation:
         """Answer the conversation: `Generation(text, token_ids, finish_reason, prompt_tokens, ...)`."""
@@ -206,10 +204,7 @@ class Model:
             raise InputError(f"adapters has {len(adapters)} entries for {len(conversations)} conversations")
         per_row = adapters if adapters is not None else [kwargs.get("adapter")] * len(conversations)
         tickets = [self.ticket(messages, {**kwargs, "adapter": name}) for messages, name in zip(conversations, per_row)]
-        for ticket in tickets:
-            ticket.prepare_s = 0.0  # prepared inline: no preparation or queueing to report
-        return run_batch(self.runtime, tickets, max_batch=max_batch,
-                         errors="return" if return_exceptions else "raise")
+        return run_batch(self.runtime, tickets, max_batch=max_batch, errors="return" if return_exceptions else "raise")
 
     def next_token_logits(self, messages: list[dict], **kwargs: Any) -> torch.Tensor:
         """float32 logits [vocab] of the token after the prompt (scoring, multiple-choice evaluation)."""

@@ -61,7 +61,8 @@ class Ticket:
     `request`, `prompt_ids`, `params`: the prepared model inputs (see `Model.ticket`), or `error`: the
     exception its preparation raised (the engine reports it as the request's only event). `cancelled`:
     polled between steps (a client that went away); `deadline`: `time.monotonic()` past which it is
-    dropped with `RequestTimeout`. `prepare_s` / `ready_at` go into the result's timings (`prepare_s`,
+    dropped with `RequestTimeout`. With `timed` (prepared beside the engine: batch jobs, the server),
+    `prepare_s` / `ready_at` go into the result's timings (`prepare_s`,
     `queue_s`). `key` and `owner` are the caller's (an id, a server job)."""
 
     key: Any = None
@@ -70,6 +71,7 @@ class Ticket:
     params: SamplingParams | None = None
     error: BaseException | None = None
     prepare_s: float = 0.0
+    timed: bool = False
     ready_at: float = field(default_factory=time.perf_counter)
     cancelled: Callable[[], bool] | None = None
     deadline: float | None = None
@@ -147,14 +149,14 @@ class Engine:
                     return
                 continue
             yield from self._observed(self._step())
-            self.metrics.running = self.active
 
     def _observed(self, events: Iterable[tuple[Ticket, Any]]) -> Iterator[tuple[Ticket, Any]]:
-        """`events`, with each request's end counted in `metrics`."""
+        """`events`, with each request's end counted in `metrics`, and the running count updated after them."""
         for ticket, event in events:
             if isinstance(event, (Generation, BaseException)):
                 self.metrics.request_done(event, time.perf_counter() - ticket.arrived_at)
             yield ticket, event
+        self.metrics.running = self.active
 
     def add(self, request: Any, prompt_ids: list[int], params: SamplingParams) -> Ticket:
         """Admit prepared model inputs (stepping by hand: `step()`); the ticket's `stream` has the result,
@@ -166,9 +168,7 @@ class Engine:
 
     def step(self) -> list[tuple[Ticket, TokenEvent | Generation | BaseException]]:
         """One engine step (see `_step`), its events as a list."""
-        events = list(self._observed(self._step()))
-        self.metrics.running = self.active
-        return events
+        return list(self._observed(self._step()))
 
     def admit(self, ticket: Ticket) -> Iterator[tuple[Ticket, BaseException]]:
         """Take a prepared ticket: its prefill starts with the next step. A ticket that failed to prepare,
@@ -178,7 +178,7 @@ class Engine:
             try:
                 ticket.stream = RequestStream(self.runtime, ticket.prompt_ids, ticket.params or SamplingParams())
                 ticket.stream.timings.update(decode_s=0.0, decode_steps=0)
-                if ticket.prepare_s:  # prepared beside the engine (batch jobs, the server)
+                if ticket.timed:
                     ticket.stream.timings.update(prepare_s=ticket.prepare_s,
                                                  queue_s=max(time.perf_counter() - ticket.ready_at, 0.0))
                 before = vision_seconds(self.runtime, ticket.request)
@@ -319,7 +319,8 @@ class Engine:
             ticket = self.decoding[b]
             if ticket.error is None and ticket.stream.done:
                 self.runtime.finish_row(self.batch, b, ticket.stream.generated)
-        keep = [b for b in range(len(self.decoding)) if b not in set(rows)]
+        leaving = set(rows)
+        keep = [b for b in range(len(self.decoding)) if b not in leaving]
         self.decoding = [self.decoding[b] for b in keep]
         if keep:
             self.runtime.keep_rows(self.batch, keep)

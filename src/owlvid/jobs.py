@@ -32,7 +32,8 @@ def _tickets(model: Any, items: Iterable[tuple[Hashable, Job]], media_timeout: f
     for key, job in items:
         try:
             messages, options = job() if callable(job) else job
-            yield model.ticket(messages, options, key=key, encode_ahead=encode_ahead, media_timeout=media_timeout)
+            yield model.ticket(messages, options, key=key, encode_ahead=encode_ahead, media_timeout=media_timeout,
+                               timed=True)
         except Exception as e:  # this job's input only
             yield Ticket(key=key, error=e)
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from owlvid import batch
 from owlvid.errors import InputError
 from tests.batch.test_batch import read_output, request_line, run_cli, write_jsonl
+from tests.second_run import assert_second_run_refused
 
 pytest.importorskip("fastapi")
 
@@ -110,32 +109,8 @@ def test_a_second_run_on_the_same_output_exits_at_once_naming_the_first(model_di
     output = tmp_path / "out.jsonl"
     args = ["batch", "-i", str(source), "-o", str(output), "--model", str(model_dir), "--device", "cpu",
             "--dtype", "float32", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    first = subprocess.Popen([sys.executable, "-m", "owlvid", *args], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (output.exists() and output.read_bytes().count(b"\n") >= 3):
-            assert first.poll() is None, first.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        written = output.read_bytes()
-        t0 = time.monotonic()
-        second = run_cli(*args)
-        elapsed = time.monotonic() - t0
-        assert first.poll() is None, "the first run ended before the second was refused"
-        err = second.stderr.strip().splitlines()
-        assert second.returncode != 0 and len(err) == 1, second.stderr
-        assert f"PID {first.pid}" in err[0] and str(output) in err[0], err[0]
-        assert elapsed < 45, f"the second run took {elapsed:.1f} s to give up"  # no waiting for the first
-        assert output.read_bytes() == written
-        first.send_signal(signal.SIGKILL)
-        first.wait(30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-        first.stderr.close()
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    assert_second_run_refused(args, env, output, 3, output)
     assert Path(f"{output}.lock").exists()  # left by the killed run: it must not block the next one
     summary = batch.run(source, output, model, media_timeout=1.0, progress=False)
     assert (summary["skipped"], summary["failed"]) == (3, 1)

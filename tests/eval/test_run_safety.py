@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import owlvid
 from owlvid.errors import InputError
 from owlvid.eval import run
 from tests.eval.layouts import _json, _video
+from tests.second_run import assert_second_run_refused
 
 pytest.importorskip("pyarrow")
 
@@ -69,33 +66,7 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_first(owl3, ow
             "float32", "-o", str(out), "--num-frames", "4", "--max-batch", "1", "--no-progress"]
     env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     predictions = out / "predictions.jsonl"
-    first = subprocess.Popen([sys.executable, "-m", "owlvid", *args], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (predictions.exists() and predictions.read_bytes().count(b"\n") >= 1):
-            assert first.poll() is None, first.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        first.send_signal(signal.SIGSTOP)
-        written = predictions.read_bytes()
-        t0 = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "owlvid", *args], env=env, capture_output=True, text=True,
-                                timeout=120)
-        elapsed = time.monotonic() - t0
-        assert first.poll() is None, "the first run ended before the second was refused"
-        err = second.stderr.strip().splitlines()
-        assert second.returncode != 0 and len(err) == 1, second.stderr
-        assert f"PID {first.pid}" in err[0] and str(out) in err[0], err[0]
-        assert elapsed < 45, f"the second run took {elapsed:.1f} s to give up"  # no waiting for the first
-        assert predictions.read_bytes() == written
-        first.send_signal(signal.SIGKILL)
-        first.wait(30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-        first.stderr.close()
+    assert_second_run_refused(args, env, predictions, 1, out, pause=True)
     assert 1 <= predictions.read_bytes().count(b"\n") < N_QUESTIONS, "the first run was not stopped mid-way"
     results = run("longvideobench", lvb, owl3, out, num_frames=4, max_batch=4, progress=False)  # not blocked
     assert results["scored"] == N_QUESTIONS

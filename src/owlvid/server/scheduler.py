@@ -110,6 +110,13 @@ class Job:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
+def watched(ticket: Ticket, job: Job) -> Ticket:
+    """`ticket` ends with its job: when the client goes away or the job's deadline passes."""
+    ticket.owner, ticket.deadline = job, job.deadline
+    ticket.cancelled = lambda: job.cancelled
+    return ticket
+
+
 class Scheduler:
     """A bounded FIFO, a preparation thread and the engine thread (see the module docstring)."""
 
@@ -253,21 +260,19 @@ class Scheduler:
                 return
             # A prepared request still waits for the engine: its queue slot and media bytes stay taken
             # until the engine takes it.
-            ended = Ticket(owner=job, cancelled=lambda job=job: job.cancelled, deadline=job.deadline).gone()
+            ended = watched(Ticket(), job).gone()
             if ended is not None:
                 self._picked_up(job)
                 self._finish(job, ended)
                 self._ahead.release()
                 continue
             try:
-                ticket = self.model.ticket(job.messages, job.options, key=job.id, encode_ahead=encode_ahead)
+                ticket = self.model.ticket(job.messages, job.options, key=job.id, encode_ahead=encode_ahead,
+                                           timed=True)
             except Exception as e:  # bad input of this request only
                 log.debug("request %d failed in preparation: %r", job.id, e)
                 ticket = Ticket(key=job.id, error=e)
-            ticket.owner = job
-            ticket.cancelled = lambda job=job: job.cancelled
-            ticket.deadline = job.deadline
-            self._ready.put(ticket)
+            self._ready.put(watched(ticket, job))
 
     # -- engine thread -----------------------------------------------------------------------------
 
