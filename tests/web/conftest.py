@@ -7,11 +7,13 @@ Browsers cannot be downloaded here: the tests use the system Chromium (`apt-get 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,10 +101,10 @@ def keyed_server(_web_servers) -> ServerProcess:
     return _web_servers["keyed"]
 
 
-@pytest.fixture(scope="session")
-def media_host(videos):
-    """http://127.0.0.1:PORT serving the `videos` folder (for the URL uploads)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(videos["clip"].parent))
+@contextlib.contextmanager
+def static_site(folder: Path) -> Iterator[str]:
+    """http://127.0.0.1:PORT serving `folder` (a web site of its own on this machine) while in the block."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -110,6 +112,13 @@ def media_host(videos):
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+
+
+@pytest.fixture(scope="session")
+def media_host(videos):
+    """http://127.0.0.1:PORT serving the `videos` folder (for the URL uploads)."""
+    with static_site(videos["clip"].parent) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,13 @@ host name is refused, and --allowed-origins / --allowed-hosts let exactly the na
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ..server.helpers import ServerProcess, png_bytes
-from .conftest import CHROMIUM_ARGS, PageErrors, chromium_path
+from .conftest import CHROMIUM_ARGS, PageErrors, chromium_path, static_site
 
 REBIND_NAME = "rebind.test"  # Chromium resolves it to 127.0.0.1 (--host-resolver-rules), as DNS rebinding does
 
@@ -43,14 +40,8 @@ def foreign_site(tmp_path_factory):
     """http://127.0.0.1:PORT serving an empty page: another web site on this machine (another origin)."""
     root = tmp_path_factory.mktemp("foreign-site")
     (root / "index.html").write_text("<!doctype html><title>another site</title><p>hello</p>")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
+    with static_site(root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

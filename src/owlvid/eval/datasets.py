@@ -58,14 +58,22 @@ def load_questions(benchmark: str, data_dir: str | os.PathLike, tasks: Sequence[
     if not root.is_dir():
         raise InputError(f"--data {data_dir} is not a folder ({_EXPECTED[benchmark]})")
     questions = loader(root, set(tasks) if tasks else None)
+    known = sorted(MVBENCH_TASKS) if benchmark == "mvbench" else None
+    return with_tasks(questions, tasks, benchmark, data_dir, _EXPECTED[benchmark], known)
+
+
+def with_tasks(questions: list, tasks: Sequence[str] | None, benchmark: str, data_dir: Any, expected: str,
+               known: list[str] | None = None) -> list:
+    """The questions of the `tasks` asked for (all without); an unknown task (of `known`, default: those the
+    questions have) or no question at all is one InputError (video and image benchmarks alike)."""
     if tasks:
-        known = sorted({q.task for q in questions}) if benchmark != "mvbench" else sorted(MVBENCH_TASKS)
+        known = known or sorted({q.task for q in questions})
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise InputError(f"unknown {benchmark} task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
         questions = [q for q in questions if q.task in tasks]
     if not questions:
-        raise InputError(f"--data {data_dir} has no {benchmark} questions ({_EXPECTED[benchmark]})")
+        raise InputError(f"--data {data_dir} has no {benchmark} questions ({expected})")
     return questions
 
 

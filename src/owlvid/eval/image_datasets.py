@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .datasets import read_parquet
+from .datasets import read_parquet, with_tasks
 from .image_official_data import find_official
 from .image_questions import LETTERS, ImageQuestion, interleave_options
 from .image_scoring import IMAGE_BENCHMARKS, INTERLEAVE_SUBSETS
@@ -292,15 +292,7 @@ def load_image_questions(benchmark: str, data_dir: str | os.PathLike, tasks: Seq
     else:
         official = find_official(benchmark, root, _LOADERS, DEFAULT_SPLITS)
         questions = official() if official is not None else _LOADERS[benchmark](root, split)
-    if tasks:
-        known = sorted({q.task for q in questions})
-        unknown = [t for t in tasks if t not in known]
-        if unknown:
-            raise InputError(f"unknown {benchmark} task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-        questions = [q for q in questions if q.task in tasks]
-    if not questions:
-        raise InputError(f"--data {data_dir} has no {benchmark} questions ({expected(benchmark, split)})")
-    return questions
+    return with_tasks(questions, tasks, benchmark, data_dir, expected(benchmark, split))
 
 
 _Loader = Callable[[Path, str], list[ImageQuestion]]
