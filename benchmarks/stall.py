@@ -8,8 +8,8 @@ submitted. "before" runs B's preparation (prompt, frame pixels), vision encoding
 engine thread, as owlvid did; "chunked" is the Scheduler as it is: preparation and vision
 encoding on the preparation thread, the LLM prefill `--chunk` tokens per engine step between decode
 steps. Reported: A's normal per-token time, A's largest inter-token gap while B arrives (target: under
-2x the normal time plus the largest chunk), the time of the largest prefill chunk, and the throughput of
-the whole run.
+2x the normal time plus the largest chunk of the same run), the time of the largest prefill chunk (alone,
+before the runs, and within the run), and the throughput of the whole run.
 Random weights at real (1b) or small shapes; the numbers are about scheduling, not answers.
 """
 
@@ -158,17 +158,32 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, float32; "
           f"model {args.model} (random weights); B: {args.frames} frames, {len(ids)} prompt tokens, "
           f"{chunks} chunk(s) of {args.chunk}")
+    # The chunks of the run itself are timed too (a wrapper around the runtime's `prefill_step`): on a
+    # shared machine a chunk measured alone a minute earlier can read faster or slower than in the run.
+    in_run: list[float] = []
+    step = model.runtime.prefill_step
+
+    def timed_step(job, tokens=None):
+        t0 = time.perf_counter()
+        try:
+            return step(job, tokens)
+        finally:
+            in_run.append(time.perf_counter() - t0)
+
+    model.runtime.prefill_step = timed_step
     rows = []
     for mode in args.modes.split(","):
         cls = BeforeScheduler if mode == "before" else Scheduler
         sched = cls(model, max_batch=4, prefill_chunk=None if mode == "before" else args.chunk)
+        in_run.clear()
         sched.start()
         try:
             res = asyncio.run(scenario(sched, args.frames, args.warm_tokens, seed=len(rows) + 1))
         finally:
             sched.stop()
-        res["largest_chunk_s"] = chunk_s if mode != "before" else None
-        target = 2 * res["normal_token_s"] + chunk_s
+        res["largest_chunk_alone_s"] = chunk_s if mode != "before" else None
+        res["largest_chunk_in_run_s"] = max(in_run) if mode != "before" and in_run else None
+        target = 2 * res["normal_token_s"] + (res["largest_chunk_in_run_s"] or chunk_s)
         rows.append({"mode": mode, **res, "target_s": target, "ok": res["max_gap_s"] < target})
     perf.table("stall of a running stream while a long video request arrives", rows)
 
