@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OwlvidError
-from .common import RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name
+from .common import AUTO_RAY_DEFAULTS, RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name
 
 
 def _domain_list(values: list[str] | None) -> list[str] | None:
@@ -97,10 +97,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ray_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.ray and any(getattr(args, k) != v for k, v in RAY_DEFAULTS.items()):
+def _ray_arguments(args: argparse.Namespace, defaults: dict[str, Any] = RAY_DEFAULTS) -> dict[str, Any]:
+    if not args.ray and any(getattr(args, k) != v for k, v in defaults.items()):
         raise UsageError("--ray-address, --num-replicas, --gpus-per-replica and --cpus-per-replica need --ray")
-    return {k: getattr(args, k) for k in RAY_DEFAULTS}
+    return {k: getattr(args, k) for k in defaults}
+
+
+def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any] | None:
+    """`owlvid eval BENCHMARK ... --ray`: the results of the run (`options`: owlvid.eval.run's) on Ray replicas;
+    None without --ray (the run is then this process's)."""
+    ray_args = _ray_arguments(args, AUTO_RAY_DEFAULTS)
+    if not args.ray:
+        return None
+    from .. import ray_eval
+
+    load = {k: getattr(args, k) for k in ("device", "dtype", "tokenizer", "revision", "quantize", "adapter")}
+    return ray_eval.run(args.benchmark, args.data, _model_name(args), args.output, **options, **ray_args, **load)
 
 
 def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
