@@ -249,26 +249,22 @@ class Placement:
 def cluster(address: str | None, replicas: int | None, gpus: float | None, cpus: float) -> Iterator[Placement]:
     """Ray connected (or started) for a job of `replicas` x (`gpus`, `cpus`), None: automatic (one GPU per
     replica when the cluster has GPUs, else none; a replica per `gpus` GPUs of the cluster, or one on CPUs). A
-    job the cluster cannot place is refused at once; Ray Data's notes, tracebacks and progress bars are quieted
-    (failures are ours to report, in one line; the progress bar is ours); a cluster started here is stopped."""
+    job the cluster cannot place is refused at once; Ray Data's notes and tracebacks are quieted (failures are
+    ours to report, in one line); a cluster started here is stopped at the end."""
     ray = _ray()
     started = _connect(ray, address)
     import ray.data  # configures its logger: quieted below, after that
 
     data_log = logging.getLogger("ray.data")
     data_log_level = data_log.level
-    context = ray.data.DataContext.get_current()
-    bars = context.enable_progress_bars
     try:
         have = ray.cluster_resources().get("GPU", 0)
         gpus = (1.0 if have >= 1 else 0.0) if gpus is None else gpus
         replicas = (int(have // gpus) if gpus else 1) if replicas is None else replicas
         _check_resources(ray, max(replicas, 1), gpus, cpus)
         data_log.setLevel(logging.CRITICAL)
-        context.enable_progress_bars = False
         yield Placement(replicas, gpus, cpus)
     finally:
-        context.enable_progress_bars = bars
         data_log.setLevel(data_log_level)
         if started:
             ray.shutdown()
@@ -277,6 +273,7 @@ def cluster(address: str | None, replicas: int | None, gpus: float | None, cpus:
 def stream_rows(mapped: Any) -> Iterator[dict[str, Any]]:
     """The rows of a `replicas_map` dataset as they stream back; Ray's errors as one line."""
     ray = _ray()
+    mapped.context.enable_progress_bars = False  # ours is on stderr
     try:
         yield from mapped.iter_rows()
     except ray.exceptions.RayError as e:

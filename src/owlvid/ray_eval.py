@@ -82,9 +82,6 @@ class RayAnswerer(Answerer):
         try:
             self.placement = self.stack.enter_context(cluster(ray_address, num_replicas, gpus_per_replica,
                                                               cpus_per_replica))
-            if self.placement.replicas < 1:
-                raise InputError(f"the Ray cluster has no room for a replica of {self.placement.gpus:g} GPU(s); "
-                                 "give --gpus-per-replica (0: on CPUs)")
             self.load_options = _replica_options(load_options, self.placement.gpus)
             self.facts = _checkpoint_facts(model, self.load_options)
         except BaseException:
