@@ -1,13 +1,14 @@
-"""`owlvid eval BENCHMARK ... --ray`: a video benchmark's questions spread over model replicas on a Ray cluster
-(needs the `ray` extra).
+"""`owlvid eval BENCHMARK ... --ray`: a benchmark's questions spread over model replicas on a Ray cluster (needs
+the `ray` extra).
 
-The driver is `owlvid.eval.run` itself: it reads the questions, locks the output folder, checks run.json,
-skips what predictions.jsonl already answers and writes every line (fsync'd) and results.json, exactly as the
-single-process run. Only the answering differs (`RayAnswerer`): the questions still to answer go through the
-batch job's Ray path (`owlvid.ray.replicas_map`: one Ray batch per group of questions about one video, so a
-video is decoded once, by one replica; a free replica takes the next batch), each replica (`QuestionPredictor`,
-one model) answers its batches with the single-process code (`eval.runner.prediction_lines`: same frames, same
-prompts, same scoring), and the lines stream back to the driver, which writes each question once.
+The driver is `owlvid.eval.run` (`run_images` for the image tables) itself: it reads the questions, locks the
+output folder, checks run.json, skips what predictions.jsonl already answers and writes every line (fsync'd) and
+results.json, exactly as the single-process run. Only the answering differs (`RayAnswerer`): the questions still
+to answer go through the batch job's Ray path (`owlvid.ray.replicas_map`: one Ray batch per group of questions
+about one video, so a video is decoded once, by one replica; a free replica takes the next batch), each replica
+(`QuestionPredictor`, one model) answers its batches with the single-process code (the runner's line function,
+e.g. `eval.runner.prediction_lines`: same frames, same prompts, same scoring), and the lines stream back to the
+driver, which writes each question once.
 
 Every replica runs with the same dtype (`auto` is resolved once, on the driver: bfloat16 on GPUs, this
 machine's choice on CPUs) and checks that it loaded the checkpoint the run records.
@@ -25,23 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, OwlvidError
-from .eval.datasets import Question
-from .eval.protocols import Protocol
-from .eval.runner import Answerer, ModelFacts, prediction_lines
+from .eval.answering import Answerer, Lines, ModelFacts
 from .metrics import EngineMetrics
 from .ray import _model_source, _replica_name, blocks_dataset, cluster, replicas_map, stream_rows
 
-QUESTION_COLUMN = "question"  # the driver's Question, pickled: replicas need not read the dataset again
+QUESTION_COLUMN = "question"  # the driver's questions, pickled: replicas need not read the dataset again
 
 
 class QuestionPredictor:
     """A callable class for `ray.data.Dataset.map_batches`: each Ray actor loads one model and answers batches
-    of questions (column `question`: pickled `eval.Question`s) under `proto`. Output columns, one row per
-    question: `line` (its predictions.jsonl line, JSON text), `replica`, and `engine` (on a batch's last row:
-    the replica's engine numbers so far, JSON text; else empty)."""
+    of questions (column `question`: pickled questions) with `lines` (an `eval.answering.Lines`: the runner's,
+    its protocol bound). Output columns, one row per question: `line` (its predictions.jsonl line, JSON text),
+    `replica`, and `engine` (on a batch's last row: the replica's engine numbers so far, JSON text; else
+    empty)."""
 
-    def __init__(self, model: str, proto: Protocol, expected: ModelFacts, *, max_batch: int, seed: int,
-                 relative_to: str | None = None, **load_options: Any) -> None:
+    def __init__(self, model: str, lines: Lines, expected: ModelFacts, *, relative_to: str | None = None,
+                 **load_options: Any) -> None:
         from .api import load
 
         if relative_to and Path(relative_to).is_dir():
@@ -53,15 +53,14 @@ class QuestionPredictor:
         if mine != theirs:  # the run records the driver's view: every line must be of that model
             raise OwlvidError(f"a Ray replica loaded {model} as (architecture, training frames, dtype) {mine}; the "
                               f"run expects {theirs}")
-        self.proto, self.max_batch, self.seed = proto, max_batch, seed
+        self.lines = lines
         self.metrics = EngineMetrics()
         self.replica = _replica_name()
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list]:
         questions = [pickle.loads(raw) for raw in rows[QUESTION_COLUMN]]
-        lines = [json.dumps(line, ensure_ascii=False) for line in
-                 prediction_lines(self.model, self.proto, questions, max_batch=self.max_batch, seed=self.seed,
-                                  metrics=self.metrics)]
+        lines = [json.dumps(line, ensure_ascii=False)
+                 for line in self.lines(self.model, todo=questions, metrics=self.metrics)]
         engine = [""] * len(lines)
         if engine:
             engine[-1] = json.dumps(self.metrics.summary())
@@ -94,19 +93,14 @@ class RayAnswerer(Answerer):
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
-    def answer(self, proto: Protocol, todo: list[Question], *, max_batch: int, seed: int) -> Iterator[dict]:
-        replicas = self.placement.replicas
-        groups: list[list[bytes]] = []
-        for i, q in enumerate(todo):  # `todo` has each video's questions together: a group each
-            if i == 0 or q.video != todo[i - 1].video:
-                groups.append([])
-            groups[-1].append(pickle.dumps(q))
+    def answer(self, lines: Lines, groups: list[list[Any]], max_batch: int) -> Iterator[dict]:
+        todo = [q for group in groups for q in group]
         # about 4 Ray batches per replica, from max_batch to 16 x max_batch questions (as batch jobs)
-        per_batch = max(max_batch, min(16 * max_batch, math.ceil(len(todo) / (4 * replicas))))
-        mapped = replicas_map(blocks_dataset(groups, per_batch, QUESTION_COLUMN), QuestionPredictor,
-                              (self.source, proto, self.facts), {"max_batch": max_batch, "seed": seed,
-                                                                 "relative_to": os.getcwd(), **self.load_options},
-                              num_replicas=replicas, gpus_per_replica=self.placement.gpus,
+        per_batch = max(max_batch, min(16 * max_batch, math.ceil(len(todo) / (4 * self.placement.replicas))))
+        questions = blocks_dataset([[pickle.dumps(q) for q in group] for group in groups], per_batch, QUESTION_COLUMN)
+        mapped = replicas_map(questions, QuestionPredictor, (self.source, lines, self.facts),
+                              {"relative_to": os.getcwd(), **self.load_options},
+                              num_replicas=self.placement.replicas, gpus_per_replica=self.placement.gpus,
                               cpus_per_replica=self.placement.cpus)
         wanted = {q.qid for q in todo}
         for row in stream_rows(mapped):
@@ -167,12 +161,14 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: str | os.PathLike, o
         ray_address: str | None = None, device: str = "auto", dtype: str = "auto",
         tokenizer: str | os.PathLike | None = None, revision: str | None = None, quantize: str | None = None,
         adapter: str | os.PathLike | None = None, **run_options: Any) -> dict[str, Any]:
-    """`owlvid.eval.run` with the questions spread over `num_replicas` replicas of `model` (a checkpoint folder
-    or hub id every node can reach, as the dataset's videos) on a Ray cluster: the same predictions file,
-    resuming, lock and results. `run_options`: `owlvid.eval.run`'s (protocol, limit, tasks, num_frames,
-    max_batch, seed, progress). Uses the Ray connection of this process if there is one, else
-    `ray.init(address=ray_address)` (None: `RAY_ADDRESS`, or a new local cluster)."""
-    from .eval.runner import run as eval_run
+    """`owlvid.eval.run` (or `run_images` for an image table) with the questions spread over `num_replicas`
+    replicas of `model` (a checkpoint folder or hub id every node can reach, as the dataset's media) on a Ray
+    cluster: the same predictions file, resuming, lock and results. `run_options`: the runner's (protocol,
+    limit, tasks, num_frames or split, max_batch, seed, progress). Uses the Ray connection of this process if
+    there is one, else `ray.init(address=ray_address)` (None: `RAY_ADDRESS`, or a new local cluster)."""
+    from .eval.image_runner import run_images
+    from .eval.image_scoring import IMAGE_BENCHMARKS
+    from .eval.runner import run as run_video
 
     if num_replicas is not None and num_replicas < 1:
         raise InputError("--num-replicas must be at least 1")
@@ -185,4 +181,5 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: str | os.PathLike, o
         return RayAnswerer(model, num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,
                            cpus_per_replica=cpus_per_replica, ray_address=ray_address, **load_options)
 
-    return eval_run(benchmark, data_dir, answerer, outdir, **run_options)
+    runner = run_images if benchmark in IMAGE_BENCHMARKS else run_video
+    return runner(benchmark, data_dir, answerer, outdir, **run_options)

@@ -20,8 +20,9 @@ import owlvid.ray  # noqa: E402
 import owlvid.ray_eval  # noqa: E402
 from owlvid import records  # noqa: E402
 from owlvid.errors import InputError  # noqa: E402
-from owlvid.eval import run  # noqa: E402
+from owlvid.eval import run, run_images  # noqa: E402
 from tests.batch.test_batch import run_cli  # noqa: E402
+from tests.eval.image_layouts import make_pope_parquet  # noqa: E402
 from tests.eval.layouts import _json, make_mvbench  # noqa: E402
 
 QUESTIONS = 6
@@ -82,6 +83,23 @@ def test_two_replicas_give_the_single_process_predictions_and_results(ray_addres
     assert sum(replicas["answered"].values()) == QUESTIONS
     engines = results["engine"]["per_replica"]
     assert sum(e["requests_completed"] + sum(e["requests_failed"].values()) for e in engines.values()) == QUESTIONS
+
+
+@pytest.mark.slow
+def test_an_image_table_on_two_replicas_gives_the_single_process_results(ray_address, tiny_owl3_dirs,
+                                                                          tiny_owl3_models, tmp_path):
+    """POPE (images embedded in the parquet: they travel to the replicas with the questions)."""
+    data = make_pope_parquet(tmp_path / "pope")
+    expected = run_images("pope", data, tiny_owl3_models["241101"], tmp_path / "reference", max_batch=1,
+                          progress=False)
+    results = owlvid.ray_eval.run("pope", data, tiny_owl3_dirs["241101"], tmp_path / "ray", num_replicas=2,
+                                  device="cpu", dtype="float32", max_batch=1, progress=False)
+    got, want = (sorted(json.dumps(line, sort_keys=True) for line in prediction_lines(tmp_path / folder))
+                 for folder in ("ray", "reference"))
+    assert got == want and len(got) == 3
+    assert {k: v for k, v in results.items() if k not in RUN_ONLY} == \
+        {k: v for k, v in expected.items() if k not in RUN_ONLY}
+    assert results["scored"] == 3 and len(results["replicas"]["answered"]) == 2
 
 
 @pytest.mark.slow

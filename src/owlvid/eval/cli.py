@@ -52,7 +52,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
         b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
         b.set_defaults(func=lambda args: cmd_eval(args, load_model, on_ray))
     for name in IMAGE_BENCHMARKS:
-        _add_image_parser(benchmarks, name, parents, debug, positive_int, load_model)
+        _add_image_parser(benchmarks, name, [*parents, *ray_parents], debug, positive_int, load_model, on_ray)
     c = benchmarks.add_parser("compare", parents=[debug], help="compare finished runs",
                               description="Print runs side by side with the published numbers of their checkpoints.")
     c.add_argument("outdirs", nargs="+", metavar="OUTDIR")
@@ -61,12 +61,14 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
 
 def _add_image_parser(benchmarks: Any, name: str, parents: list[argparse.ArgumentParser],
                       debug: argparse.ArgumentParser, positive_int: Callable[[str], int],
-                      load_model: Callable[[argparse.Namespace], Any]) -> None:
+                      load_model: Callable[[argparse.Namespace], Any],
+                      on_ray: Callable[[argparse.Namespace, dict], dict | None] | None) -> None:
     """An image-table benchmark (mPLUG-Owl3 model card: multi-image, VQA, general)."""
     b = benchmarks.add_parser(name, parents=[*parents, debug], help=f"run {name} (image table)",
                               description=f"Run {name}; OUTDIR gets predictions.jsonl (images and cut grid per "
                               "question), results.json, run.json, and the submission file of a split scored by a "
-                              "server or a judge. Rerunning the same command continues an interrupted run.")
+                              "server or a judge. Rerunning the same command continues an interrupted run. With --ray, "
+                              "the questions are spread over model replicas on a Ray cluster.")
     b.add_argument("--data", required=True, metavar="DIR",
                    help="the HF dataset folder as downloaded, or the official evaluation folder (with dataset/)")
     b.add_argument("--protocol", choices=("official", "lmms_eval"), default=None,
@@ -79,16 +81,19 @@ def _add_image_parser(benchmarks: Any, name: str, parents: list[argparse.Argumen
     b.add_argument("--max-batch", type=positive_int, default=8, help="questions decoded together (default: 8)")
     b.add_argument("--seed", type=int, default=0, help="seeds lmms-eval's random fallbacks (default: 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    b.set_defaults(func=lambda args: cmd_eval_images(args, load_model))
+    b.set_defaults(func=lambda args: cmd_eval_images(args, load_model, on_ray))
 
 
-def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any]) -> int:
+def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any],
+                    on_ray: Callable[[argparse.Namespace, dict], dict | None] | None = None) -> int:
     from .image_results import format_image_table
     from .image_runner import run_images
 
-    results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, protocol=args.protocol,
-                         limit=args.limit, tasks=args.tasks, split=args.split, max_batch=args.max_batch,
-                         seed=args.seed, progress=not args.no_progress)
+    options = {"protocol": args.protocol, "limit": args.limit, "tasks": args.tasks, "split": args.split,
+               "max_batch": args.max_batch, "seed": args.seed, "progress": not args.no_progress}
+    results = on_ray(args, options) if on_ray else None
+    if results is None:
+        results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
     print(format_image_table(results))
     return 0
 

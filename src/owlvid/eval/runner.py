@@ -5,9 +5,9 @@
     OUTDIR/results.json       accuracy overall and per category, unparsed answers, settings, model
 
 Questions go through `jobs.generate_each` (continuous batching; a job's frames are decoded when it is
-admitted, so a missing or broken video fails that question only), on this process's model or, with an
-`Answerer` of model replicas (`owlvid.ray_eval`), spread over several; either way this process writes the
-lines, under the lock, as they arrive. Rerunning the same command continues:
+admitted, so a missing or broken video fails that question only), on this process's model or spread over
+model replicas (an `answering.Answerer`: `owlvid.ray_eval`); either way this process writes the lines, under
+the lock, as they arrive. Rerunning the same command continues:
 questions already answered in predictions.jsonl are skipped (a torn last line is cut away first), failed
 ones are tried again, and results are computed from the file, so an interrupted run ends as an
 uninterrupted one would. A run locks its folder (`records.exclusive` on predictions.jsonl) before it loads
@@ -21,10 +21,9 @@ import json
 import os
 import random
 import struct
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from .. import records as records_mod
 from ..errors import InputError, OwlvidError
 from ..metrics import EngineMetrics
 from . import results as results_mod
+from .answering import Answerer, ModelFacts, answer_lines, answerer_of, write_lines
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
 from .protocols import Protocol, get_protocol
@@ -39,72 +39,6 @@ from .protocols import Protocol, get_protocol
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
 RUN = "run.json"
-
-
-def model_family(model: Any) -> str:
-    """"owl3" or "slowfast": which protocol defaults apply."""
-    return "slowfast" if model.runtime.architecture == "slowfast" else "owl3"
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a run needs to know of its model before answering (the protocol's defaults, run.json), whether
-    the model is loaded in this process or in replicas elsewhere."""
-
-    name: str
-    folder: Path
-    architecture: str
-    dtype: str
-    device: str
-    training_frames: int | None = None  # Slow-Fast: the frame count its authors evaluated with
-
-    @property
-    def family(self) -> str:
-        """"owl3" or "slowfast": which protocol defaults apply."""
-        return "slowfast" if self.architecture == "slowfast" else "owl3"
-
-    @classmethod
-    def of(cls, model: Any) -> ModelFacts:
-        """The facts of a loaded `owlvid.Model`."""
-        return cls(model.name, Path(model.runtime.folder), model.runtime.architecture,
-                   str(model.dtype).replace("torch.", ""), str(model.device),
-                   model.runtime.describe().get("training_frames"))
-
-
-class Answerer:
-    """Who answers a run's questions: this process's model (`LocalAnswerer`), or model replicas elsewhere
-    (`owlvid.ray_eval`). The runner writes what `answer` yields, under the folder's lock."""
-
-    facts: ModelFacts
-
-    def answer(self, proto: Protocol, todo: list[Question], *, max_batch: int, seed: int) -> Iterator[dict]:
-        """One prediction line (`prediction_lines`) per question of `todo`, in completion order."""
-        raise NotImplementedError
-
-    def summary(self) -> dict[str, Any]:
-        """What results.json adds about the answering (the engine's numbers)."""
-        return {}
-
-    def __enter__(self) -> Answerer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Held for the whole run (replicas elsewhere are let go here)."""
-
-
-class LocalAnswerer(Answerer):
-    """The questions answered by one `owlvid.Model` in this process."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.facts = ModelFacts.of(model)
-        self.metrics = EngineMetrics()
-
-    def answer(self, proto: Protocol, todo: list[Question], *, max_batch: int, seed: int) -> Iterator[dict]:
-        return prediction_lines(self.model, proto, todo, max_batch=max_batch, seed=seed, metrics=self.metrics)
-
-    def summary(self) -> dict[str, Any]:
-        return {"engine": self.metrics.summary()}  # this run's answering: tokens, latencies, visual cache
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
@@ -168,7 +102,7 @@ def _run_locked(benchmark: str, questions: list[Question], model: Any, out: Path
                 limit: int | None, tasks: Sequence[str] | None, num_frames: int | None, max_batch: int, seed: int,
                 progress: bool) -> dict[str, Any]:
     """`run` once the folder is locked."""
-    with _answerer(model) as answerer:
+    with answerer_of(model) as answerer:
         return _run_with(benchmark, questions, answerer, out, protocol=protocol, limit=limit, tasks=tasks,
                          num_frames=num_frames, max_batch=max_batch, seed=seed, progress=progress)
 
@@ -184,9 +118,10 @@ def _run_with(benchmark: str, questions: list[Question], answerer: Answerer, out
     records = _read_predictions(out / PREDICTIONS)  # first: a file that is not ours gets no run.json beside it
     _check_same_run(out / RUN, run_info)
     done = {r["qid"] for r in records if r.get("error") is None}
-    todo = _video_order([q for q in questions if q.qid not in done])
+    todo = _video_groups([q for q in questions if q.qid not in done])
     if todo:
-        write_lines(out / PREDICTIONS, answerer.answer(proto, todo, max_batch=max_batch, seed=seed), len(todo),
+        lines = partial(prediction_lines, proto=proto, max_batch=max_batch, seed=seed)
+        write_lines(out / PREDICTIONS, answerer.answer(lines, todo, max_batch), sum(map(len, todo)),
                     benchmark=proto.benchmark, progress=progress)
         records = _read_predictions(out / PREDICTIONS)
     summary = results_mod.summarize(proto, questions, records, run_info,
@@ -194,17 +129,6 @@ def _run_with(benchmark: str, questions: list[Question], answerer: Answerer, out
     summary.update(answerer.summary())
     _write_json(out / RESULTS, summary)
     return summary
-
-
-def _answerer(model: Any) -> Answerer:
-    from ..api import Model
-
-    if not isinstance(model, Model | Answerer):
-        model = model()
-    return model if isinstance(model, Answerer) else LocalAnswerer(model)
-
-
-# -- run identity ----------------------------------------------------------------------------------------
 
 
 def _run_info(proto: Protocol, facts: ModelFacts, seed: int) -> dict[str, Any]:
@@ -260,12 +184,12 @@ def _is_prediction(item: dict) -> bool:
     return "error" in item  # every line `_record` writes has it (None when answered)
 
 
-def _video_order(questions: list[Question]) -> list[Question]:
-    """Dataset order, except that questions about the same video follow the first one (decoded once)."""
+def _video_groups(questions: list[Question]) -> list[list[Question]]:
+    """The questions about each video, in dataset order of their first one (a video is decoded once)."""
     groups: dict[str, list[Question]] = {}
     for q in questions:
         groups.setdefault(str(q.video), []).append(q)
-    return [q for group in groups.values() for q in group]
+    return list(groups.values())
 
 
 # -- answering ---------------------------------------------------------------------------------------------
@@ -295,8 +219,8 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
     return proto.messages(q.question, list(q.options), **q.fields)
 
 
-def prediction_lines(model: Any, proto: Protocol, todo: list[Question], *, max_batch: int, seed: int,
-                     metrics: EngineMetrics | None = None) -> Iterator[dict]:
+def prediction_lines(model: Any, todo: list[Question], metrics: EngineMetrics | None = None, *, proto: Protocol,
+                     max_batch: int, seed: int) -> Iterator[dict]:
     """The predictions.jsonl line of each question of `todo` answered by `model` (an `owlvid.Model`), in
     completion order (this process's run, and each Ray replica's share)."""
     from ..cache import content_key, file_identity
@@ -332,48 +256,6 @@ def prediction_lines(model: Any, proto: Protocol, todo: list[Question], *, max_b
     return answer_lines(model, todo, job, lambda q, result: _record(q, proto, model.runtime, result,
                                                                     audits.pop(q.qid, None), seed),
                         max_batch=max_batch, metrics=metrics)
-
-
-def answer_lines(model: Any, todo: Sequence[Any], job: Callable[[Any], Callable[[], tuple]],
-                 record: Callable[[Any, Any], dict], *, max_batch: int, metrics: EngineMetrics | None
-                 ) -> Iterator[dict]:
-    """Answer the questions through the engine (`job(q)` builds a question's conversation when it is prepared),
-    one `record(q, result)` line each as it completes (the video and the image tables alike)."""
-    from ..jobs import generate_each
-
-    by_id = {q.qid: q for q in todo}
-    for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch, metrics=metrics):
-        yield record(by_id[qid], result)
-
-
-def answer_into(model: Any, todo: Sequence[Any], path: Path, job: Callable[[Any], Callable[[], tuple]],
-                record: Callable[[Any, Any], dict], *, benchmark: str, max_batch: int, progress: bool,
-                metrics: EngineMetrics | None) -> None:
-    """`answer_lines` written into the predictions file as they complete, with a progress bar."""
-    write_lines(path, answer_lines(model, todo, job, record, max_batch=max_batch, metrics=metrics), len(todo),
-                benchmark=benchmark, progress=progress)
-
-
-def write_lines(path: Path, lines: Iterable[dict], total: int, *, benchmark: str, progress: bool) -> None:
-    """Append each prediction line to the file as it arrives (fsync'd), with a progress bar of `total`."""
-    bar = _progress(total, progress, benchmark)
-    counts = {"answered": 0, "failed": 0}
-    try:
-        with records_mod.RecordWriter(path) as f:
-            for line in lines:
-                f.write(line)
-                counts["failed" if line["error"] else "answered"] += 1
-                bar.set_postfix(counts, refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
-
-
-def _progress(total: int, enabled: bool, benchmark: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="q", dynamic_ncols=True,
-                desc=f"owlvid eval {benchmark}")
 
 
 def _record(q: Question, proto: Protocol, runtime: Any, result: Any, audit: dict | None, seed: int
