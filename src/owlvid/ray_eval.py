@@ -132,6 +132,8 @@ def _replica_options(options: dict[str, Any], gpus: float) -> dict[str, Any]:
     device = out.get("device", "auto")
     if device == "auto":
         device = "cuda" if gpus else "cpu"
+    elif device.startswith("cuda") and not gpus:  # Ray gives a replica the GPUs it reserves, no others
+        raise InputError(f"--device {device} needs --gpus-per-replica (the replicas reserve no GPU)")
     out["device"] = device
     dtype = out.get("dtype", "auto")
     if dtype == "auto" and device.startswith("cuda") and not torch.cuda.is_available():

@@ -19,11 +19,13 @@ pytest.importorskip("pyarrow")
 import owlvid.ray  # noqa: E402
 import owlvid.ray_eval  # noqa: E402
 from owlvid import records  # noqa: E402
-from owlvid.errors import InputError  # noqa: E402
+from owlvid.errors import InputError, OwlvidError  # noqa: E402
 from owlvid.eval import run, run_images  # noqa: E402
+from owlvid.eval.answering import ModelFacts  # noqa: E402
+from owlvid.testing.slowfast import make_tiny_slowfast  # noqa: E402
 from tests.batch.test_batch import run_cli  # noqa: E402
 from tests.eval.image_layouts import make_pope_parquet  # noqa: E402
-from tests.eval.layouts import _json, make_mvbench  # noqa: E402
+from tests.eval.layouts import _json, make_longvideobench, make_mvbench  # noqa: E402
 
 QUESTIONS = 6
 # what differs between runs by design: how the answering went (engine timings, which replica answered)
@@ -103,6 +105,37 @@ def test_an_image_table_on_two_replicas_gives_the_single_process_results(ray_add
 
 
 @pytest.mark.slow
+def test_slowfast_replicas_evaluate_with_its_training_frame_count(ray_address, tmp_path):
+    """The driver reads the frame count a Slow-Fast checkpoint was trained with from its config (no weights), as
+    the single process reads it from the loaded model: the same protocol settings and lines."""
+    import owlvid
+
+    model_dir = make_tiny_slowfast(tmp_path / "sf", training_frames=6)
+    data = make_longvideobench(tmp_path / "lvb")
+    expected = run("longvideobench", data, owlvid.load(model_dir, device="cpu", dtype="float32"),
+                   tmp_path / "reference", max_batch=1, progress=False)
+    results = owlvid.ray_eval.run("longvideobench", data, model_dir, tmp_path / "ray", num_replicas=2, device="cpu",
+                                  dtype="float32", max_batch=1, progress=False)
+    assert results["settings"]["num_frames"] == 6 and results["protocol"] == "slowfast"
+    assert {k: v for k, v in results.items() if k not in RUN_ONLY} == \
+        {k: v for k, v in expected.items() if k not in RUN_ONLY}
+    assert sorted(map(json.dumps, prediction_lines(tmp_path / "ray"))) == \
+        sorted(map(json.dumps, prediction_lines(tmp_path / "reference")))
+
+
+def test_a_replica_refuses_a_model_other_than_the_runs(tiny_owl3_dirs):
+    """Every line must be of the model run.json records: a replica that loads something else stops the job."""
+    model_dir = tiny_owl3_dirs["241101"]
+    expected = ModelFacts(str(model_dir), model_dir, "mplug-owl3", "float32", "cpu")
+    predictor = owlvid.ray_eval.QuestionPredictor(str(model_dir), None, expected, device="cpu", dtype="float32")
+    assert predictor.model.runtime.architecture == "mplug-owl3"
+    for other in (ModelFacts(str(model_dir), model_dir, "mplug-owl3", "bfloat16", "cpu"),
+                  ModelFacts(str(model_dir), model_dir, "slowfast", "float32", "cpu", 64)):
+        with pytest.raises(OwlvidError, match="a Ray replica loaded .* the run expects"):
+            owlvid.ray_eval.QuestionPredictor(str(model_dir), None, other, device="cpu", dtype="float32")
+
+
+@pytest.mark.slow
 def test_cli_resumes_a_partial_run_answering_only_the_missing_questions(ray_address, dataset, reference,
                                                                         tiny_owl3_dirs, tmp_path):
     """`owlvid eval --ray` joining the cluster: the answered lines are kept byte for byte, a torn last line is cut,
@@ -176,6 +209,9 @@ def test_more_replicas_than_the_cluster_holds_is_refused_in_one_line(ray_address
         owlvid.ray_eval.run("mvbench", dataset, tiny_owl3_dirs["241101"], out, num_replicas=8, progress=False)
     with pytest.raises(InputError, match=r"^1 replica\(s\) x 1 GPU need 1 GPUs; the Ray cluster has 0$"):
         owlvid.ray_eval.run("mvbench", dataset, tiny_owl3_dirs["241101"], out, gpus_per_replica=1, progress=False)
+    with pytest.raises(InputError, match=r"^--device cuda needs --gpus-per-replica"):
+        owlvid.ray_eval.run("mvbench", dataset, tiny_owl3_dirs["241101"], out, device="cuda", gpus_per_replica=0,
+                            progress=False)
     with pytest.raises(InputError, match="num-replicas must be at least 1"):
         owlvid.ray_eval.run("mvbench", dataset, tiny_owl3_dirs["241101"], out, num_replicas=0, progress=False)
     assert not out.exists()
