@@ -8,7 +8,8 @@ requests about the same videos, so each video is decoded and encoded once, by on
 each answer as it streams back with
 `batch.write_answers` (fsync'd appends; a custom_id is never written twice). Model replicas are Ray actors
 (`BatchPredictor`, one model each) that answer with `batch.answer_requests`: the same continuous batching,
-error lines and output bodies as the single-process job.
+error lines and output bodies as the single-process job. `owlvid eval --ray` (`owlvid.ray_eval`) runs on the
+same path (`cluster`, `blocks_dataset`, `replicas_map`, `stream_rows`).
 
 For a Ray Data pipeline of your own:
 
