@@ -111,7 +111,8 @@ def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, 
         return None
     from .. import ray_eval
 
-    load = {k: getattr(args, k) for k in ("device", "dtype", "tokenizer", "revision", "quantize", "adapter")}
+    load = _load_arguments(args)
+    del load["lora_modules"]  # eval has no --lora-modules: one model, merged adapter or none
     return ray_eval.run(args.benchmark, args.data, _model_name(args), args.output, **options, **ray_args, **load)
 
 
