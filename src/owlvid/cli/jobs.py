@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OwlvidError
-from .common import AUTO_RAY_DEFAULTS, RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name
+from .common import RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name
 
 
 def _domain_list(values: list[str] | None) -> list[str] | None:
@@ -106,6 +106,8 @@ def _ray_arguments(args: argparse.Namespace, defaults: dict[str, Any] = RAY_DEFA
 def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any] | None:
     """`owlvid eval BENCHMARK ... --ray`: the results of the run (`options`: owlvid.eval.run's) on Ray replicas;
     None without --ray (the run is then this process's)."""
+    from .common import AUTO_RAY_DEFAULTS
+
     ray_args = _ray_arguments(args, AUTO_RAY_DEFAULTS)
     if not args.ray:
         return None
