@@ -1,4 +1,5 @@
-"""`owlvid serve` (the OpenAI server: media, origin and host policy flags) and `owlvid batch` (a job file)."""
+"""`owlvid serve` (the OpenAI server: media, origin and host policy flags), `owlvid batch` (a job file) and the Ray
+side of `owlvid eval --ray`."""
 
 from __future__ import annotations
 
