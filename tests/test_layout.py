@@ -12,8 +12,9 @@ import owlvid
 
 ROOT = Path(owlvid.__file__).parent
 FRONT_DOORS = {"owlvid.server", "owlvid.batch", "owlvid.eval"}
-# above the front doors: the command line dispatches to all of them; Ray scales out batch jobs and the server
-ENTRY = {"owlvid.cli", "owlvid.__main__", "owlvid.ray"}
+# above the front doors: the command line dispatches to all of them; Ray scales out batch jobs, the server and
+# evaluation
+ENTRY = {"owlvid.cli", "owlvid.__main__", "owlvid.ray", "owlvid.ray_eval"}
 
 
 def _modules() -> dict[str, Path]:

@@ -8,7 +8,8 @@ requests about the same videos, so each video is decoded and encoded once, by on
 each answer as it streams back with
 `batch.write_answers` (fsync'd appends; a custom_id is never written twice). Model replicas are Ray actors
 (`BatchPredictor`, one model each) that answer with `batch.answer_requests`: the same continuous batching,
-error lines and output bodies as the single-process job.
+error lines and output bodies as the single-process job. `owlvid eval --ray` (`owlvid.ray_eval`) runs on the
+same path (`cluster`, `blocks_dataset`, `replicas_map`, `stream_rows`).
 
 For a Ray Data pipeline of your own:
 
@@ -43,6 +44,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +132,24 @@ def requests_dataset(groups: Iterable[list[str]], requests_per_batch: int) -> An
     """A Ray Dataset of request lines (column `request`), one block per Ray batch: groups of lines about
     the same video (`batch.job_groups`) are packed whole into blocks of up to `requests_per_batch` lines
     (a larger group is cut into full blocks), so a video is decoded and encoded by one replica, once."""
+    return blocks_dataset(groups, requests_per_batch, REQUEST_COLUMN)
+
+
+def blocks_dataset(groups: Iterable[list[Any]], per_batch: int, column: str) -> Any:
+    """A Ray Dataset of one column, one block per Ray batch of up to `per_batch` items: each group (the
+    items about one video) packed whole into a block, a larger group cut into full blocks."""
     import pyarrow
 
     ray = _ray()
-    blocks: list[list[str]] = [[]]
+    blocks: list[list[Any]] = [[]]
     for group in groups:
-        if blocks[-1] and len(blocks[-1]) + len(group) > requests_per_batch:
+        if blocks[-1] and len(blocks[-1]) + len(group) > per_batch:
             blocks.append([])
-        for line in group:
-            if len(blocks[-1]) >= requests_per_batch:
+        for item in group:
+            if len(blocks[-1]) >= per_batch:
                 blocks.append([])
-            blocks[-1].append(line)
-    return ray.data.from_arrow([pyarrow.table({REQUEST_COLUMN: lines}) for lines in blocks if lines])
+            blocks[-1].append(item)
+    return ray.data.from_arrow([pyarrow.table({column: items}) for items in blocks if items])
 
 
 def answers_dataset(requests: Any, model: str | os.PathLike, *, num_replicas: int = 1, gpus_per_replica: float = 0,
@@ -149,16 +157,23 @@ def answers_dataset(requests: Any, model: str | os.PathLike, *, num_replicas: in
     """`requests` (a Dataset with a `request` column) answered by `num_replicas` `BatchPredictor` actors,
     one model each, with `gpus_per_replica` GPUs and `cpus_per_replica` CPUs (its torch threads). Each
     block is one batch unless `batch_size` says otherwise. `predictor_options`: `BatchPredictor`'s."""
+    return replicas_map(requests, BatchPredictor, (str(model),), predictor_options, num_replicas=num_replicas,
+                        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, batch_size=batch_size)
+
+
+def replicas_map(dataset: Any, predictor: type, args: tuple, options: dict[str, Any], *, num_replicas: int,
+                 gpus_per_replica: float, cpus_per_replica: float, batch_size: int | None = None) -> Any:
+    """`dataset` mapped by a pool of `num_replicas` `predictor(*args, **options)` actors (each loads a model),
+    batch by batch: the Ray path of batch jobs and of evaluation (`owlvid.ray_eval`)."""
     ray = _ray()
     # one Ray batch in flight per replica: a replica that is free takes the next batch (none waits queued
     # behind a busy replica while another idles; a batch is long, its hand-over short)
     pool = ray.data.ActorPoolStrategy(size=num_replicas, max_tasks_in_flight_per_actor=1)
-    answers = requests.map_batches(BatchPredictor, batch_size=batch_size, compute=pool, num_gpus=gpus_per_replica,
-                                   num_cpus=cpus_per_replica, fn_constructor_args=(str(model),),
-                                   fn_constructor_kwargs=predictor_options)
+    mapped = dataset.map_batches(predictor, batch_size=batch_size, compute=pool, num_gpus=gpus_per_replica,
+                                 num_cpus=cpus_per_replica, fn_constructor_args=args, fn_constructor_kwargs=options)
     # work is handed out once every replica has loaded its model, so the first one does not take it all
-    answers.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
-    return answers
+    mapped.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
+    return mapped
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
@@ -193,7 +208,6 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         if not plan.todo:
             Path(output_path).touch()
             return plan.summary()
-        ray = _ray()
         model = _model_source(model)
         # replicas run elsewhere: folders as absolute paths
         root = str(plan.root.resolve()) if allowed_local_media_path is not None else None
@@ -201,14 +215,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         groups = [[lines[r.line - 1].decode("utf-8") for r in group] for group in batch.job_groups(plan.todo)]
         per_batch = requests_per_batch or max(max_batch, min(16 * max_batch,
                                                               math.ceil(len(plan.todo) / (4 * num_replicas))))
-        started = _connect(ray, ray_address)
-        import ray.data  # configures its logger: quieted below, after that
-
-        data_log = logging.getLogger("ray.data")
-        data_log_level = data_log.level
-        try:
-            _check_resources(ray, num_replicas, gpus_per_replica, cpus_per_replica)
-            data_log.setLevel(logging.CRITICAL)  # notes and tracebacks: failures are ours to report, in one line
+        with cluster(ray_address, num_replicas, gpus_per_replica, cpus_per_replica):
             answers = answers_dataset(requests_dataset(groups, per_batch), model, num_replicas=num_replicas,
                                       gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                                       device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
@@ -216,12 +223,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
                                           name: _absolute(path) for name, path in lora_modules.items()},
                                       allowed_local_media_path=root, relative_to=os.getcwd(),
                                       max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
-            answers.context.enable_progress_bars = False  # ours is on stderr
-            summary = batch.write_answers(plan, _rows(ray, answers), progress, json_progress)
-        finally:
-            data_log.setLevel(data_log_level)
-            if started:
-                ray.shutdown()
+            summary = batch.write_answers(plan, _rows(answers), progress, json_progress)
         missing = len(plan.todo) - summary["completed"] - summary["failed"]
         if missing:  # not expected: Ray retries failed tasks; the output stays valid for a rerun
             raise OwlvidError(f"{missing} request(s) got no answer from the Ray job; rerun the same command to "
@@ -229,11 +231,52 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         return summary
 
 
-def _rows(ray: Any, answers: Any) -> Iterator[tuple[str, int, dict]]:
-    """(custom_id, status, body) of each answer as Ray Data streams it back; Ray's errors as one line."""
+def _rows(answers: Any) -> Iterator[tuple[str, int, dict]]:
+    """(custom_id, status, body) of each answer as Ray Data streams it back."""
+    for row in stream_rows(answers):
+        yield str(row["custom_id"]), int(row["status_code"]), json.loads(row["body"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How many model replicas a job runs and what each reserves."""
+
+    replicas: int
+    gpus: float
+    cpus: float
+
+
+@contextmanager
+def cluster(address: str | None, replicas: int | None, gpus: float | None, cpus: float) -> Iterator[Placement]:
+    """Ray connected (or started) for a job of `replicas` x (`gpus`, `cpus`), None: automatic (one GPU per
+    replica when the cluster has GPUs, else none; a replica per `gpus` GPUs of the cluster, or one on CPUs). A
+    job the cluster cannot place is refused at once; Ray Data's notes and tracebacks are quieted (failures are
+    ours to report, in one line); a cluster started here is stopped at the end."""
+    ray = _ray()
+    started = _connect(ray, address)
+    import ray.data  # configures its logger: quieted below, after that
+
+    data_log = logging.getLogger("ray.data")
+    data_log_level = data_log.level
     try:
-        for row in answers.iter_rows():
-            yield str(row["custom_id"]), int(row["status_code"]), json.loads(row["body"])
+        have = ray.cluster_resources().get("GPU", 0)
+        gpus = (1.0 if have >= 1 else 0.0) if gpus is None else gpus
+        replicas = (int(have // gpus) if gpus else 1) if replicas is None else replicas
+        _check_resources(ray, max(replicas, 1), gpus, cpus)
+        data_log.setLevel(logging.CRITICAL)
+        yield Placement(replicas, gpus, cpus)
+    finally:
+        data_log.setLevel(data_log_level)
+        if started:
+            ray.shutdown()
+
+
+def stream_rows(mapped: Any) -> Iterator[dict[str, Any]]:
+    """The rows of a `replicas_map` dataset as they stream back; Ray's errors as one line."""
+    ray = _ray()
+    mapped.context.enable_progress_bars = False  # ours is on stderr
+    try:
+        yield from mapped.iter_rows()
     except ray.exceptions.RayError as e:
         raise OwlvidError(f"the Ray job failed: {_root_cause(e)}") from None
 

@@ -39,7 +39,7 @@ from .common import (
     _ray_options,
     media_kind,
 )
-from .jobs import cmd_batch, cmd_serve
+from .jobs import cmd_batch, cmd_serve, eval_on_ray
 
 __all__ = ["build_parser", "main", "media_kind"]
 
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..eval.cli import add_parser as add_eval_parser
 
-    add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int)
+    add_eval_parser(sub, [model_opts], _load_model, debug, _positive_int, (_ray_options(automatic=True), eval_on_ray))
 
     from .plan import add_parser as add_plan_parser
 

@@ -130,17 +130,22 @@ def _lora_modules(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 RAY_DEFAULTS = {"ray_address": None, "num_replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0}
+# `owlvid eval --ray`: a replica per GPU of the cluster (one on CPUs when it has none) unless told otherwise
+AUTO_RAY_DEFAULTS = {**RAY_DEFAULTS, "num_replicas": None, "gpus_per_replica": None}
 
 
-def _ray_options() -> argparse.ArgumentParser:
+def _ray_options(automatic: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("Ray (pip install 'owlvid[ray]')")
     g.add_argument("--ray", action="store_true", help="run on a Ray cluster, one model per replica")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the cluster (default: RAY_ADDRESS, or a new local one)")
-    g.add_argument("--num-replicas", type=_positive_int, default=1, metavar="N", help="model replicas (default: 1)")
-    g.add_argument("--gpus-per-replica", type=_non_negative_float, default=0.0, metavar="G",
-                   help="GPUs each replica reserves (default: 0)")
+    g.add_argument("--num-replicas", type=_positive_int, default=None if automatic else 1, metavar="N",
+                   help="model replicas (default: " + ("one per GPU of the cluster, or 1 without GPUs)" if automatic
+                                                       else "1)"))
+    g.add_argument("--gpus-per-replica", type=_non_negative_float, default=None if automatic else 0.0, metavar="G",
+                   help="GPUs each replica reserves (default: " + ("1 if the cluster has GPUs, else 0: on CPUs)"
+                                                                   if automatic else "0)"))
     g.add_argument("--cpus-per-replica", type=_non_negative_float, default=1.0, metavar="C",
                    help="CPUs each replica reserves; on CPU also its torch threads (default: 1)")
     return p

@@ -1,4 +1,5 @@
-"""`owlvid serve` (the OpenAI server: media, origin and host policy flags) and `owlvid batch` (a job file)."""
+"""`owlvid serve` (the OpenAI server: media, origin and host policy flags), `owlvid batch` (a job file) and the Ray
+side of `owlvid eval --ray`."""
 
 from __future__ import annotations
 
@@ -97,10 +98,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ray_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.ray and any(getattr(args, k) != v for k, v in RAY_DEFAULTS.items()):
+def _ray_arguments(args: argparse.Namespace, defaults: dict[str, Any] = RAY_DEFAULTS) -> dict[str, Any]:
+    if not args.ray and any(getattr(args, k) != v for k, v in defaults.items()):
         raise UsageError("--ray-address, --num-replicas, --gpus-per-replica and --cpus-per-replica need --ray")
-    return {k: getattr(args, k) for k in RAY_DEFAULTS}
+    return {k: getattr(args, k) for k in defaults}
+
+
+def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any] | None:
+    """`owlvid eval BENCHMARK ... --ray`: the results of the run (`options`: owlvid.eval.run's) on Ray replicas;
+    None without --ray (the run is then this process's)."""
+    from .common import AUTO_RAY_DEFAULTS
+
+    ray_args = _ray_arguments(args, AUTO_RAY_DEFAULTS)
+    if not args.ray:
+        return None
+    from .. import ray_eval
+
+    load = _load_arguments(args)
+    del load["lora_modules"]  # eval has no --lora-modules: one model, merged adapter or none
+    return ray_eval.run(args.benchmark, args.data, _model_name(args), args.output, **options, **ray_args, **load)
 
 
 def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,9 +11,14 @@ from .protocols import BENCHMARKS, PROTOCOLS
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Callable[[argparse.Namespace], Any],
-               debug: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
+               debug: argparse.ArgumentParser, positive_int: Callable[[str], int],
+               ray: tuple[argparse.ArgumentParser, Callable[[argparse.Namespace, dict], dict | None]] | None = None
+               ) -> None:
     """The `eval` command under `sub` (the owlvid subparsers); `parents` carry the model options; `load_model`
-    and `positive_int` are owlvid.cli's model loader and argument type."""
+    and `positive_int` are owlvid.cli's model loader and argument type; `ray`: the video benchmarks' Ray options
+    and the function that runs on Ray with them (returning None without --ray), from owlvid.cli (eval sits
+    below Ray)."""
+    ray_parents, on_ray = ([ray[0]], ray[1]) if ray else ([], None)
     p = sub.add_parser("eval", parents=[debug], help="evaluate on a video benchmark under its published protocol",
                        description="Evaluate a model on MVBench, NExT-QA (MC), Video-MME, LongVideoBench or MLVU "
                        "read from the dataset folder as downloaded, under the official mPLUG-Owl3 protocol, "
@@ -22,10 +27,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=type(p))
     benchmarks.required = True
     for name in BENCHMARKS:
-        b = benchmarks.add_parser(name, parents=[*parents, debug], help=f"run {name}",
+        b = benchmarks.add_parser(name, parents=[*parents, *ray_parents, debug], help=f"run {name}",
                                   description=f"Run {name}; OUTDIR gets predictions.jsonl (one line per question, "
                                   "written as answered), results.json and run.json. Rerunning the same command "
-                                  "continues an interrupted run.")
+                                  "continues an interrupted run. With --ray, the questions are spread over model "
+                                  "replicas on a Ray cluster (one per GPU by default), with the same results.")
         b.add_argument("--data", required=True, metavar="DIR", help="the dataset folder, as downloaded")
         b.add_argument("--protocol", choices=PROTOCOLS, default=None,
                        help="official (mPLUG-Owl3 evaluation code), lmms_eval, or slowfast (the Slow-Fast authors' "
@@ -44,9 +50,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
                        help="seeds the official random frame draw of bounded MVBench questions and lmms-eval's "
                        "random fallback answers (default: 0)")
         b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-        b.set_defaults(func=lambda args: cmd_eval(args, load_model))
+        b.set_defaults(func=lambda args: cmd_eval(args, load_model, on_ray))
     for name in IMAGE_BENCHMARKS:
-        _add_image_parser(benchmarks, name, parents, debug, positive_int, load_model)
+        _add_image_parser(benchmarks, name, [*parents, *ray_parents], debug, positive_int, load_model, on_ray)
     c = benchmarks.add_parser("compare", parents=[debug], help="compare finished runs",
                               description="Print runs side by side with the published numbers of their checkpoints.")
     c.add_argument("outdirs", nargs="+", metavar="OUTDIR")
@@ -55,12 +61,14 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], load_model: Cal
 
 def _add_image_parser(benchmarks: Any, name: str, parents: list[argparse.ArgumentParser],
                       debug: argparse.ArgumentParser, positive_int: Callable[[str], int],
-                      load_model: Callable[[argparse.Namespace], Any]) -> None:
+                      load_model: Callable[[argparse.Namespace], Any],
+                      on_ray: Callable[[argparse.Namespace, dict], dict | None] | None) -> None:
     """An image-table benchmark (mPLUG-Owl3 model card: multi-image, VQA, general)."""
     b = benchmarks.add_parser(name, parents=[*parents, debug], help=f"run {name} (image table)",
                               description=f"Run {name}; OUTDIR gets predictions.jsonl (images and cut grid per "
                               "question), results.json, run.json, and the submission file of a split scored by a "
-                              "server or a judge. Rerunning the same command continues an interrupted run.")
+                              "server or a judge. Rerunning the same command continues an interrupted run. With --ray, "
+                              "the questions are spread over model replicas on a Ray cluster.")
     b.add_argument("--data", required=True, metavar="DIR",
                    help="the HF dataset folder as downloaded, or the official evaluation folder (with dataset/)")
     b.add_argument("--protocol", choices=("official", "lmms_eval"), default=None,
@@ -73,28 +81,33 @@ def _add_image_parser(benchmarks: Any, name: str, parents: list[argparse.Argumen
     b.add_argument("--max-batch", type=positive_int, default=8, help="questions decoded together (default: 8)")
     b.add_argument("--seed", type=int, default=0, help="seeds lmms-eval's random fallbacks (default: 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    b.set_defaults(func=lambda args: cmd_eval_images(args, load_model))
+    b.set_defaults(func=lambda args: cmd_eval_images(args, load_model, on_ray))
 
 
-def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any]) -> int:
+def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any],
+                    on_ray: Callable[[argparse.Namespace, dict], dict | None] | None = None) -> int:
     from .image_results import format_image_table
     from .image_runner import run_images
 
-    results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, protocol=args.protocol,
-                         limit=args.limit, tasks=args.tasks, split=args.split, max_batch=args.max_batch,
-                         seed=args.seed, progress=not args.no_progress)
+    options = {"protocol": args.protocol, "limit": args.limit, "tasks": args.tasks, "split": args.split,
+               "max_batch": args.max_batch, "seed": args.seed, "progress": not args.no_progress}
+    results = on_ray(args, options) if on_ray else None
+    if results is None:
+        results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
     print(format_image_table(results))
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any]) -> int:
+def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any],
+             on_ray: Callable[[argparse.Namespace, dict], dict | None] | None = None) -> int:
     from .results import format_table
     from .runner import run
 
-    results = run(args.benchmark, args.data, lambda: load_model(args), args.output, protocol=args.protocol,
-                  limit=args.limit, tasks=args.tasks, num_frames=args.num_frames, max_batch=args.max_batch,
-                  seed=args.seed,
-                  progress=not args.no_progress)
+    options = {"protocol": args.protocol, "limit": args.limit, "tasks": args.tasks, "num_frames": args.num_frames,
+               "max_batch": args.max_batch, "seed": args.seed, "progress": not args.no_progress}
+    results = on_ray(args, options) if on_ray else None
+    if results is None:
+        results = run(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
     print(format_table(results))
     return 0
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OwlvidError
 from ..metrics import EngineMetrics
+from .answering import Answerer, ModelFacts, answer_lines, answerer_of, write_lines
 from .frames import question_seed
 from .image_datasets import ImageQuestion, load_image_questions
 from .image_protocols import IMAGE, ImageProtocol, get_image_protocol
@@ -27,19 +29,18 @@ from .runner import (
     _check_same_run,
     _read_predictions,
     _write_json,
-    answer_into,
     checkpoint_fingerprint,
-    model_family,
     run_folder,
 )
 from .scores import score_response
 
 
-def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any],
+def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any] | Answerer,
                outdir: str | os.PathLike, *, protocol: str | None = None, limit: int | None = None,
                tasks: Sequence[str] | None = None, split: str | None = None, max_batch: int = 8, seed: int = 0,
                progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on an image-table benchmark read from ``data_dir``; writes OUTDIR and returns the results.
+    """Evaluate ``model`` (an ``owlvid.Model``, an ``Answerer``, or a function returning either) on an image-table
+    benchmark read from ``data_dir``; writes OUTDIR and returns the results.
     ``protocol``: "official" (default) | "lmms_eval"; ``split``: the parquet split (default: the model card's);
     ``seed``: lmms-eval's random fallback answers and Mantis-Eval's sampling."""
     if limit is not None and limit < 1:
@@ -56,45 +57,47 @@ def run_images(benchmark: str, data_dir: str | os.PathLike, model: Any | Callabl
 def _run_locked(proto: ImageProtocol, questions: list[ImageQuestion], model: Any, out: Path, *, limit: int | None,
                 tasks: Sequence[str] | None, split: str | None, max_batch: int, seed: int,
                 progress: bool) -> dict[str, Any]:
-    benchmark = proto.benchmark
-    from ..api import Model
+    with answerer_of(model) as answerer:
+        return _run_with(proto, questions, answerer, out, limit=limit, tasks=tasks, split=split, max_batch=max_batch,
+                         seed=seed, progress=progress)
 
-    if not isinstance(model, Model):
-        model = model()
-    if model_family(model) != "owl3":
-        raise InputError(f"{benchmark} is a table of the mPLUG-Owl3 model card; this model is "
-                         f"{model.runtime.architecture}")
-    info = _run_info(proto, model, seed, split)
+
+def _run_with(proto: ImageProtocol, questions: list[ImageQuestion], answerer: Answerer, out: Path, *,
+              limit: int | None, tasks: Sequence[str] | None, split: str | None, max_batch: int, seed: int,
+              progress: bool) -> dict[str, Any]:
+    benchmark, facts = proto.benchmark, answerer.facts
+    if facts.family != "owl3":
+        raise InputError(f"{benchmark} is a table of the mPLUG-Owl3 model card; this model is {facts.architecture}")
+    info = _run_info(proto, facts, seed, split)
     records = _read_predictions(out / PREDICTIONS)  # first: a file that is not ours gets no run.json beside it
     _check_same_run(out / RUN, info)
     done = {r["qid"] for r in records if r.get("error") is None}
     todo = [q for q in questions if q.qid not in done]
-    metrics = EngineMetrics()
     if todo:
-        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress,
-                metrics=metrics)
+        lines = partial(image_lines, proto=proto, max_batch=max_batch, seed=seed)
+        write_lines(out / PREDICTIONS, answerer.answer(lines, [[q] for q in todo], max_batch), len(todo),
+                    benchmark=benchmark, progress=progress)
         records = _read_predictions(out / PREDICTIONS)
     summary = summarize_images(proto, questions, records, info, {"limit": limit, "tasks": sorted(tasks) if tasks
                                                                    else None, "split": split})
     submission = write_submission(proto, questions, records, out)
     if submission:
         summary["submission_file"] = submission
-    summary["engine"] = metrics.summary()  # this run's answering: tokens, latencies
+    summary.update(answerer.summary())  # this run's answering: tokens, latencies
     _write_json(out / RESULTS, summary)
     return summary
 
 
-def _run_info(proto: ImageProtocol, model: Any, seed: int, split: str | None) -> dict[str, Any]:
+def _run_info(proto: ImageProtocol, facts: ModelFacts, seed: int, split: str | None) -> dict[str, Any]:
     from ..version import __version__
 
-    folder = Path(model.runtime.folder)
     return {"benchmark": proto.benchmark, "protocol": proto.name, "protocol_source": proto.source,
             "settings": {"generation": dict(proto.generation), "cut": "official plan (cut_cfg)" if proto.name ==
                          "official" else "single image cut, several not", "split": split, "seed": seed},
             "notes": list(proto.notes),
-            "model": {"name": model.name, "folder": str(folder), "architecture": model.runtime.architecture,
-                      "fingerprint": checkpoint_fingerprint(folder), "dtype": str(model.dtype).replace("torch.", ""),
-                      "device": str(model.device)},
+            "model": {"name": facts.name, "folder": str(facts.folder), "architecture": facts.architecture,
+                      "fingerprint": checkpoint_fingerprint(facts.folder), "dtype": facts.dtype,
+                      "device": facts.device},
             "owlvid_version": __version__}
 
 
@@ -103,9 +106,9 @@ def _image_source(q: ImageQuestion, k: int) -> str:
     return str(image) if isinstance(image, (str, Path)) else f"embedded:{q.benchmark}/{q.qid}#{k}"
 
 
-def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: Path, *, max_batch: int, seed: int,
-            progress: bool, metrics: EngineMetrics | None = None) -> None:
-
+def image_lines(model: Any, todo: list[ImageQuestion], metrics: EngineMetrics | None = None, *,
+                proto: ImageProtocol, max_batch: int, seed: int) -> Iterator[dict]:
+    """The predictions.jsonl line of each question of `todo` answered by `model`, in completion order."""
     placeholder = model.runtime.image_placeholder
 
     def job(q: ImageQuestion) -> Callable[[], tuple[list[dict], dict]]:
@@ -120,8 +123,8 @@ def _answer(model: Any, proto: ImageProtocol, todo: list[ImageQuestion], path: P
         return build
 
     image_size = model.runtime.describe().get("image_size")
-    answer_into(model, todo, path, job, lambda q, result: _record(q, proto, result, image_size, seed),
-                benchmark=proto.benchmark, max_batch=max_batch, progress=progress, metrics=metrics)
+    return answer_lines(model, todo, job, lambda q, result: _record(q, proto, result, image_size, seed),
+                        max_batch=max_batch, metrics=metrics)
 
 
 def image_audit(q: ImageQuestion, media: list[dict], cut: bool, image_size: int | None) -> list[dict]:

@@ -5,7 +5,9 @@
     OUTDIR/results.json       accuracy overall and per category, unparsed answers, settings, model
 
 Questions go through `jobs.generate_each` (continuous batching; a job's frames are decoded when it is
-admitted, so a missing or broken video fails that question only). Rerunning the same command continues:
+admitted, so a missing or broken video fails that question only), on this process's model or spread over
+model replicas (an `answering.Answerer`: `owlvid.ray_eval`); either way this process writes the lines, under
+the lock, as they arrive. Rerunning the same command continues:
 questions already answered in predictions.jsonl are skipped (a torn last line is cut away first), failed
 ones are tried again, and results are computed from the file, so an interrupted run ends as an
 uninterrupted one would. A run locks its folder (`records.exclusive` on predictions.jsonl) before it loads
@@ -19,9 +21,9 @@ import json
 import os
 import random
 import struct
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from .. import records as records_mod
 from ..errors import InputError, OwlvidError
 from ..metrics import EngineMetrics
 from . import results as results_mod
+from .answering import Answerer, ModelFacts, answer_lines, answerer_of, write_lines
 from .datasets import Question, load_questions
 from .frames import DecodedFrames, decode_frames, question_seed, reuse_key
 from .protocols import Protocol, get_protocol
@@ -36,11 +39,6 @@ from .protocols import Protocol, get_protocol
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
 RUN = "run.json"
-
-
-def model_family(model: Any) -> str:
-    """"owl3" or "slowfast": which protocol defaults apply."""
-    return "slowfast" if model.runtime.architecture == "slowfast" else "owl3"
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
@@ -58,11 +56,13 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any], outdir: str | os.PathLike, *,
+def run(benchmark: str, data_dir: str | os.PathLike, model: Any | Callable[[], Any] | Answerer,
+        outdir: str | os.PathLike, *,
         protocol: str | None = None, limit: int | None = None, tasks: Sequence[str] | None = None,
         num_frames: int | None = None, max_batch: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Evaluate `model` (an `owlvid.Model`, or a function returning one, called only once the data is found)
-    on `benchmark` read from `data_dir`; writes OUTDIR files and returns the results dict.
+    """Evaluate `model` (an `owlvid.Model`, an `Answerer`, or a function returning either, called only once the
+    data is found and the folder locked) on `benchmark` read from `data_dir`; writes OUTDIR files and returns
+    the results dict.
 
     `protocol`: "official" | "lmms_eval" | "slowfast" (default: the model family's). `limit`: the first N
     questions (after `tasks`). `num_frames`: overrides the protocol's frame count (default: the protocol's;
@@ -102,46 +102,46 @@ def _run_locked(benchmark: str, questions: list[Question], model: Any, out: Path
                 limit: int | None, tasks: Sequence[str] | None, num_frames: int | None, max_batch: int, seed: int,
                 progress: bool) -> dict[str, Any]:
     """`run` once the folder is locked."""
-    from ..api import Model
+    with answerer_of(model) as answerer:
+        return _run_with(benchmark, questions, answerer, out, protocol=protocol, limit=limit, tasks=tasks,
+                         num_frames=num_frames, max_batch=max_batch, seed=seed, progress=progress)
 
-    if not isinstance(model, Model):
-        model = model()
-    family = model_family(model)
-    if num_frames is None and family == "slowfast" and protocol != "official":
-        num_frames = model.runtime.describe().get("training_frames")
-    proto = get_protocol(benchmark, protocol, family, num_frames=num_frames)
-    run_info = _run_info(proto, model, seed)
+
+def _run_with(benchmark: str, questions: list[Question], answerer: Answerer, out: Path, *, protocol: str | None,
+              limit: int | None, tasks: Sequence[str] | None, num_frames: int | None, max_batch: int, seed: int,
+              progress: bool) -> dict[str, Any]:
+    facts = answerer.facts
+    if num_frames is None and facts.family == "slowfast" and protocol != "official":
+        num_frames = facts.training_frames
+    proto = get_protocol(benchmark, protocol, facts.family, num_frames=num_frames)
+    run_info = _run_info(proto, facts, seed)
     records = _read_predictions(out / PREDICTIONS)  # first: a file that is not ours gets no run.json beside it
     _check_same_run(out / RUN, run_info)
     done = {r["qid"] for r in records if r.get("error") is None}
-    todo = _video_order([q for q in questions if q.qid not in done])
-    metrics = EngineMetrics()
+    todo = _video_groups([q for q in questions if q.qid not in done])
     if todo:
-        _answer(model, proto, todo, out / PREDICTIONS, max_batch=max_batch, seed=seed, progress=progress,
-                metrics=metrics)
+        lines = partial(prediction_lines, proto=proto, max_batch=max_batch, seed=seed)
+        write_lines(out / PREDICTIONS, answerer.answer(lines, todo, max_batch), sum(map(len, todo)),
+                    benchmark=proto.benchmark, progress=progress)
         records = _read_predictions(out / PREDICTIONS)
     summary = results_mod.summarize(proto, questions, records, run_info,
                                     {"limit": limit, "tasks": sorted(tasks) if tasks else None})
-    summary["engine"] = metrics.summary()  # this run's answering: tokens, latencies, visual cache
+    summary.update(answerer.summary())
     _write_json(out / RESULTS, summary)
     return summary
 
 
-# -- run identity ----------------------------------------------------------------------------------------
-
-
-def _run_info(proto: Protocol, model: Any, seed: int) -> dict[str, Any]:
+def _run_info(proto: Protocol, facts: ModelFacts, seed: int) -> dict[str, Any]:
     from ..version import __version__
 
-    folder = Path(model.runtime.folder)
     return {"benchmark": proto.benchmark, "protocol": proto.name, "protocol_source": proto.source,
             "settings": {"num_frames": proto.num_frames, "frame_choice": proto.frame_choice,
                          "frames_as": proto.frames_as, "bound": proto.bound, "generation": dict(proto.generation),
                          "seed": seed},
             "notes": list(proto.notes),
-            "model": {"name": model.name, "folder": str(folder), "architecture": model.runtime.architecture,
-                      "fingerprint": checkpoint_fingerprint(folder), "dtype": str(model.dtype).replace("torch.", ""),
-                      "device": str(model.device)},
+            "model": {"name": facts.name, "folder": str(facts.folder), "architecture": facts.architecture,
+                      "fingerprint": checkpoint_fingerprint(facts.folder), "dtype": facts.dtype,
+                      "device": facts.device},
             "owlvid_version": __version__}
 
 
@@ -184,12 +184,12 @@ def _is_prediction(item: dict) -> bool:
     return "error" in item  # every line `_record` writes has it (None when answered)
 
 
-def _video_order(questions: list[Question]) -> list[Question]:
-    """Dataset order, except that questions about the same video follow the first one (decoded once)."""
+def _video_groups(questions: list[Question]) -> list[list[Question]]:
+    """The questions about each video, in dataset order of their first one (a video is decoded once)."""
     groups: dict[str, list[Question]] = {}
     for q in questions:
         groups.setdefault(str(q.video), []).append(q)
-    return [q for group in groups.values() for q in group]
+    return list(groups.values())
 
 
 # -- answering ---------------------------------------------------------------------------------------------
@@ -219,8 +219,10 @@ def _question_text(q: Question, proto: Protocol) -> list[dict]:
     return proto.messages(q.question, list(q.options), **q.fields)
 
 
-def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, max_batch: int, seed: int,
-            progress: bool, metrics: EngineMetrics | None = None) -> None:
+def prediction_lines(model: Any, todo: list[Question], metrics: EngineMetrics | None = None, *, proto: Protocol,
+                     max_batch: int, seed: int) -> Iterator[dict]:
+    """The predictions.jsonl line of each question of `todo` answered by `model` (an `owlvid.Model`), in
+    completion order (this process's run, and each Ray replica's share)."""
     from ..cache import content_key, file_identity
     from ..video_plan import FrameList
 
@@ -251,40 +253,9 @@ def _answer(model: Any, proto: Protocol, todo: list[Question], path: Path, *, ma
 
         return build
 
-    answer_into(model, todo, path, job, lambda q, result: _record(q, proto, model.runtime, result,
-                                                                  audits.pop(q.qid, None), seed),
-                benchmark=proto.benchmark, max_batch=max_batch, progress=progress, metrics=metrics)
-
-
-def answer_into(model: Any, todo: Sequence[Any], path: Path, job: Callable[[Any], Callable[[], tuple]],
-                record: Callable[[Any, Any], dict], *, benchmark: str, max_batch: int, progress: bool,
-                metrics: EngineMetrics | None) -> None:
-    """Answer the questions through the engine (`job(q)` builds a question's conversation when it is prepared)
-    into the predictions file, one `record(q, result)` line each as it completes, with a progress bar (the
-    video and the image tables alike)."""
-    from ..jobs import generate_each
-
-    by_id = {q.qid: q for q in todo}
-    bar = _progress(len(todo), progress, benchmark)
-    counts = {"answered": 0, "failed": 0}
-    try:
-        with records_mod.RecordWriter(path) as f:
-            for qid, result in generate_each(model, ((q.qid, job(q)) for q in todo), max_batch=max_batch,
-                                             metrics=metrics):
-                line = record(by_id[qid], result)
-                f.write(line)
-                counts["failed" if line["error"] else "answered"] += 1
-                bar.set_postfix(counts, refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
-
-
-def _progress(total: int, enabled: bool, benchmark: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="q", dynamic_ncols=True,
-                desc=f"owlvid eval {benchmark}")
+    return answer_lines(model, todo, job, lambda q, result: _record(q, proto, model.runtime, result,
+                                                                    audits.pop(q.qid, None), seed),
+                        max_batch=max_batch, metrics=metrics)
 
 
 def _record(q: Question, proto: Protocol, runtime: Any, result: Any, audit: dict | None, seed: int
