@@ -72,6 +72,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
         dt = resolve_dtype(dtype, resolve_device("auto"))
         stages = plan_stages(raw, checkpoint_shapes(folder), device_map, max_memory, dtype=dt, quantize=quantize,
                              cache_bytes=cache_bytes if runtime_cls.uses_visual_cache else 0)
+        stages.check_available()
         dev, devices = stages.embed_device, stages.devices
         for d in devices:  # e.g. float16 with a CPU stage
             resolve_dtype(dt, d)

@@ -53,12 +53,7 @@ def device_name(device: str | int | torch.device) -> str:
 def physical(name: str) -> torch.device:
     """Where a stage's tensors live: `cpu:N` stages are all on the CPU."""
     device = torch.device(name)
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.index is not None and device.index >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise UnsupportedError(f"the device map places modules on {name}, but this machine has "
-                               f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)")
-    return device
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def group_of(param: str) -> str:
@@ -99,6 +94,14 @@ class Stages:
     @property
     def devices(self) -> list[torch.device]:
         return list(dict.fromkeys(physical(n) for n in self.groups.values()))
+
+    def check_available(self) -> None:
+        """An UnsupportedError naming the first device of the placement this machine does not have."""
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for device in self.devices:
+            if device.type == "cuda" and (device.index or 0) >= gpus:
+                raise UnsupportedError(f"the device map places modules on {device}, but this machine has "
+                                       f"{gpus or 'no'} CUDA GPU{'' if gpus == 1 else 's'}")
 
     def device_of(self, param: str) -> torch.device:
         """Where a parameter (owlvid name) is loaded."""
