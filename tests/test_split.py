@@ -91,9 +91,9 @@ def test_the_split_is_three_stages_with_the_groups_where_the_map_puts_them(model
         assert [(s.name, s.start, s.end) for s in stages.stages] == [("cpu", 0, a), ("cpu:1", a, b),
                                                                      ("cpu:2", b, layers)]
         assert (stages.vision, stages.embed, stages.head) == ("cpu:1", "cpu", "cpu:2")
-        assert split.describe()["device_map"][2:] == [
-            {"device": "cpu", "modules": f"layers 0-{a - 1}"}, {"device": "cpu:1", "modules": f"layers {a}-{b - 1}"},
-            {"device": "cpu:2", "modules": f"layers {b}-{layers - 1}"}, {"device": "cpu:2", "modules": "head"}]
+        assert split.describe()["device_map"] == ["vision: cpu:1", "embedding: cpu", f"layers 0-{a - 1}: cpu",
+                                                  f"layers {a}-{b - 1}: cpu:1", f"layers {b}-{layers - 1}: cpu:2",
+                                                  "head: cpu:2"]
         assert "device_map" not in base.describe()
         # the same weights, every parameter loaded (none left on the meta device)
         ours = dict(split.runtime.model.named_parameters())
@@ -244,7 +244,7 @@ def test_cli_device_map_and_max_memory(capsys):
     assert main(["info", str(folder), "--json", "--dtype", "float32", "--device-map", "balanced",
                  "--max-memory", "cpu=8GiB"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [d["device"] for d in info["device_map"]] == ["cpu"] * 4
+    assert info["device_map"] == ["vision: cpu", "embedding: cpu", "layers 0-6: cpu", "head: cpu"]
     for argv, fragment in [(["--device-map", "auto", "--max-memory", "cpu=1KiB"], "does not fit on cpu"),
                            (["--max-memory", "cpu=8GiB"], "needs --device-map"),
                            (["--device-map", "auto", "--device", "cpu"], "not both"),

@@ -27,7 +27,7 @@ from .messages import check_seed, check_text, normalize_messages
 from .models import runtime_class
 from .quantize import check_supported, language_model_bytes, quantize_language_model
 from .runtime import ModelRuntime
-from .stages import plan_stages
+from .stages import split_model
 from .tokenizer import QwenTokenizer
 
 DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
@@ -53,7 +53,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     low-rank delta). See docs/finetunes.md.
     `device_map="auto" | "balanced" | {module prefix: device}` splits the model across devices as `owlvid plan`
     places it (owlvid.stages), within `max_memory` ({device: size} or "cuda:0=14GiB,cpu=64GiB"; default: every
-    GPU less 1 GiB, and the available RAM as cpu).
+    GPU less 1 GiB, and the available RAM as cpu). A dict's prefixes name the plan's module groups: "vision"
+    (tower + projector), "llm.embed_tokens", "llm.layers.N", "lm_head" (final norm + LM head), "" for the rest;
+    the longest matching prefix wins. Decoder layers are never cut: each one, with its caches, is on one device.
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
@@ -68,14 +70,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     else:
         if str(device) != "auto":
             raise InputError(f"give device ({device!r}) or device_map, not both")
-        # the dtype is chosen for the GPUs when the split has any
-        dt = resolve_dtype(dtype, resolve_device("auto"))
-        stages = plan_stages(raw, checkpoint_shapes(folder), device_map, max_memory, dtype=dt, quantize=quantize,
-                             cache_bytes=cache_bytes if runtime_cls.uses_visual_cache else 0)
-        stages.check_available()
+        stages, dt = split_model(raw, checkpoint_shapes(folder), device_map, max_memory, dtype=dtype,
+                                 quantize=quantize, cache_bytes=cache_bytes if runtime_cls.uses_visual_cache else 0)
         dev, devices = stages.embed_device, stages.devices
-        for d in devices:  # e.g. float16 with a CPU stage
-            resolve_dtype(dt, d)
     if quantize is not None:
         for d in devices:
             check_supported(quantize, d, dt)

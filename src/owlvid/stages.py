@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import resolve_device, resolve_dtype
 from .errors import InputError, UnsupportedError
 from .plan import parse_max_memory, plan_memory
 
 if TYPE_CHECKING:
     from .layers import AttentionInputs, Qwen2Decoder
 
+CPU = torch.device("cpu")
 _NAME = re.compile(r"^(cpu|cuda)(:\d+)?$")
 
 
@@ -53,7 +55,7 @@ def device_name(device: str | int | torch.device) -> str:
 def physical(name: str) -> torch.device:
     """Where a stage's tensors live: `cpu:N` stages are all on the CPU."""
     device = torch.device(name)
-    return torch.device("cpu") if device.type == "cpu" else device
+    return CPU if device.type == "cpu" else device
 
 
 def group_of(param: str) -> str:
@@ -107,10 +109,10 @@ class Stages:
         """Where a parameter (owlvid name) is loaded."""
         return physical(self.groups[group_of(param)])
 
-    def describe(self) -> list[dict]:
-        return ([{"device": self.vision, "modules": "vision"}, {"device": self.embed, "modules": "embedding"}]
-                + [{"device": s.name, "modules": f"layers {s.start}-{s.end - 1}"} for s in self.stages]
-                + [{"device": self.head, "modules": "head"}])
+    def describe(self) -> list[str]:
+        """'module: device' in the order a request runs through them."""
+        return ([f"vision: {self.vision}", f"embedding: {self.embed}"]
+                + [f"layers {s.start}-{s.end - 1}: {s.name}" for s in self.stages] + [f"head: {self.head}"])
 
     def _move(self, h: torch.Tensor, at: str, stage: str) -> torch.Tensor:
         if at == stage:
@@ -149,6 +151,23 @@ def plan_stages(raw_config: dict, shapes: dict | None, device_map: str | dict, m
     plan = plan_memory(raw_config, max_memory=memory, device_map=wanted, dtype=str(dtype).replace("torch.", ""),
                        quantize=quantize, shapes=shapes, visual_cache_bytes=cache_bytes)
     return Stages(plan.device_of(), plan.shape.layers, plan.shape.tied)
+
+
+def split_model(raw_config: dict, shapes: dict | None, device_map: str | dict, max_memory: str | dict | None, *,
+                dtype: str | torch.dtype, quantize: str | None, cache_bytes: int) -> tuple[Stages, torch.dtype]:
+    """`plan_stages` for owlvid.load, with the dtype: "auto" is chosen for the GPUs when the split has any,
+    else for the CPU; one every device of the split can run (float16 has no CPU stage)."""
+    dt = resolve_dtype(dtype, resolve_device("auto"))
+    stages = plan_stages(raw_config, shapes, device_map, max_memory, dtype=dt, quantize=quantize,
+                         cache_bytes=cache_bytes)
+    if str(dtype) == "auto" and all(d.type == "cpu" for d in stages.devices) and dt != resolve_dtype("auto", CPU):
+        dt = resolve_dtype("auto", CPU)
+        stages = plan_stages(raw_config, shapes, device_map, max_memory, dtype=dt, quantize=quantize,
+                             cache_bytes=cache_bytes)
+    stages.check_available()
+    for device in stages.devices:
+        resolve_dtype(dt, device)
+    return stages, dt
 
 
 GPU_RESERVE = 1 << 30  # left on each detected GPU for the CUDA context, cuBLAS workspaces, allocator slack
