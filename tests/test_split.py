@@ -257,3 +257,63 @@ def test_cli_device_map_and_max_memory(capsys):
             code = e.code
         err = capsys.readouterr().err.strip().splitlines()
         assert code in (1, 2) and len(err) == 1 and err[0].startswith("owlvid: error: ") and fragment in err[0], err
+
+
+# -- a stage on another device -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpoint,case", [("tiny-241101", "two_images_cut"), ("tiny-240728", "video_8_frames"),
+                                             (SLOWFAST_CHECKPOINT, "image_single_turn")])
+def test_a_stage_on_another_device_gets_every_tensor_it_needs(checkpoint, case):
+    """CI has no second device, but PyTorch's `meta` device refuses to meet a CPU tensor in any operation, as a
+    GPU does: with the last layers and the head on `meta`, a prefill in chunks (visual K/V on their layer's
+    device), a batch of two rows decoding (the ragged cache's lengths and the batched visual memory copied to
+    that device), a row joining and one leaving run without a device mismatch. (Meta tensors hold no values,
+    so nothing is sampled: the tokens are fed.)"""
+    folder, tokenizer = checkpoint_folder(checkpoint)
+    if not folder.exists():
+        pytest.skip("fixture checkpoint absent")
+    raw = read_config(folder)
+    layers = raw["num_hidden_layers"]
+    groups = {"vision": "cpu", "llm.embed_tokens": "cpu", "lm_head": "meta"}
+    groups.update({f"llm.layers.{i}": "cpu" if i < layers // 2 else "meta" for i in range(layers)})
+    stages = Stages(groups, layers, tied=False)
+    model = owlvid.load(folder, tokenizer=tokenizer, dtype="float32", device="cpu")  # tokenizer and processor
+    runtime = type(model.runtime).load(folder, raw, model.tokenizer, torch.device("cpu"), torch.float32,
+                                       stages=stages)
+    assert {p.device.type for n, p in runtime.model.named_parameters() if n.startswith("llm.layers.")} == {
+        "cpu", "meta"}
+    messages, kwargs = case_kwargs(checkpoint, case)
+    text = [{"role": "user", "content": "A question without media."}]
+    states = []
+    for conv, options in ((messages, kwargs), (text, {})):
+        request, ids = runtime.prepare(*_prepared(model, conv, options))
+        job = runtime.begin_prefill(request)
+        logits = None
+        while logits is None:
+            logits = runtime.prefill_step(job, 32)
+        assert logits.device.type == "meta" and logits.shape[-1] > 1000
+        states.append(job.state)
+        cache = job.state.cache
+        assert [entry.k.device.type for entry in cache.layers] == [d.type for d in stages.layer_devices]
+    moves = stages.transfers
+    batch = runtime.start_batch(states[:1], max_rows=2)
+    out = runtime.decode_batch(batch, torch.tensor([5]))
+    runtime.join_batch(batch, states[1:])
+    for _ in range(2):
+        out = runtime.decode_batch(batch, torch.tensor([5, 6]))
+    assert out.shape[0] == 2 and out.device.type == "meta"
+    runtime.keep_rows(batch, [1])
+    runtime.decode_batch(batch, torch.tensor([7]))
+    assert stages.transfers - moves == 4  # one boundary (cpu -> meta; the head is on meta), four steps
+    if batch.visual is not None:  # mPLUG-Owl3's batched visual memory: K/V per layer device, the mask beside
+        assert {k.device.type for k, _ in batch.visual.storage.values()} == {"cpu", "meta"}
+
+
+def _prepared(model: owlvid.Model, messages: list[dict], options: dict) -> tuple[list[dict], list, list, bool | None]:
+    """The runtime's prepare arguments of a conversation (media loaded as owlvid.messages loads them)."""
+    from owlvid.messages import normalize_messages
+
+    msgs, images, videos = normalize_messages(messages, model.runtime, options.get("images"), options.get("videos"),
+                                              {}, None)
+    return msgs, images, videos, options.get("cut_enable")
