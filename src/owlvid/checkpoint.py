@@ -231,8 +231,8 @@ def load_weights(module: nn.Module, folder: Path, key_map: Callable[[str], str |
 
     `key_map` maps a checkpoint key to a parameter name of `module`, or None to skip it. Every tensor
     is cast once to `dtype` on `device` (or `device(name)`: a model split across devices), so peak memory stays
-    close to the final weights. `transform(name,
-    tensor)`, when given, replaces each tensor before it is stored (quantize.LoadQuantizer quantizes there).
+    close to the final weights. `transform(name, tensor)`, when given, replaces each tensor before it is stored
+    (quantize.LoadQuantizer quantizes there).
     """
     expected = dict(module.named_parameters())
     expected.update(dict(module.named_buffers()))
