@@ -20,13 +20,14 @@ import torch
 
 from .adapters import check_lora_modules, read_adapter
 from .cache import VisualCache
-from .checkpoint import read_config, resolve_checkpoint, resolve_device, resolve_dtype
+from .checkpoint import checkpoint_shapes, read_config, resolve_checkpoint, resolve_device, resolve_dtype
 from .engine import Generation, SamplingParams, Ticket, TokenEvent, check_context, run_batch, run_generation
 from .errors import InputError
 from .messages import check_seed, check_text, normalize_messages
 from .models import runtime_class
 from .quantize import check_supported, language_model_bytes, quantize_language_model
 from .runtime import ModelRuntime
+from .stages import split_model
 from .tokenizer import QwenTokenizer
 
 DEFAULT_MODEL = "mPLUG/mPLUG-Owl3-2B-241014"
@@ -36,7 +37,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
          tokenizer: str | os.PathLike | None = None, revision: str | None = None,
          cache_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None,
          quantize: str | None = None, adapter: str | os.PathLike | None = None,
-         lora_modules: dict[str, str | os.PathLike] | None = None) -> Model:
+         lora_modules: dict[str, str | os.PathLike] | None = None, device_map: str | dict | None = None,
+         max_memory: str | dict | None = None) -> Model:
     """Load a checkpoint from a local folder (no network) or a hub id (downloaded once into the HF cache).
 
     The architecture and variant come from config.json and the checkpoint keys, never from the name.
@@ -49,18 +51,36 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtyp
     into the weights (no cost per token). `lora_modules`: {name: folder} of adapters kept unmerged, chosen
     per request with `adapter="name"` (the base GEMMs shared by all rows of a batch, each row adding its own
     low-rank delta). See docs/finetunes.md.
+    `device_map="auto" | "balanced" | {module prefix: device}` splits the model across devices as `owlvid plan`
+    places it (owlvid.stages), within `max_memory` ({device: size} or "cuda:0=14GiB,cpu=64GiB"; default: every
+    GPU less 1 GiB, and the available RAM as cpu). A dict's prefixes name the plan's module groups: "vision"
+    (tower + projector), "llm.embed_tokens", "llm.layers.N", "lm_head" (final norm + LM head), "" for the rest;
+    the longest matching prefix wins. Decoder layers are never cut: each one, with its caches, is on one device.
     """
     folder = resolve_checkpoint(model, revision=revision)
     raw = read_config(folder)
     runtime_cls = runtime_class(raw.get("model_type", ""))
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    stages = None
+    if device_map is None:
+        if max_memory is not None:
+            raise InputError("max_memory needs device_map (auto, balanced or a {module prefix: device} dict)")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        devices = [dev]
+    else:
+        if str(device) != "auto":
+            raise InputError(f"give device ({device!r}) or device_map, not both")
+        stages, dt = split_model(raw, checkpoint_shapes(folder), device_map, max_memory, dtype=dtype,
+                                 quantize=quantize, cache_bytes=cache_bytes if runtime_cls.uses_visual_cache else 0)
+        dev, devices = stages.embed_device, stages.devices
     if quantize is not None:
-        check_supported(quantize, dev, dt)
+        for d in devices:
+            check_supported(quantize, d, dt)
     check_lora_modules(lora_modules)
     tok = QwenTokenizer.from_dir(Path(tokenizer) if tokenizer else folder)
     # a merged adapter changes the weights, so it is merged before quantizing (then not as the weights are read)
-    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize if adapter is None else None)
+    runtime = runtime_cls.load(folder, raw, tok, dev, dt, quantize=quantize if adapter is None else None,
+                               stages=stages)
     if adapter is not None:
         from .lora import merge_adapter
 
@@ -114,6 +134,9 @@ class Model:
     def describe(self) -> dict:
         info = {"name": self.name, "folder": str(self.runtime.folder), "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", "")}
+        stages = self.runtime.model.llm.stages
+        if stages is not None:  # split across devices: where each part runs
+            info["device_map"] = stages.describe()
         info.update(self.runtime.describe())
         report = self.runtime.quantization
         info["quantize"] = None if report is None else report.mode

@@ -224,13 +224,15 @@ def _read_tensor(f, info: dict, data_start: int, key: str, file: Path) -> torch.
 
 
 def load_weights(module: nn.Module, folder: Path, key_map: Callable[[str], str | None],
-                 dtype: torch.dtype, device: torch.device, keep_dtype: Callable[[str], bool] | None = None,
+                 dtype: torch.dtype, device: torch.device | Callable[[str], torch.device],
+                 keep_dtype: Callable[[str], bool] | None = None,
                  transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fill `module` (built on the meta device) from the checkpoint, one tensor at a time.
 
     `key_map` maps a checkpoint key to a parameter name of `module`, or None to skip it. Every tensor
-    is cast once to `dtype` on `device`, so peak memory stays close to the final weights. `transform(name,
-    tensor)`, when given, replaces each tensor before it is stored (quantize.LoadQuantizer quantizes there).
+    is cast once to `dtype` on `device` (or `device(name)`: a model split across devices), so peak memory stays
+    close to the final weights. `transform(name, tensor)`, when given, replaces each tensor before it is stored
+    (quantize.LoadQuantizer quantizes there).
     """
     expected = dict(module.named_parameters())
     expected.update(dict(module.named_buffers()))
@@ -247,7 +249,7 @@ def load_weights(module: nn.Module, folder: Path, key_map: Callable[[str], str |
             raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(target.shape)} (config.json does not match the weights)")
         want = target.dtype if keep_dtype and keep_dtype(name) else dtype
-        tensor = tensor.to(device=device, dtype=want)
+        tensor = tensor.to(device=device(name) if callable(device) else device, dtype=want)
         _assign(module, name, transform(name, tensor) if transform is not None else tensor)
         del tensor  # a transformed tensor's original goes now, before the next one is read
         if transform is not None:

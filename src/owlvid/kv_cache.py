@@ -3,9 +3,21 @@ ragged cache (`RaggedKVCache`, rows of different lengths, allocated once, joined
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+Devices = torch.device | str | Sequence[torch.device]  # one device, or one per layer (a model split in stages)
+
+
+def per_layer(device: Devices, num_layers: int) -> list[torch.device]:
+    """One device per layer: a split model's caches keep each layer's K/V on that layer's device."""
+    if isinstance(device, (torch.device, str)):
+        return [torch.device(device)] * num_layers
+    if len(device) != num_layers:
+        raise ValueError(f"{len(device)} devices for {num_layers} layers")
+    return list(device)
 
 
 @dataclass
@@ -20,10 +32,10 @@ class KVCache:
     """Pre-allocated per-layer key/value storage for one batch of sequences (all the same length)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: Devices) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
-        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
-                               torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=d), torch.empty(shape, dtype=dtype, device=d))
+                       for d in per_layer(device, num_layers)]
         self.length = 0
         self.capacity = capacity
 
@@ -68,31 +80,43 @@ class RaggedKVCache:
     its own length, in place, and `valid_mask()` hides the padding from attention. Requests join into the
     next free rows and leaving rows are compacted in place, so the storage is reallocated only when the
     batch outgrows it (capacity doubles). The lengths are mirrored on the host: no step reads them back
-    from the device (on a GPU every such read is a synchronisation).
+    from the device (on a GPU every such read is a synchronisation). A split model's layers keep their rows on
+    their own devices, each of which gets a copy of `lengths` once per change of the batch's rows.
     """
 
     def __init__(self, layers: list[LayerKV], lengths: list[int], device: torch.device | str) -> None:
         self.layers = layers  # [rows, Hkv, capacity, D] each; only the first len(host_lengths) rows in use
         self.host_lengths = list(lengths)
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)  # [B] on the device
+        self._copies: dict[torch.device, torch.Tensor] = {}  # `lengths` on the other layers' devices
+
+    def lengths_on(self, device: torch.device) -> torch.Tensor:
+        """`lengths` on `device` (copied once per change of rows, then advanced there in place)."""
+        if device == self.lengths.device:
+            return self.lengths
+        if device not in self._copies:
+            self._copies[device] = self.lengths.to(device)
+        return self._copies[device]
 
     @classmethod
     def from_caches(cls, caches: list[KVCache], rows: int | None = None, extra: int = 64) -> RaggedKVCache:
         """A batch of these prefilled requests, with room for `rows` requests (default: just these)."""
         ref = caches[0].layers[0].k
         cache = cls.allocate(len(caches[0].layers), max(rows or 0, len(caches)), ref.shape[1],
-                             max(c.length for c in caches) + extra, ref.shape[3], ref.dtype, ref.device)
+                             max(c.length for c in caches) + extra, ref.shape[3], ref.dtype,
+                             [entry.k.device for entry in caches[0].layers])
         cache.add(caches)
         return cache
 
     @classmethod
     def allocate(cls, num_layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> RaggedKVCache:
-        """Empty storage. Zeros, not `empty`: padding is masked, but a NaN there would still reach the
-        output through 0 * NaN in the attention's weighted sum."""
+                 dtype: torch.dtype, device: Devices) -> RaggedKVCache:
+        """Empty storage (`device`: one, or one per layer). Zeros, not `empty`: padding is masked, but a NaN
+        there would still reach the output through 0 * NaN in the attention's weighted sum."""
         shape = (rows, kv_heads, capacity, head_dim)
-        return cls([LayerKV(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)], [], device)
+        devices = per_layer(device, num_layers)
+        return cls([LayerKV(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
+                    for d in devices], [], devices[0])
 
     @property
     def batch_size(self) -> int:
@@ -118,6 +142,7 @@ class RaggedKVCache:
         self.host_lengths += [c.length for c in caches]
         self.lengths = torch.cat([self.lengths, torch.tensor([c.length for c in caches], dtype=torch.long,
                                                              device=self.lengths.device)])
+        self._copies.clear()
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows (ascending) stay: each moves down into the first free row, in place."""
@@ -129,6 +154,7 @@ class RaggedKVCache:
                     entry.v[i, :, :n] = entry.v[r, :, :n]
         self.host_lengths = [self.host_lengths[r] for r in rows]
         self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.lengths.device)]
+        self._copies.clear()
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new token per row (k/v [B, Hkv, 1, D]) at each row's length; all keys/values up to the
@@ -137,9 +163,9 @@ class RaggedKVCache:
         if end > self.capacity:
             self._reserve(self.batch_size, end)
         entry, b = self.layers[layer], k.shape[0]
-        rows = torch.arange(b, device=k.device)
-        entry.k[rows, :, self.lengths] = k[:, :, 0]
-        entry.v[rows, :, self.lengths] = v[:, :, 0]
+        rows, lengths = torch.arange(b, device=k.device), self.lengths_on(k.device)
+        entry.k[rows, :, lengths] = k[:, :, 0]
+        entry.v[rows, :, lengths] = v[:, :, 0]
         return entry.k[:b, :, :end], entry.v[:b, :, :end]
 
     @property
@@ -153,6 +179,8 @@ class RaggedKVCache:
 
     def advance(self, n: int = 1) -> None:
         self.lengths += n
+        for copy in self._copies.values():
+            copy += n
         self.host_lengths = [length + n for length in self.host_lengths]
 
     def _reserve(self, rows: int, capacity: int) -> None:

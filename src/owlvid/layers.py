@@ -8,7 +8,8 @@ activation dtype, logits in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 
 from .errors import UnsupportedError
 from .kv_cache import KVCache, RaggedKVCache
+
+if TYPE_CHECKING:
+    from .stages import Stages
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +44,10 @@ class RotaryTable:
         self.inv_freq = (1.0 / (base**exponents)).to(device)
         self.max_positions = max_positions
         self._cos = self._sin = torch.empty(0, head_dim, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
 
     def _ensure(self, needed: int) -> None:
         if needed <= self._cos.shape[0]:
@@ -214,6 +222,10 @@ class AdapterRows:
         return cls(list(slots), torch.tensor(slots, dtype=torch.long, device=device), mask.to(device), single,
                    count, rank)
 
+    def on(self, device: torch.device) -> AdapterRows:
+        """The same rows for layers on `device` (a split model's stage)."""
+        return replace(self, index=self.index.to(device), mask=self.mask.to(device))
+
     def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Each row's `(x @ A[slot].T) @ B[slot].T` for x [B, ..., in], stacked factors a [slots * r, in] and
         b [out, slots * r]."""
@@ -246,6 +258,15 @@ class AttentionInputs:
     causal_mask: torch.Tensor | None  # [B, 1, T, S] bool over cached+new text keys, None = plain causal
     visual: object | None = None  # model-specific per-request visual memory (see the model files)
     adapters: AdapterRows | None = None  # the rows' LoRA slots (None: every row on the base model)
+
+    def on(self, device: torch.device) -> AttentionInputs:
+        """These inputs for the layers of a split model's stage on `device`: the step's RoPE rows, mask and LoRA
+        rows moved there, the visual memory's view there (`visual.on`). The caches keep each layer's K/V on
+        its own device already; `positions` stay with the media starts they are compared with."""
+        return replace(self, cos=self.cos.to(device), sin=self.sin.to(device),
+                       causal_mask=None if self.causal_mask is None else self.causal_mask.to(device),
+                       visual=None if self.visual is None else self.visual.on(device),
+                       adapters=None if self.adapters is None else self.adapters.on(device))
 
 
 class Qwen2Attention(nn.Module):
@@ -351,7 +372,10 @@ class Qwen2Config:
 
 class Qwen2Decoder(nn.Module):
     """Token embeddings, decoder layers and the final norm. Layers listed in `special_layers` get the
-    model's own attention (hyper / hybrid cross-attention) from `make_attention(index)`."""
+    model's own attention (hyper / hybrid cross-attention) from `make_attention(index)`. `stages`, set when the
+    model is split across devices (owlvid.stages), runs the layers stage by stage."""
+
+    stages: Stages | None = None
 
     def __init__(self, cfg: Qwen2Config, special_layers: Collection[int] = (),
                  make_attention: Callable[[int], nn.Module] | None = None) -> None:
@@ -366,6 +390,8 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if self.stages is not None:
+            return self.stages.run(self, h, inputs)
         for layer in self.layers:
             h = layer(h, inputs)
         return self.norm(h)

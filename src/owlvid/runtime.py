@@ -36,6 +36,7 @@ from .tokenizer import QwenTokenizer
 if TYPE_CHECKING:
     from .adapters import Adapter
     from .quantize import QuantizationReport
+    from .stages import Stages
     from .video_plan import CachedVideo
 
 
@@ -97,9 +98,10 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype, quantize: str | None = None) -> ModelRuntime:
+             dtype: torch.dtype, quantize: str | None = None, stages: Stages | None = None) -> ModelRuntime:
         """Build and fill the model; `quantize` (int8 / int4) quantizes the weights as they are read
-        (quantize.LoadQuantizer) and sets `quantization`."""
+        (quantize.LoadQuantizer) and sets `quantization`. `stages`: the model split across devices
+        (owlvid.stages; `device` is then the embedding's)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -260,6 +262,13 @@ class ModelRuntime:
         return None
 
     # -- shared by the families --------------------------------------------------------------------------
+
+    @property
+    def cache_devices(self) -> torch.device | list[torch.device]:
+        """Where the decoder layers' K/V live: the model's device, or one per layer for a model split across
+        devices (owlvid.stages; `device` is then the embedding's, where the inputs are built)."""
+        stages = self.model.llm.stages
+        return self.device if stages is None else stages.layer_devices
 
     def run_decoder(self, embeds: torch.Tensor, start: int, cache: KVCache, memory: Any = None,
                     adapter: int = 0) -> torch.Tensor:

@@ -93,7 +93,22 @@ def _model_options() -> argparse.ArgumentParser:
                    "pip install 'owlvid[quant]'; default: unquantized)")
     g.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (PEFT / ms-swift) merged into the weights at load")
+    g.add_argument("--device-map", default=None, choices=["auto", "balanced"],
+                   help="split the model across devices as `owlvid plan` places it: auto fills them in order (the "
+                   "rest to cpu when --max-memory lists it), balanced spreads the layers evenly over the GPUs")
+    g.add_argument("--max-memory", default=None, type=_max_memory, metavar="DEV=SIZE,...",
+                   help="with --device-map: what owlvid may use per device, e.g. cuda:0=14GiB,cuda:1=14GiB,cpu=64GiB "
+                   "(default: every GPU less 1 GiB, and the available RAM as cpu)")
     return p
+
+
+def _max_memory(text: str) -> dict[str, int]:
+    from ..plan import parse_max_memory
+
+    try:
+        return parse_max_memory(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _lora_options() -> argparse.ArgumentParser:
@@ -241,10 +256,20 @@ def _load_model(args: argparse.Namespace):
     if tty:
         print(f"owlvid: loading {name} ...", file=sys.stderr, end="\r", flush=True)
     model = load(name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, revision=args.revision,
-                 quantize=args.quantize, adapter=args.adapter, lora_modules=_lora_modules(args))
+                 quantize=args.quantize, adapter=args.adapter, lora_modules=_lora_modules(args),
+                 **_split_arguments(args))
     if tty:
         print(" " * (len(name) + 24), file=sys.stderr, end="\r", flush=True)
     return model
+
+
+def _split_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """--device-map / --max-memory as owlvid.load's arguments (a usage error when they do not go together)."""
+    if args.max_memory is not None and args.device_map is None:
+        raise UsageError("--max-memory needs --device-map auto or balanced")
+    if args.device_map is not None and args.device != "auto":
+        raise UsageError("give --device or --device-map, not both")
+    return {"device_map": args.device_map, "max_memory": args.max_memory}
 
 
 def _result_json(model_name: str, g: Any) -> dict:

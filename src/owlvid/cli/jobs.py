@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OwlvidError
-from .common import RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name
+from .common import RAY_DEFAULTS, UsageError, _load_model, _lora_modules, _model_name, _split_arguments
 
 
 def _domain_list(values: list[str] | None) -> list[str] | None:
@@ -121,6 +121,8 @@ def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, 
 
 def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """What every Ray replica passes to owlvid.load (each loads the model itself)."""
+    if _split_arguments(args)["device_map"] is not None:  # owlvid.ray's replicas take no device map yet
+        raise UsageError("--device-map is not available with --ray yet")
     return {"device": args.device, "dtype": args.dtype, "tokenizer": args.tokenizer, "revision": args.revision,
             "quantize": args.quantize, "adapter": args.adapter, "lora_modules": _lora_modules(args)}
 

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from ..plan import GiB, MemoryPlan, parse_max_memory, parse_size, plan_memory
-
-GPU_RESERVE = 1 * GiB  # left on each detected GPU for the CUDA context, cuBLAS workspaces, allocator slack
 
 
 def add_parser(sub: Any, debug: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
@@ -92,27 +90,6 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
         raise CheckpointError(f"cannot fetch {repo_id!r}/config.json: {str(e).splitlines()[0]}") from None
 
 
-def detected_max_memory() -> dict[str, int]:
-    """Every visible GPU less GPU_RESERVE, then the available RAM as `cpu`."""
-    out: dict[str, int] = {}
-    try:
-        import torch
-
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            out[f"cuda:{i}"] = max(0, torch.cuda.get_device_properties(i).total_memory - GPU_RESERVE)
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                out["cpu"] = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if not out:
-        raise InputError("cannot tell how much memory this machine has: give --max-memory, e.g. cpu=16GiB")
-    return out
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     model = args.model_arg or args.model
     if model is None:
@@ -120,6 +97,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         model = DEFAULT_MODEL
     config, shapes = read_plan_config(str(model), args.revision)
+    from ..stages import detected_max_memory  # torch: only when no --max-memory is given
+
     memory = parse_max_memory(args.max_memory) if args.max_memory else detected_max_memory()
     plan = plan_memory(config, max_memory=memory, device_map=args.device_map, dtype=args.dtype,
                        quantize=args.quantize, max_frames=args.max_frames, max_batch=args.max_batch,

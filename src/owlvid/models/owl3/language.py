@@ -12,7 +12,7 @@ memories into one ``BatchedVisualMemory``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +66,11 @@ class VisualMemory:
         pos = positions.reshape(-1, 1)
         return pos > self.starts[None, :] if strict else pos >= self.starts[None, :]
 
+    def on(self, device: torch.device) -> VisualMemory:
+        """The memory for a split model's stage on `device`: itself (each layer's K/V live on that layer's
+        device; `starts` stay beside the positions, so the segments are computed once per forward)."""
+        return self
+
     def segments(self, positions: torch.Tensor, strict: bool) -> list[tuple[int, int, int]]:
         """`visible_segments` of these positions; every hyper layer of one forward asks with the same
         positions tensor, so it is computed once per forward."""
@@ -92,9 +97,9 @@ class BatchedVisualMemory:
         present = [m for m in memories if m is not None]
         if not present:
             return None
-        ref_k, _ = present[0].kv[layers[0]]
         sizes = [m.kv[layers[0]][0].shape[2] if m is not None else 0 for m in memories]
-        memory = cls.allocate(layers, len(memories), max(sizes), ref_k)
+        like = {layer: present[0].kv[layer][0] for layer in layers}
+        memory = cls.allocate(len(memories), max(sizes), like, present[0].starts.device)
         for layer in layers:
             k, v = memory.storage[layer]
             for b, m in enumerate(memories):
@@ -107,11 +112,14 @@ class BatchedVisualMemory:
         return memory
 
     @classmethod
-    def allocate(cls, layers: Iterable[int], rows: int, capacity: int, like: torch.Tensor) -> BatchedVisualMemory:
-        """Empty storage (zeros: masked keys still meet the weighted sum, where a NaN would spread)."""
-        shape = (rows, like.shape[1], capacity, like.shape[3])
-        storage = {layer: (like.new_zeros(shape), like.new_zeros(shape)) for layer in layers}
-        return cls(storage, torch.zeros(rows, capacity, dtype=torch.bool, device=like.device), [])
+    def allocate(cls, rows: int, capacity: int, like: dict[int, torch.Tensor], mask_device: torch.device
+                 ) -> BatchedVisualMemory:
+        """Empty storage per layer, with the dtype and device of `like[layer]` (a split model's layers keep
+        theirs on their own devices), and the key mask on `mask_device` (the inputs' device). Zeros: masked
+        keys still meet the weighted sum, where a NaN would spread."""
+        storage = {layer: (t.new_zeros((rows, t.shape[1], capacity, t.shape[3])),
+                           t.new_zeros((rows, t.shape[1], capacity, t.shape[3]))) for layer, t in like.items()}
+        return cls(storage, torch.zeros(rows, capacity, dtype=torch.bool, device=mask_device), [])
 
     @property
     def media_rows(self) -> list[bool]:
@@ -126,8 +134,8 @@ class BatchedVisualMemory:
                 a.add_rows([0] * rows_b)
             return a
         if a is None:
-            ref = next(iter(b.storage.values()))[0]
-            a = BatchedVisualMemory.allocate(b.storage, rows_a + rows_b, b.mask.shape[1], ref)
+            like = {layer: k for layer, (k, _) in b.storage.items()}
+            a = BatchedVisualMemory.allocate(rows_a + rows_b, b.mask.shape[1], like, b.mask.device)
             a.add_rows([0] * rows_a)
         a.add(b)
         return a
@@ -188,6 +196,18 @@ class BatchedVisualMemory:
         self.kv = {layer: (k[:b, :, :n], v[:b, :, :n]) for layer, (k, v) in self.storage.items()}
         self.key_mask = self.mask[:b, :n]
         self.has_media = torch.tensor(self.media_rows, dtype=torch.bool, device=self.mask.device)
+        self._on: dict[torch.device, BatchedVisualMemory] = {}
+
+    def on(self, device: torch.device) -> BatchedVisualMemory:
+        """The memory for a split model's stage on `device`: the key mask and media rows copied there once per
+        change of rows (the layers' K/V already live on their own devices)."""
+        if device == self.mask.device:
+            return self
+        if device not in self._on:
+            view = copy.copy(self)
+            view.key_mask, view.has_media = self.key_mask.to(device), self.has_media.to(device)
+            self._on[device] = view
+        return self._on[device]
 
 
 class HyperAttention(Qwen2Attention):
@@ -213,7 +233,7 @@ class HyperAttention(Qwen2Attention):
         k, v = kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [Hkv, N*P, D]
         pos = positions.repeat_interleave(p)
         cos, sin = rope.table(pos)
-        k = apply_rope(k.float(), cos, sin).to(v.dtype)
+        k = apply_rope(k.float(), cos.to(k.device), sin.to(k.device)).to(v.dtype)
         return k[None].contiguous(), v[None].contiguous()
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:

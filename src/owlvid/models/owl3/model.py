@@ -44,11 +44,15 @@ class Owl3(VisionLanguageModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] float32 pixels -> image_embeds [N, 729, hidden] in the model dtype."""
         dtype = self.llm.embed_tokens.weight.dtype
-        device = self.llm.embed_tokens.weight.device
+        device = self.projector_device()
         out = []
         for chunk in pixel_values.split(self.vision_chunk(device, dtype)):
             out.append(self.projector(self.vision(chunk.to(device=device, dtype=dtype))))
         return torch.cat(out)
+
+    def projector_device(self) -> torch.device:
+        """Where the vision tower and projector run (a split model's first device by default)."""
+        return next(self.projector.parameters()).device
 
     def vision_chunk(self, device: torch.device, dtype: torch.dtype) -> int:
         """Crops per vision-tower call: config.json's vision_batch_size, on the CPU at most what keeps the
@@ -65,15 +69,19 @@ class Owl3(VisionLanguageModel):
                       ) -> VisualMemory:
         """Normalise the image embeddings with each hyper layer's own input RMSNorm and project them to
         that layer's visual K/V (with the request's LoRA `adapters`), once per request."""
-        device = image_embeds.device
-        starts_t = torch.tensor(starts, dtype=torch.long, device=device)
+        # the starts stay beside the positions they are compared with (the RoPE table's device); each layer's
+        # K/V are computed on that layer's device, the embeddings moved there once per device (a split model)
+        starts_t = torch.tensor(starts, dtype=torch.long, device=self.rope.device)
         rope_pos = starts_t + 1 if self.cfg.strict_visibility else starts_t
-        kv = {}
+        kv, moved = {}, {image_embeds.device: image_embeds}
         for layer in self.llm.layers:
             attn = layer.self_attn
             if isinstance(attn, HyperAttention):
-                kv[attn.layer_index] = attn.visual_kv(layer.input_layernorm(image_embeds), rope_pos, self.rope,
-                                                         adapters)
+                device = layer.input_layernorm.weight.device
+                if device not in moved:
+                    moved[device] = image_embeds.to(device)
+                kv[attn.layer_index] = attn.visual_kv(layer.input_layernorm(moved[device]), rope_pos, self.rope,
+                                                         None if adapters is None else adapters.on(device))
         return VisualMemory(starts=starts_t, tokens_per_item=image_embeds.shape[1], kv=kv)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

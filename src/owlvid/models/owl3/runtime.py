@@ -19,6 +19,7 @@ from ...layers import RotaryTable
 from ...quantize import LoadQuantizer
 from ...runtime import DecodeBatch, ModelRuntime, PrefillJob
 from ...runtime import DecodeState as BaseDecodeState
+from ...stages import Stages
 from ...tokenizer import QwenTokenizer
 from ...video_plan import CachedVideo, PreparedVideo
 from .config import Owl3Config, owl3_config
@@ -67,13 +68,15 @@ class Owl3Runtime(ModelRuntime):
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype, quantize: str | None = None, visual_cache: VisualCache | None = None
-             ) -> Owl3Runtime:
+             dtype: torch.dtype, quantize: str | None = None, stages: Stages | None = None,
+             visual_cache: VisualCache | None = None) -> Owl3Runtime:
         cfg = owl3_config(raw_config, checkpoint_shapes(folder))
         with torch.device("meta"):
             model = Owl3(cfg)
         quantizer = LoadQuantizer(model, quantize, dtype) if quantize else None
-        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device, transform=quantizer)
+        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device if stages is None else stages.device_of,
+                     transform=quantizer)
+        model.llm.stages = stages
         model.rope = RotaryTable(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.max_position_embeddings, device)
         model.eval()
         runtime = cls(model, cfg, tokenizer, folder, device, dtype, visual_cache)
@@ -196,7 +199,7 @@ class Owl3Runtime(ModelRuntime):
         if state is None:
             visual = self._visual_memory(inputs)
             cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, len(ids) + 256,
-                            self.dtype, self.device)
+                            self.dtype, self.cache_devices)
             state = DecodeState(cache, 0, adapter, visual, [], keys)
         elif keys != state.media_keys:  # the new turn adds media: extend the visual memory
             state.visual = self._visual_memory(inputs)

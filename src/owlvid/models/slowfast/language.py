@@ -25,6 +25,10 @@ class SlowMemory:
     query_rows: torch.Tensor  # [n_text] long indices into the tokens of the forward call
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
+    def on(self, device: torch.device) -> SlowMemory:
+        """The memory for a split model's stage on `device` (each layer's K/V already live on its device)."""
+        return SlowMemory(self.query_rows.to(device), self.kv)
+
 
 class HybridAttention(Qwen2Attention):
     """Qwen2 self-attention plus the gated text-to-slow-token cross-attention of the hybrid layers."""

@@ -67,7 +67,7 @@ class SlowFast(VisionLanguageModel):
     @torch.inference_mode()
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[T, 3, S, S] pixels -> projected per-frame tokens V [T, n, hidden] (2x2-pooled when T > 1)."""
-        device, dtype = self._param.device, self._param.dtype
+        device, dtype = next(self.mm_projector.parameters()).device, self._param.dtype
         out = []
         for chunk in pixel_values.split(max(1, self.cfg.vision_batch_size)):
             feats = self.vision_tower(chunk.to(device=device, dtype=dtype))
@@ -86,11 +86,15 @@ class SlowFast(VisionLanguageModel):
                     ) -> SlowMemory:
         """Slow-token K/V of every hybrid layer, normalised with that layer's own input RMSNorm (with the
         request's LoRA `adapters`); once per request."""
-        kv = {}
+        kv, moved = {}, {slow.device: slow}
         for layer in self.llm.layers:
             attn = layer.self_attn
-            if isinstance(attn, HybridAttention):
-                kv[attn.layer_index] = attn.slow_kv(layer.input_layernorm(slow), adapters)
+            if isinstance(attn, HybridAttention):  # on its layer's device (a split model), moved there once
+                device = layer.input_layernorm.weight.device
+                if device not in moved:
+                    moved[device] = slow.to(device)
+                kv[attn.layer_index] = attn.slow_kv(layer.input_layernorm(moved[device]),
+                                                    None if adapters is None else adapters.on(device))
         return SlowMemory(query_rows=query_rows, kv=kv)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

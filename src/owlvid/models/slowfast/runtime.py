@@ -20,6 +20,7 @@ from ...kv_cache import KVCache
 from ...layers import RotaryTable
 from ...quantize import LoadQuantizer
 from ...runtime import DecodeState, ModelRuntime, PrefillJob
+from ...stages import Stages
 from ...tokenizer import QwenTokenizer
 from .config import IMAGE_TOKEN_INDEX, SlowFastConfig, slowfast_config
 from .language import SlowMemory
@@ -86,13 +87,15 @@ class SlowFastRuntime(ModelRuntime):
 
     @classmethod
     def load(cls, folder: Path, raw_config: dict, tokenizer: QwenTokenizer, device: torch.device,
-             dtype: torch.dtype, quantize: str | None = None) -> SlowFastRuntime:
+             dtype: torch.dtype, quantize: str | None = None, stages: Stages | None = None) -> SlowFastRuntime:
         cfg = slowfast_config(raw_config, checkpoint_shapes(folder))
         with torch.device("meta"):
             model = SlowFast(cfg)
         # the vocabulary is cut to the tokenizer's before quantizing: the cut rows are never stored
         quantizer = LoadQuantizer(model, quantize, dtype, keep_rows=len(tokenizer)) if quantize else None
-        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device, transform=quantizer)
+        load_weights(model, folder, checkpoint_key_map(cfg), dtype, device if stages is None else stages.device_of,
+                     transform=quantizer)
+        model.llm.stages = stages
         model.truncate_vocab(len(tokenizer))
         llm = cfg.llm
         model.rope = RotaryTable(llm.head_dim, llm.rope_theta, llm.max_position_embeddings, device)
@@ -150,7 +153,7 @@ class SlowFastRuntime(ModelRuntime):
             types = torch.ones(ids.shape[0], dtype=torch.bool, device=self.device)
         else:
             at = int(is_image.nonzero()[0])
-            embeds = torch.cat([text_embeds[:at], fast.to(text_embeds.dtype), text_embeds[at:]])
+            embeds = torch.cat([text_embeds[:at], fast.to(text_embeds.device, text_embeds.dtype), text_embeds[at:]])
             types = torch.ones(embeds.shape[0], dtype=torch.bool, device=self.device)
             types[at:at + fast.shape[0]] = False
         length = inputs.seq_len
@@ -187,7 +190,7 @@ class SlowFastRuntime(ModelRuntime):
         embeds, memory = inputs.pop("prepared", None) or self._prepared(inputs)
         length = embeds.shape[1]
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length + 256,
-                        self.dtype, self.device)
+                        self.dtype, self.cache_devices)
         return SlowFastPrefill(DecodeState(cache, 0, self.request_adapter(inputs)), embeds, memory, length)
 
     @torch.inference_mode()
