@@ -87,11 +87,11 @@ class BatchPredictor:
                  quantize: str | None = None, allowed_local_media_path: str | os.PathLike | None = None,
                  relative_to: str | os.PathLike | None = None, max_batch: int = 8,
                  media_timeout: float | None = None, prefetch: int = 2, adapter: str | None = None,
-                 lora_modules: dict[str, str] | None = None) -> None:
+                 lora_modules: dict[str, str] | None = None, **split: Any) -> None:
         from .api import load
 
         self.model = load(model, device=device, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                          quantize=quantize, adapter=adapter, lora_modules=lora_modules)
+                          quantize=quantize, adapter=adapter, lora_modules=lora_modules, **split)  # device_map
         restricted = allowed_local_media_path is not None
         self.relative_to = None if restricted else Path(relative_to or os.getcwd())
         self.config = batch.job_config(self.model.name, allowed_local_media_path if restricted else "/", max_batch,

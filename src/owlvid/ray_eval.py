@@ -46,6 +46,8 @@ class QuestionPredictor:
 
         if relative_to and Path(relative_to).is_dir():
             os.chdir(relative_to)  # relative paths (videos, tokenizer, adapter) mean what they mean to the driver
+        if load_options.get("device_map") is not None:
+            load_options = {**load_options, "device": "auto"}  # the map places the model
         self.model = load(model, **load_options)
         facts = ModelFacts.of(self.model)
         mine = (facts.architecture, facts.training_frames, facts.dtype)
@@ -123,18 +125,21 @@ class RayAnswerer(Answerer):
 
 
 def _replica_options(options: dict[str, Any], gpus: float) -> dict[str, Any]:
-    """What every replica passes to `owlvid.load`: one device and one dtype for all (`auto` decided here)."""
+    """What every replica passes to `owlvid.load`: one device and one dtype for all (`auto` decided here). A
+    replica of several GPUs splits its model over them (`device_map="balanced"` unless a map is given)."""
     import torch
 
     from .checkpoint import resolve_dtype
 
     out = dict(options)
+    if gpus > 1 and out.get("device_map") is None:
+        out["device_map"] = "balanced"
     device = out.get("device", "auto")
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     elif device.startswith("cuda") and not gpus:  # Ray gives a replica the GPUs it reserves, no others
         raise InputError(f"--device {device} needs --gpus-per-replica (the replicas reserve no GPU)")
-    out["device"] = device
+    out["device"] = device  # with a device map, what the run records (the replica loads with the map)
     dtype = out.get("dtype", "auto")
     if dtype == "auto" and device.startswith("cuda") and not torch.cuda.is_available():
         dtype = "bfloat16"  # no GPU here to ask: what owlvid picks on every GPU since Ampere
@@ -162,12 +167,15 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: str | os.PathLike, o
         num_replicas: int | None = None, gpus_per_replica: float | None = None, cpus_per_replica: float = 1,
         ray_address: str | None = None, device: str = "auto", dtype: str = "auto",
         tokenizer: str | os.PathLike | None = None, revision: str | None = None, quantize: str | None = None,
-        adapter: str | os.PathLike | None = None, **run_options: Any) -> dict[str, Any]:
+        adapter: str | os.PathLike | None = None, device_map: str | dict | None = None,
+        max_memory: dict[str, str] | None = None, **run_options: Any) -> dict[str, Any]:
     """`owlvid.eval.run` (or `run_images` for an image table) with the questions spread over `num_replicas`
     replicas of `model` (a checkpoint folder or hub id every node can reach, as the dataset's media) on a Ray
-    cluster: the same predictions file, resuming, lock and results. `run_options`: the runner's (protocol,
-    limit, tasks, num_frames or split, max_batch, seed, progress). Uses the Ray connection of this process if
-    there is one, else `ray.init(address=ray_address)` (None: `RAY_ADDRESS`, or a new local cluster)."""
+    cluster: the same predictions file, resuming, lock and results. `device_map` / `max_memory`: how each replica
+    splits its model over the devices it holds (default: "balanced" for a replica of several GPUs).
+    `run_options`: the runner's (protocol, limit, tasks, num_frames or split, max_batch, seed, progress). Uses
+    the Ray connection of this process if there is one, else `ray.init(address=ray_address)` (None:
+    `RAY_ADDRESS`, or a new local cluster)."""
     from .eval.image_runner import run_images
     from .eval.image_scoring import IMAGE_BENCHMARKS
     from .eval.runner import run as run_video
@@ -177,7 +185,7 @@ def run(benchmark: str, data_dir: str | os.PathLike, model: str | os.PathLike, o
     if (gpus_per_replica is not None and gpus_per_replica < 0) or cpus_per_replica < 0:
         raise InputError("--gpus-per-replica and --cpus-per-replica must not be negative")
     load_options = {"device": device, "dtype": dtype, "tokenizer": tokenizer, "revision": revision,
-                    "quantize": quantize, "adapter": adapter}
+                    "quantize": quantize, "adapter": adapter, "device_map": device_map, "max_memory": max_memory}
 
     def answerer() -> RayAnswerer:  # made once the folder is locked (a second run is refused before Ray starts)
         return RayAnswerer(model, num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,

@@ -107,7 +107,8 @@ def test_an_image_table_on_two_replicas_gives_the_single_process_results(ray_add
 @pytest.mark.slow
 def test_slowfast_replicas_evaluate_with_its_training_frame_count(ray_address, tmp_path):
     """The driver reads the frame count a Slow-Fast checkpoint was trained with from its config (no weights), as
-    the single process reads it from the loaded model: the same protocol settings and lines."""
+    the single process reads it from the loaded model: the same protocol settings and lines. The replicas here
+    split their model in two CPU stages (`device_map`, as a replica of several GPUs does): the same lines."""
     import owlvid
 
     model_dir = make_tiny_slowfast(tmp_path / "sf", training_frames=6)
@@ -115,7 +116,8 @@ def test_slowfast_replicas_evaluate_with_its_training_frame_count(ray_address, t
     expected = run("longvideobench", data, owlvid.load(model_dir, device="cpu", dtype="float32"),
                    tmp_path / "reference", max_batch=1, progress=False)
     results = owlvid.ray_eval.run("longvideobench", data, model_dir, tmp_path / "ray", num_replicas=2, device="cpu",
-                                  dtype="float32", max_batch=1, progress=False)
+                                  dtype="float32", max_batch=1, progress=False,
+                                  device_map={"": "cpu", "llm.layers.1": "cpu:1", "lm_head": "cpu:1"})
     assert results["settings"]["num_frames"] == 6 and results["protocol"] == "slowfast"
     assert {k: v for k, v in results.items() if k not in RUN_ONLY} == \
         {k: v for k, v in expected.items() if k not in RUN_ONLY}
@@ -230,3 +232,28 @@ def test_automatic_replicas_one_per_gpu_or_one_on_cpus(ray_address, monkeypatch)
             assert (placement.replicas, placement.gpus) == expected
     with owlvid.ray.cluster(None, 3, None, 1) as placement:
         assert (placement.replicas, placement.gpus) == (3, 1.0)
+
+
+def test_a_replica_of_several_gpus_splits_its_model():
+    """--gpus-per-replica 2: each replica loads with device_map="balanced" over the GPUs Ray gives it; a map given
+    by the user goes through as it is; one GPU or none: one device, no map."""
+    from owlvid.ray_eval import _replica_options
+
+    base = {"device": "auto", "dtype": "float32", "device_map": None, "max_memory": None}
+    two = _replica_options(base, 2)
+    assert (two["device"], two["device_map"], two["dtype"]) == ("cuda", "balanced", "float32")
+    given = {**base, "device_map": "auto", "max_memory": {"cuda:0": "10GiB"}}
+    assert _replica_options(given, 2)["device_map"] == "auto"
+    one = _replica_options(base, 1)
+    assert (one["device"], one["device_map"]) == ("cuda", None)
+    on_cpus = _replica_options({**base, "device_map": "auto"}, 0)
+    assert (on_cpus["device"], on_cpus["device_map"]) == ("cpu", "auto")
+
+
+def test_a_replica_loads_with_the_device_map(tiny_owl3_dirs):
+    """The map reaches `owlvid.load` in the replica (the run still records the replica's device and dtype)."""
+    model_dir = tiny_owl3_dirs["241101"]
+    facts = ModelFacts(str(model_dir), model_dir, "mplug-owl3", "float32", "cpu")
+    predictor = owlvid.ray_eval.QuestionPredictor(str(model_dir), None, facts, device="cpu", dtype="float32",
+                                                  device_map={"": "cpu", "llm.layers.1": "cpu:1"})
+    assert "layers 1-1: cpu:1" in " ".join(predictor.model.describe()["device_map"])

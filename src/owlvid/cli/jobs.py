@@ -121,10 +121,9 @@ def eval_on_ray(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, 
 
 def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """What every Ray replica passes to owlvid.load (each loads the model itself)."""
-    if _split_arguments(args)["device_map"] is not None:  # owlvid.ray's replicas take no device map yet
-        raise UsageError("--device-map is not available with --ray yet")
     return {"device": args.device, "dtype": args.dtype, "tokenizer": args.tokenizer, "revision": args.revision,
-            "quantize": args.quantize, "adapter": args.adapter, "lora_modules": _lora_modules(args)}
+            "quantize": args.quantize, "adapter": args.adapter, "lora_modules": _lora_modules(args),
+            **_split_arguments(args)}  # a replica splits its model over the devices it holds
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
