@@ -124,9 +124,14 @@ def assert_matches_official(model, checkpoint: str, adapter_name: str | None, ad
 
 @pytest.mark.parametrize("checkpoint", [OWL3, SLOWFAST])
 def test_goldens_are_the_real_thing(checkpoint):
-    """The reference reproduced the parity goldens without an adapter, and every adapter changes every answer."""
+    """The reference reproduced the parity goldens without an adapter, and every adapter changes every answer.
+    Adapter a is ms-swift's default, the hyper / hybrid layers' gate included (served unmerged since that gate takes
+    the rows' adapters; before, such an adapter was refused unmerged)."""
     g = GOLDENS[checkpoint]
     assert set(g.facts["adapters"]) == {"a", "b", "vision"} and len(g.cases) >= 3
+    gate = "self_attn.gate_proj.0" if checkpoint == OWL3 else "self_attn.cross_attn_gate_proj.0"
+    keys = load_file(str(g.dir / "a" / "adapter_model.safetensors"))
+    assert any(f"{gate}.lora_B.weight" in k for k in keys)
     for check in g.facts["base_vs_parity_goldens"].values():
         assert check["last_logits_maxabs"] < 1e-4 and check["same_greedy_tokens"]
     for case in g.cases:
@@ -168,7 +173,7 @@ def test_mixed_batch_rows_match_official_peft(models, checkpoint):
 
 @pytest.mark.parametrize("checkpoint", [OWL3, SLOWFAST])
 def test_vision_adapter_is_refused_unmerged(checkpoint):
-    """The vision adapters (tower, projector, the gates inside nn.Sequential) merge (tested above); unmerged they are
+    """The vision adapters (tower, projector) merge (tested above); unmerged they are
     refused with one line."""
     import owlvid
     from owlvid.errors import UnsupportedError
