@@ -1,9 +1,9 @@
 """LoRA adapters (PEFT / ms-swift format): reading, merging at load, refusals, full fine-tunes.
 
-No official reference environment (PEFT over the official modelling code) exists here, so the reference is
-written in the tests from the math: the adapter merged into the official checkpoint's tensors by hand,
-`W + scale * B @ A` with PEFT's scale (`alpha / r`, `alpha / sqrt(r)` with rslora, per-module patterns),
-saved as a checkpoint and loaded as a base model.
+The reference here is written in the tests from the math: the adapter merged into the official checkpoint's
+tensors by hand, `W + scale * B @ A` with PEFT's scale (`alpha / r`, `alpha / sqrt(r)` with rslora, per-module
+patterns), saved as a checkpoint and loaded as a base model. It covers every family (241014 and 241101 too);
+tests/test_lora_goldens.py checks 240728 and Slow-Fast against the official code with PEFT applied.
 """
 
 from __future__ import annotations

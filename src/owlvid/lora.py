@@ -21,11 +21,11 @@ from .adapters import Adapter
 from .errors import UnsupportedError
 from .layers import AdapterRows, Linear, linear
 
-# Layers that take an `adapters` argument at every call (decoder projections): the only ones the unmerged path
-# can adapt. Others (vision tower, projector, gates inside nn.Sequential) need the adapter merged.
+# Layers that take an `adapters` argument at every call (decoder projections and the hyper / hybrid layers'
+# gates): the only ones the unmerged path can adapt. Others (vision tower, projector) need the adapter merged.
 UNMERGED_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.v_kv_proj",
-                     "self_attn.cross_attn_kv_proj")
+                     "self_attn.cross_attn_kv_proj", "self_attn.gate_proj.0", "self_attn.cross_attn_gate_proj.0")
 
 
 @torch.no_grad()

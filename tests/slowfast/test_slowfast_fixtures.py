@@ -70,7 +70,7 @@ def run_case(model, case: str) -> Run:
     hooks = [net.vision_tower.register_forward_hook(lambda m, a, out: captured["vision"].append(out)),
              net.mm_projector.register_forward_hook(lambda m, a, out: captured["projector"].append(out))]
     for attn in net.hybrid_attentions():
-        hooks.append(attn.cross_attn_gate_proj.register_forward_hook(
+        hooks.append(attn.cross_attn_gate_proj[-1].register_forward_hook(  # the Tanh: the gate's output
             lambda m, a, out, i=attn.layer_index: captured["gates"].setdefault(i, out)))
     original = net.fast_and_slow
 

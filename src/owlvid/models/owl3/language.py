@@ -220,7 +220,8 @@ class HyperAttention(Qwen2Attention):
         self.strict = cfg.strict_visibility
         self.v_kv_proj = Linear(c.hidden_size, 2 * c.num_key_value_heads * self.head_dim)
         if self.variant == "dynamic_gate":
-            self.gate_proj = nn.Sequential(nn.Linear(self.head_dim, self.head_dim), nn.Sigmoid())
+            # owlvid's Linear (same keys) so that an unmerged LoRA adapter can reach it through `adapters`
+            self.gate_proj = nn.Sequential(Linear(self.head_dim, self.head_dim), nn.Sigmoid())
         elif self.variant == "static_gate":
             self.gate = nn.Parameter(torch.zeros(c.hidden_size))
 
@@ -275,13 +276,13 @@ class HyperAttention(Qwen2Attention):
             first = pieces[0][0]
             v_ctx = torch.cat([piece for _, piece in pieces], dim=2) if len(pieces) > 1 else pieces[0][1]
             tail = ctx[:, :, first:]
-            g = self._gate(tail)
+            g = self._gate(tail, inputs.adapters)
             ctx = torch.cat([ctx[:, :, :first], tail * (1 - g) + v_ctx * g], dim=2)
         return self.o_proj(merge_heads(ctx), inputs.adapters)
 
-    def _gate(self, ctx: torch.Tensor) -> torch.Tensor:
+    def _gate(self, ctx: torch.Tensor, adapters: object | None = None) -> torch.Tensor:
         if self.variant == "dynamic_gate":
-            return self.gate_proj(ctx)
+            return self.gate_proj[1](self.gate_proj[0](ctx, adapters))
         return torch.sigmoid(self.gate).view(1, self.heads, 1, self.head_dim)
 
     def _batched_decode(self, x: torch.Tensor, inputs: AttentionInputs, memory: BatchedVisualMemory
@@ -296,6 +297,6 @@ class HyperAttention(Qwen2Attention):
         ctx = self.self_attention(q, k, v, inputs)
         with_media = memory.has_media[:, None, None, None]
         v_ctx = sdpa(q, vis_k, vis_v, vis_mask | ~with_media)  # rows without media: ignored below
-        g = self._gate(ctx)
+        g = self._gate(ctx, inputs.adapters)
         ctx = torch.where(with_media, ctx * (1 - g) + v_ctx * g, ctx)
         return self.o_proj(merge_heads(ctx), inputs.adapters)

@@ -36,7 +36,8 @@ class HybridAttention(Qwen2Attention):
     def __init__(self, cfg: Qwen2Config, layer_index: int) -> None:
         super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, layer_index)
         self.cross_attn_kv_proj = Linear(cfg.hidden_size, 2 * self.kv_heads * self.head_dim)
-        self.cross_attn_gate_proj = nn.Sequential(nn.Linear(cfg.hidden_size, 1), nn.Tanh())
+        # owlvid's Linear (same keys) so that an unmerged LoRA adapter can reach it through `adapters`
+        self.cross_attn_gate_proj = nn.Sequential(Linear(cfg.hidden_size, 1), nn.Tanh())
         self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1))
 
     def slow_kv(self, normed_slow: torch.Tensor, adapters: object | None = None
@@ -59,6 +60,7 @@ class HybridAttention(Qwen2Attention):
         rows = memory.query_rows
         cross = merge_heads(sdpa(q[:, :, rows], slow_k, slow_v))  # C: non-causal over every slow token
         text = ctx[:, rows]
-        gate = self.cross_attn_gate_proj(text) * torch.tanh(self.cross_attn_warm_up_gate)
+        gate = self.cross_attn_gate_proj[1](self.cross_attn_gate_proj[0](text, inputs.adapters)) \
+            * torch.tanh(self.cross_attn_warm_up_gate)
         ctx = ctx.index_copy(1, rows, text + cross * gate)
         return self.o_proj(ctx, inputs.adapters)
