@@ -40,12 +40,23 @@ def _bf16_cpu_kernels() -> bool:
 def bf16_kernels_apply(x: torch.Tensor) -> bool:
     """bfloat16 on a CPU with AVX512-BF16/AMX, unless OWLVID_VISION_BF16_KERNELS=0: attention as GEMM +
     softmax + GEMM (blocked_attention) and the MLP's GELU in the oneDNN GEMM's epilogue.
-    Per layer, 9 crops, same-run share of the bf16 2048^3 matmul rate (2-core EPYC, AVX512-BF16, 1 thread):
-    SDPA + separate GELU 78-80%, blocked attention 86-87%, + fused GELU <fill>. The CPU flash kernel runs at
-    32% of the matmul rate at head_dim 72 (342 ms for 9 crops x 16 heads), the blocked GEMMs at ~57% (190 ms);
-    in float32 the flash kernel wins (59-65 vs 20-36 GFLOP/s), and on a GPU SDPA has fused kernels."""
+    In float32 the flash kernel wins (59-65 vs 20-36 GFLOP/s, one thread); on a GPU SDPA has fused kernels."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and _bf16_cpu_kernels()
             and os.environ.get("OWLVID_VISION_BF16_KERNELS", "1") != "0")
+
+
+# Measured per layer, 9 crops, as a share of the same-run bf16 2048^3 matmul rate (2-core EPYC with
+# AVX512-BF16, CPU time of one thread, ~200 GFLOP/s): SDPA + separate GELU 78-80%, blocked attention 86-87%,
+# + GELU in the epilogue 89-92%. The CPU flash kernel runs at 32% of the matmul rate at head_dim 72 (9 crops
+# x 16 heads: 331-342 ms), the blocked GEMMs + softmax at 53-57% (189-202 ms; the softmax is a third of it).
+# Tried and dropped, torch.compile (inductor) of the layer:
+#   * layer tensors as graph inputs (one graph for all layers and, over [B*T, D] rows, every batch size; FX
+#     graph cache on disk): same speed as eager (1 thread: 159-161 vs 158-159 GFLOP/s with SDPA, 164-180
+#     vs 171-180 with blocked attention; 2 threads: 144-154 vs 149-156 with SDPA, 109-111 vs 169 with blocked
+#     attention as an opaque custom op), for a 47 s compile on first use (8.6 s in a second process);
+#   * `freezing` (weights as constants: prepacked oneDNN linears with GELU and residual epilogues) ran one
+#     layer at 188-197 GFLOP/s vs eager 169-173 (1 thread), but compiles every layer apart; the eager GELU
+#     epilogue above takes most of that gain without compiling.
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
