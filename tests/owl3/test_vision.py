@@ -118,14 +118,16 @@ def test_bf16_kernels_policy(monkeypatch):
     monkeypatch.setattr(vision, "_bf16_cpu_kernels", lambda: True)
     monkeypatch.delenv("OWLVID_VISION_BF16_KERNELS", raising=False)
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    assert vision.bf16_kernels_apply(bf16)
-    assert not vision.bf16_kernels_apply(bf16.float())  # float32 keeps SDPA (its flash kernel is faster)
-    assert not vision.bf16_kernels_apply(torch.zeros(1, dtype=torch.bfloat16, device="meta"))  # not a CPU
-    monkeypatch.setenv("OWLVID_VISION_BF16_KERNELS", "0")
-    assert not vision.bf16_kernels_apply(bf16)
-    monkeypatch.setattr(vision, "_bf16_cpu_kernels", lambda: False)  # no AVX512-BF16 / AMX
-    monkeypatch.delenv("OWLVID_VISION_BF16_KERNELS")
-    assert not vision.bf16_kernels_apply(bf16)
+    assert not vision.bf16_kernels_apply(bf16)  # autograd on: the plain modules
+    with torch.no_grad():
+        assert vision.bf16_kernels_apply(bf16)
+        assert not vision.bf16_kernels_apply(bf16.float())  # float32 keeps SDPA (its flash kernel is faster)
+        assert not vision.bf16_kernels_apply(torch.zeros(1, dtype=torch.bfloat16, device="meta"))  # not a CPU
+        monkeypatch.setenv("OWLVID_VISION_BF16_KERNELS", "0")
+        assert not vision.bf16_kernels_apply(bf16)
+        monkeypatch.setattr(vision, "_bf16_cpu_kernels", lambda: False)  # no AVX512-BF16 / AMX
+        monkeypatch.delenv("OWLVID_VISION_BF16_KERNELS")
+        assert not vision.bf16_kernels_apply(bf16)
 
 
 @pytest.mark.skipif(not vision._bf16_cpu_kernels(), reason="needs a CPU with AVX512-BF16 or AMX")

@@ -39,10 +39,11 @@ def _bf16_cpu_kernels() -> bool:
 
 def bf16_kernels_apply(x: torch.Tensor) -> bool:
     """bfloat16 on a CPU with AVX512-BF16/AMX, unless OWLVID_VISION_BF16_KERNELS=0: attention as GEMM +
-    softmax + GEMM (blocked_attention) and the MLP's GELU in the oneDNN GEMM's epilogue.
-    In float32 the flash kernel wins (59-65 vs 20-36 GFLOP/s, one thread); on a GPU SDPA has fused kernels."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and _bf16_cpu_kernels()
-            and os.environ.get("OWLVID_VISION_BF16_KERNELS", "1") != "0")
+    softmax + GEMM (blocked_attention) and the MLP's GELU in the oneDNN GEMM's epilogue; without autograd
+    (their out= and oneDNN calls have no backward). In float32 the flash kernel wins (59-65 vs 20-36
+    GFLOP/s, one thread); on a GPU SDPA has fused kernels."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+            and _bf16_cpu_kernels() and os.environ.get("OWLVID_VISION_BF16_KERNELS", "1") != "0")
 
 
 # Measured per layer, 9 crops, as a share of the same-run bf16 2048^3 matmul rate (2-core EPYC with
