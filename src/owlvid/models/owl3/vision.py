@@ -48,8 +48,10 @@ def bf16_kernels_apply(x: torch.Tensor) -> bool:
 
 # Measured per layer, 9 crops, as a share of the same-run bf16 2048^3 matmul rate (2-core EPYC with
 # AVX512-BF16, CPU time of one thread, ~200 GFLOP/s): SDPA + separate GELU 78-80%, blocked attention 86-87%,
-# + GELU in the epilogue 89-92%. The CPU flash kernel runs at 32% of the matmul rate at head_dim 72 (9 crops
-# x 16 heads: 331-342 ms), the blocked GEMMs + softmax at 53-57% (189-202 ms; the softmax is a third of it).
+# + GELU in the epilogue 89-92%; two threads (wall clock, best of 5 interleaved, 1 / 8 / 9 crops): SDPA
+# 72 / 72 / 76%, these kernels 85 / 83 / 84% (benchmarks/vision.py: the whole tower). The CPU flash kernel
+# runs at 32% of the matmul rate at head_dim 72 (9 crops x 16 heads: 331-342 ms), the blocked GEMMs +
+# softmax at 53-57% (189-202 ms; the softmax is a third of it).
 # Tried and dropped, torch.compile (inductor) of the layer:
 #   * layer tensors as graph inputs (one graph for all layers and, over [B*T, D] rows, every batch size; FX
 #     graph cache on disk): same speed as eager (1 thread: 159-161 vs 158-159 GFLOP/s with SDPA, 164-180
