@@ -45,7 +45,7 @@ INT8_CHUNK_BYTES = 1 << 20  # rows quantized per torchao call (int8_per_row)
 # quantized kernel, above it the weight dequantized on the fly and one GEMM. Crossovers measured with
 # benchmarks/quantize.py --kernels (2-core AMD EPYC, AVX512-BF16, bf16, 1B-shape weights; README "Weight
 # quantization"): see the figures there.
-KERNEL_MAX_ROWS = {"int8": 16, "int4": 24}
+KERNEL_MAX_ROWS = {"int8": 16, "int4": 96}
 _QWEN2_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _CROSS_ATTENTION_PROJECTIONS = ("self_attn.v_kv_proj", "self_attn.cross_attn_kv_proj")
@@ -259,11 +259,17 @@ def _int8_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> tor
     scale = weight.scale.reshape(-1).to(x.dtype)
     if rows <= KERNEL_MAX_ROWS["int8"]:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight.qdata, scale)
-    else:  # int8 -> activation dtype is exact; the row scales apply to the output columns (fewer elements)
-        y = F.linear(x2, weight.qdata.to(x.dtype)) * scale
+    else:
+        y = int8_dequantized_linear(x2, weight.qdata, scale)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int8_dequantized_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (qdata * scale).T as one GEMM: int8 -> the activation dtype is exact, and the row scales apply to
+    the output's columns (fewer elements than the weight's whenever there are fewer rows than inputs)."""
+    return F.linear(x, qdata.to(x.dtype)) * scale
 
 
 def _int4_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
