@@ -42,10 +42,12 @@ INSTALL_HINT = "pip install 'owlvid[quant]'"
 INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels take, largest (most compact) first
 INT8_CHUNK_BYTES = 1 << 20  # rows quantized per torchao call (int8_per_row)
 # The one place for the path choice by row count: up to this many rows (of a linear layer's input) the CPU
-# quantized kernel, above it the weight dequantized on the fly and one GEMM. Crossovers measured with
-# benchmarks/quantize.py --kernels (2-core AMD EPYC, AVX512-BF16, bf16, 1B-shape weights; README "Weight
-# quantization"): see the figures there.
-KERNEL_MAX_ROWS = {"int8": 16, "int4": 96}
+# quantized kernel, above it the weight dequantized on the fly and one GEMM. Where the paths cross, measured
+# with benchmarks/quantize.py --kernels (one 1B decoder layer's seven projections, bf16, 2-core AMD EPYC with
+# AVX512-BF16, 2 threads; ms kernel vs dequantized): int8 12 rows 2.8 vs 3.5, 16 rows 3.7 vs 3.5, 32 rows 7.5 vs
+# 5.0; int4 64 rows 11.8 vs 13.9, 96 rows 17.3 vs 16.3, 128 rows 22.9 vs 21.5, 512 rows 88 vs 45 (one thread:
+# int8 ~11, int4 ~90).
+KERNEL_MAX_ROWS = {"int8": 12, "int4": 80}
 _QWEN2_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _CROSS_ATTENTION_PROJECTIONS = ("self_attn.v_kv_proj", "self_attn.cross_attn_kv_proj")
