@@ -87,6 +87,25 @@ def test_mean_greedy_agreement(measured, mode):
     assert mean >= BOUNDS[mode][2], f"{mode}: mean greedy agreement {mean:.3f}"
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("checkpoint,case", [("tiny-240728", "text_only"), (CASES[-1][0], "video_8f_single_turn")])
+def test_both_kernel_paths_keep_the_quality(loaded, monkeypatch, mode, checkpoint, case):
+    """Every row through the quantized kernel, then every row (decoding too) through the weight dequantized on
+    the fly: both within the quality bounds, and the same model to float32 rounding."""
+    from owlvid import quantize
+
+    reference = greedy_trace(loaded(checkpoint, None).runtime, checkpoint, case)
+    runtime = loaded(checkpoint, mode).runtime
+    max_error, min_agreement, _ = BOUNDS[mode]
+    errors = []
+    for limit in (1 << 30, 0):
+        monkeypatch.setitem(quantize.KERNEL_MAX_ROWS, mode, limit)
+        q = quality(runtime, reference, checkpoint, case)
+        assert 0 < q.logit_error <= max_error and q.forced_agreement >= min_agreement, (limit, q)
+        errors.append(q.logit_error)
+    assert abs(errors[0] - errors[1]) <= 1e-4, errors
+
+
 def test_what_is_quantized(loaded):
     """Decoder projections and the embedding (and an untied LM head); never the cross-attention projections
     (hyper / slow-token K/V, gates), the vision tower or the projector."""
@@ -134,22 +153,85 @@ def test_weight_bytes_at_aligned_widths(tmp_path):
     assert ratios["int4"] < ratios["int8"]
 
 
-def test_int8_linear_kernels_match_the_dequantized_weight():
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts of the calls to each dequantized path; KERNEL_MAX_ROWS restored after the test."""
+    from owlvid import quantize
+
+    calls = {"int8": 0, "int4": 0}
+    monkeypatch.setattr(quantize, "KERNEL_MAX_ROWS", dict(quantize.KERNEL_MAX_ROWS))
+
+    def counting(mode: str, real):
+        def counted(*args):
+            calls[mode] += 1
+            return real(*args)
+        return counted
+
+    monkeypatch.setattr(quantize, "int8_dequantized_linear", counting("int8", quantize.int8_dequantized_linear))
+    monkeypatch.setattr(quantize, "int4_dequantize_t", counting("int4", quantize.int4_dequantize_t))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_paths_match_the_dequantized_weight(paths, dtype):
+    from owlvid import quantize
     from owlvid.quantize import quantize_weight, register_kernels
 
     register_kernels()
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
-    bias = torch.randn(96, generator=gen).to(torch.bfloat16)
+    w = torch.randn(96, 64, generator=gen).to(dtype)
+    bias = torch.randn(96, generator=gen).to(dtype)
     q = quantize_weight(w, "int8")
     reference_weight = q.dequantize(torch.float32)
     assert (reference_weight - w.float()).abs().max() <= w.float().abs().max() / 127  # half a step per row
-    for rows in (1, 7, 40):  # the int8 matrix-vector kernel, then the dequantized GEMM
-        x = torch.randn(1, rows, 64, generator=gen).to(torch.bfloat16)
+    quantize.KERNEL_MAX_ROWS["int8"] = 8
+    for rows, dequantized in ((1, 0), (8, 0), (9, 1), (40, 2)):  # the int8 matrix-vector kernel up to 8 rows
+        x = torch.randn(1, rows, 64, generator=gen).to(dtype)
         got = linear(x, q, bias).float()
         want = F.linear(x.float(), reference_weight, bias.float())
         assert got.shape == (1, rows, 96)
-        assert (got - want).abs().max() <= 0.02 * want.abs().max(), rows
+        assert (got - want).abs().max() <= (0.02 if dtype == torch.bfloat16 else 1e-5) * want.abs().max(), rows
+        assert paths["int8"] == dequantized, rows
+
+
+@pytest.mark.parametrize("shape", [(4864, 896), (128, 896), (80, 256), (24, 48)])
+def test_int4_dequantized_weight_is_the_kernels_own(shape):
+    """The unpacked weight equals what the CPU int4 kernel computes with (read back through an identity
+    input), bit for bit: full blocks of 64 rows (the 1B widths), a partial block, padded sizes."""
+    from owlvid.quantize import int4_dequantize_t, int4_pack_block, quantize_weight
+
+    assert int4_pack_block() is not None  # this torch's layout is one the code knows
+    n, k = shape
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(2)) / k ** 0.5).to(torch.bfloat16)
+    q = quantize_weight(w, "int4")
+    eye = torch.eye(q.shape[1], dtype=torch.bfloat16)
+    by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.qdata, q.block_size[-1], q.scale_and_zero)
+    assert torch.equal(int4_dequantize_t(q)[:, :n], by_kernel[:, :n])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear_paths_agree_and_are_chosen_by_row_count(paths, dtype):
+    from owlvid import quantize
+    from owlvid.quantize import quantize_weight, register_kernels
+
+    register_kernels()
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(80, 256, generator=gen) / 16).to(dtype)
+    bias = torch.randn(80, generator=gen).to(dtype)
+    q = quantize_weight(w, "int4")
+    quantize.KERNEL_MAX_ROWS["int4"] = 4
+    for rows, dequantized in ((1, False), (2, False), (3, True), (33, True)):  # [2, rows]: 2, 4 | 6, 66 rows
+        x = torch.randn(2, rows, 256, generator=gen).to(dtype)
+        before = paths["int4"]
+        chosen = linear(x, q, bias)
+        assert paths["int4"] - before == dequantized, rows
+        quantize.KERNEL_MAX_ROWS["int4"] = 1 << 30 if rows > 2 else 0  # the other path
+        other = linear(x, q, bias)
+        quantize.KERNEL_MAX_ROWS["int4"] = 4
+        assert chosen.shape == other.shape == (2, rows, 80)
+        # The same products: float32 agrees to rounding, bfloat16 to its last bits of the output
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (chosen.float() - other.float()).abs().max() <= tolerance * other.float().abs().max(), rows
 
 
 def test_int4_padding_matches_an_explicitly_padded_weight():

@@ -13,15 +13,18 @@ What is quantized, and why (the measurements are in tests/test_quantize.py and t
   (`include_cross_attention=True` quantizes them, for that measurement);
 * not the vision tower and projector (the visual cache stores their outputs unchanged).
 
-The kernels are torchao's tensor subclasses. Two torch kernels replace torchao's eager ones on the CPU where
-those would be slower than the unquantized model: int8 weights with a few rows (decoding) go to torch's
-`_weight_int8pack_mm` (torchao's eager path converts the whole weight to the activation dtype on every
-call), more rows to the dequantized weight and one GEMM; an int8 embedding looks up only the rows it needs
-(torchao's dequantizes the whole table per call).
+The kernels are torchao's tensor subclasses. On the CPU, a linear layer takes the fastest path for its row
+count (KERNEL_MAX_ROWS, measured): few rows (decoding, short prompts) run the quantized matrix-vector kernels
+(int8: torch's `_weight_int8pack_mm`, as torchao's eager path converts the whole weight to the activation
+dtype on every call; int4: torchao's `_weight_int4pack_mm_for_cpu`), whose cost grows with the rows; more
+rows (prompts) dequantize the layer's weight on the fly into one GEMM in the activation dtype (nothing is
+cached, so the memory saving stays). An int8 embedding looks up only the rows it needs (torchao's
+dequantizes the whole table per call).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +41,13 @@ TORCHAO_MIN = (0, 18)  # the release these tensor subclasses were measured with
 INSTALL_HINT = "pip install 'owlvid[quant]'"
 INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels take, largest (most compact) first
 INT8_CHUNK_BYTES = 1 << 20  # rows quantized per torchao call (int8_per_row)
-# Up to this many rows, the CPU int8 matrix-vector kernel beats dequantizing the weight for one GEMM
-# (2-core EPYC, bf16, a 4864x896 weight: 1 / 8 / 32 rows 0.11 / 0.51 / 1.9 ms vs 1.9 / 2.0 / 2.3 ms; 128 rows
-# 7.5 vs 4.2 ms).
-INT8_KERNEL_MAX_ROWS = 32
+# The one place for the path choice by row count: up to this many rows (of a linear layer's input) the CPU
+# quantized kernel, above it the weight dequantized on the fly and one GEMM. Where the paths cross, measured
+# with benchmarks/quantize.py --kernels (one 1B decoder layer's seven projections, bf16, 2-core AMD EPYC with
+# AVX512-BF16, 2 threads; ms kernel vs dequantized): int8 12 rows 2.8 vs 3.5, 16 rows 3.7 vs 3.5, 32 rows 7.5 vs
+# 5.0; int4 64 rows 11.8 vs 13.9, 96 rows 17.3 vs 16.3, 128 rows 22.9 vs 21.5, 512 rows 88 vs 45 (one thread:
+# int8 ~11, int4 ~90).
+KERNEL_MAX_ROWS = {"int8": 12, "int4": 80}
 _QWEN2_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _CROSS_ATTENTION_PROJECTIONS = ("self_attn.v_kv_proj", "self_attn.cross_attn_kv_proj")
@@ -243,25 +249,90 @@ class Int8Embedding(nn.Module):
         return (w.qdata[ids].float() * w.scale[ids].float()).to(w.dtype)
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
+
+
 def _int8_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
     if x.device.type != "cpu" or weight.block_size[-1] != weight.shape[-1] or weight.act_quant_kwargs is not None:
         return F.linear(x, weight, bias)  # GPUs and anything but per-row weight-only int8: torchao's own kernel
-    rows = x.numel() // x.shape[-1]
+    rows = _rows(x)
     x2 = x.reshape(rows, x.shape[-1])
-    if rows <= INT8_KERNEL_MAX_ROWS:
-        scale = weight.scale.reshape(-1).to(x.dtype)
+    scale = weight.scale.reshape(-1).to(x.dtype)
+    if rows <= KERNEL_MAX_ROWS["int8"]:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight.qdata, scale)
     else:
-        y = F.linear(x2, (weight.qdata.to(x.dtype) * weight.scale.to(x.dtype)))
+        y = int8_dequantized_linear(x2, weight.qdata, scale)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_dequantized_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (qdata * scale).T as one GEMM: int8 -> the activation dtype is exact, and the row scales apply to
+    the output's columns (fewer elements than the weight's whenever there are fewer rows than inputs)."""
+    return F.linear(x, qdata.to(x.dtype)) * scale
+
+
+def _int4_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
     if x.shape[-1] != weight.shape[-1]:  # a zero-padded weight (see quantize_weight)
         x = F.pad(x, (0, weight.shape[-1] - x.shape[-1]))
-    return F.linear(x, weight, bias)
+    if (x.device.type != "cpu" or _rows(x) <= KERNEL_MAX_ROWS["int4"] or not hasattr(weight, "scale_and_zero")
+            or weight.act_mapping_type is not None or int4_pack_block() is None):
+        return F.linear(x, weight, bias)
+    w_t = int4_dequantize_t(weight)[:, : weight.shape[0]].to(x.dtype)
+    y = torch.matmul(x, w_t)
+    return y + bias if bias is not None else y
+
+
+@functools.cache
+def int4_pack_block() -> int | None:
+    """How this torch lays out CPU int4 weights (`_convert_weight_to_int4pack_for_cpu`, by its vector ISA):
+    blocks of 64 (AVX512) or 32 (AVX2) output rows whose bytes hold row j in the low nibble and row j + block/2
+    in the high one, a last partial block (and every block on other ISAs: 0) in row pairs. Found by packing a
+    probe, so a layout this code does not know turns the dequantized path off (None) instead of mis-reading."""
+    n, k = 80, 4  # a full block of 64 and a partial one, for both known block sizes
+    probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (64, 32, 0):
+        if torch.equal(_unpack_int4(packed, n, k, block).to(torch.int32) + 8, probe.t()):
+            return block
+    return None
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """int8 values minus 8 ([K, N], transposed: the GEMM reads it as is) of a packed [N, K/2] int4 weight.
+    XOR 0x88 then an arithmetic shift sign-extends each nibble: (q ^ 8) as a signed 4-bit number is q - 8."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    if flat.numel() % 4 == 0:  # the XOR four bytes at a time (4x faster than on bytes)
+        flat = (flat.view(torch.int32) ^ -0x77777778).view(torch.uint8)  # 0x88888888 as an int32
+    else:
+        flat = flat ^ 0x88
+    b = flat.view(torch.int8)
+    full = n // block * block if block else 0
+    parts = []
+    if full:
+        blk = b[: full * k // 2].view(full // block, k, block // 2)
+        both = torch.cat(((blk << 4) >> 4, blk >> 4), dim=-1)  # [blocks, K, block]: low nibbles first
+        parts.append(both.permute(1, 0, 2).reshape(k, full))
+    if full < n:
+        pairs = b[full * k // 2:].view(k, (n - full) // 2)
+        parts.append(torch.stack(((pairs << 4) >> 4, pairs >> 4), dim=-1).reshape(k, n - full))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def int4_dequantize_t(weight: Any) -> torch.Tensor:
+    """The transposed dequantized weight [K, N (padded)] of a CPU Int4OpaqueTensor, in its scales' dtype:
+    (q - 8) * scale + zero per group, computed as the CPU kernel does (float, rounded once)."""
+    block = int4_pack_block()
+    if block is None:
+        raise UnsupportedError("this torch's CPU int4 weight layout is not known")
+    sz = weight.scale_and_zero  # [K / group, N, 2]
+    groups, n = sz.shape[0], sz.shape[1]
+    k = weight.qdata.numel() * 2 // n
+    values = _unpack_int4(weight.qdata, n, k, block).view(groups, k // groups, n).to(sz.dtype)
+    scale, zero = sz[..., 0].contiguous(), sz[..., 1].contiguous()  # strided slices broadcast 6x slower
+    return torch.addcmul(zero[:, None], values, scale[:, None]).view(k, n)
 
 
 def register_kernels() -> None:
