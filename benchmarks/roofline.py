@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from perf import bench_matmul, bench_vision, build_model, table, video_messages
+from quantize import bench_prefill  # benchmarks/quantize.py
 
 import owlvid
 from owlvid.kv_cache import KVCache
@@ -86,20 +87,6 @@ def prefill_flops(cfg, tokens: int) -> float:
     mlp = 3 * 2 * c.hidden_size * c.intermediate_size
     attention = 2 * 2 * c.num_attention_heads * hd * tokens * (tokens + 1) / 2
     return c.num_hidden_layers * ((proj + mlp) * tokens + attention) + 2 * c.vocab_size * c.hidden_size
-
-
-@torch.inference_mode()
-def bench_prefill(model, tokens: int, repeats: int = 3) -> float:
-    runtime = model.runtime
-    c = runtime.cfg.llm
-    ids = torch.randint(1000, 2000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    best = float("inf")
-    for _ in range(repeats):
-        cache = KVCache(c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, tokens + 8, runtime.dtype, "cpu")
-        start = time.perf_counter()
-        runtime._forward(ids, 0, cache, None)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def decode_weight_bytes(net) -> int:

@@ -91,11 +91,7 @@ def cmd_eval_images(args: argparse.Namespace, load_model: Callable[[argparse.Nam
 
     options = {"protocol": args.protocol, "limit": args.limit, "tasks": args.tasks, "split": args.split,
                "max_batch": args.max_batch, "seed": args.seed, "progress": not args.no_progress}
-    results = on_ray(args, options) if on_ray else None
-    if results is None:
-        results = run_images(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
-    print(format_image_table(results))
-    return 0
+    return _run_and_print(args, options, run_images, format_image_table, load_model, on_ray)
 
 
 def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace], Any],
@@ -105,10 +101,17 @@ def cmd_eval(args: argparse.Namespace, load_model: Callable[[argparse.Namespace]
 
     options = {"protocol": args.protocol, "limit": args.limit, "tasks": args.tasks, "num_frames": args.num_frames,
                "max_batch": args.max_batch, "seed": args.seed, "progress": not args.no_progress}
+    return _run_and_print(args, options, run, format_table, load_model, on_ray)
+
+
+def _run_and_print(args: argparse.Namespace, options: dict, runner: Callable[..., dict],
+                   formatter: Callable[[dict], str], load_model: Callable[[argparse.Namespace], Any],
+                   on_ray: Callable[[argparse.Namespace, dict], dict | None] | None) -> int:
+    """The run on Ray replicas when `on_ray` takes it (it returns None without --ray), else in this process."""
     results = on_ray(args, options) if on_ray else None
     if results is None:
-        results = run(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
-    print(format_table(results))
+        results = runner(args.benchmark, args.data, lambda: load_model(args), args.output, **options)
+    print(formatter(results))
     return 0
 
 
