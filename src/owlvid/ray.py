@@ -188,9 +188,10 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
         media_timeout: float | None = None, prefetch: int = 2, num_replicas: int = 1,
         gpus_per_replica: float = 0, cpus_per_replica: float = 1, requests_per_batch: int | None = None,
         ray_address: str | None = None, progress: bool = True, json_progress: bool = False,
-        adapter: str | os.PathLike | None = None, lora_modules: dict[str, str] | None = None) -> dict[str, Any]:
+        adapter: str | os.PathLike | None = None, lora_modules: dict[str, str] | None = None,
+        **split: Any) -> dict[str, Any]:
     """`owlvid.batch.run` on a Ray cluster: same checks before work, same output lines, same resuming, same
-    options (`max_batch`, `media_timeout`, `prefetch` apply in each replica).
+    options (`max_batch`, `media_timeout`, `prefetch` apply in each replica; `split`: `device_map` / `max_memory`).
 
     `model` is a checkpoint folder or hub id that every replica loads (local paths and media must be
     reachable from every node). Uses the Ray connection of this process if there is one, else
@@ -222,7 +223,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, model: st
                                       quantize=quantize, adapter=_absolute(adapter), lora_modules=lora_modules and {
                                           name: _absolute(path) for name, path in lora_modules.items()},
                                       allowed_local_media_path=root, relative_to=os.getcwd(),
-                                      max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch)
+                                      max_batch=max_batch, media_timeout=media_timeout, prefetch=prefetch, **split)
             summary = batch.write_answers(plan, _rows(answers), progress, json_progress)
         missing = len(plan.todo) - summary["completed"] - summary["failed"]
         if missing:  # not expected: Ray retries failed tasks; the output stays valid for a rerun

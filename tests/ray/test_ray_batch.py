@@ -117,3 +117,10 @@ def test_without_ray_one_line_says_what_to_install(job, tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 1 and proc.stderr.strip() == "owlvid: error: Ray jobs need Ray: pip install 'owlvid[ray]'"
     assert not output.exists()
+
+
+def test_a_batch_replica_loads_with_the_device_map(tiny_owl3_dirs):
+    """`owlvid batch --ray --device-map ...`: the map reaches each replica's `owlvid.load`."""
+    predictor = owlvid.ray.BatchPredictor(str(tiny_owl3_dirs["241101"]), dtype="float32",
+                                          device_map={"": "cpu", "llm.layers.1": "cpu:1"})
+    assert "layers 1-1: cpu:1" in " ".join(predictor.model.describe()["device_map"])
