@@ -226,19 +226,26 @@ class AdapterRows:
         """The same rows for layers on `device` (a split model's stage)."""
         return replace(self, index=self.index.to(device), mask=self.mask.to(device))
 
-    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def reads_every_slot(self, x: torch.Tensor) -> bool:
+        """Whether `delta` uses `x @ A.T` over every slot (then a caller may compute it with the base GEMM)."""
+        return self.single is not None or self.slots <= 2 * x.shape[0]
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xa: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """Each row's `(x @ A[slot].T) @ B[slot].T` for x [B, ..., in], stacked factors a [slots * r, in] and
-        b [out, slots * r]."""
+        b [out, slots * r]; `xa`: `x @ a.T` when the caller has it (see `reads_every_slot`)."""
         r = self.rank
         if self.single is not None:  # one adapter: plain matmuls over its own columns
             cols = slice(self.single * r, (self.single + 1) * r)
-            return linear(linear(x, a[cols]), b[:, cols].contiguous())
+            h = linear(x, a[cols]) if xa is None else xa[..., cols]
+            return linear(h, b[:, cols].contiguous())
         rows = x.shape[0]
         if self.slots <= 2 * rows:
             # Few adapters: every slot's factors at once, each row keeping its own slot's columns (two GEMMs and
             # a multiply: on the CPU 2x faster than gathering per-row factors for bmm; on a GPU fewer kernels).
             xb = x.reshape(rows, -1, x.shape[-1])
-            return linear(linear(xb, a) * self.mask, b).reshape(*x.shape[:-1], b.shape[0])
+            h = linear(xb, a) if xa is None else xa.reshape(rows, -1, a.shape[0])
+            return linear(h * self.mask, b).reshape(*x.shape[:-1], b.shape[0])
         # Many adapters: only the rows' own factors are read (gathered), one bmm each way.
         xb = x.reshape(rows, -1, x.shape[-1])
         a_rows = a.view(self.slots, r, -1).index_select(0, self.index)  # [B, r, in]

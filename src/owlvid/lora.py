@@ -47,6 +47,8 @@ class LoraLinear(Linear):
 
     lora_a: torch.Tensor  # [slots * r, in]
     lora_b: torch.Tensor  # [out, slots * r], scale folded in
+    fused: torch.Tensor | None  # [out + slots * r, in]: the weight and lora_a are its two views (plain weights)
+    fused_bias: torch.Tensor | None
 
     @classmethod
     def wrap(cls, base: nn.Linear, slots: int, rank: int) -> LoraLinear:
@@ -56,17 +58,29 @@ class LoraLinear(Linear):
         layer.weight, layer.bias = base.weight, base.bias
         dtype = base.weight.dtype  # a quantized weight reports its activation dtype
         device = base.weight.device
-        layer.register_buffer("lora_a", torch.zeros(slots * rank, base.in_features, dtype=dtype, device=device),
-                              persistent=False)
+        a = torch.zeros(slots * rank, base.in_features, dtype=dtype, device=device)
+        layer.fused = layer.fused_bias = None
+        if type(base.weight.data) is torch.Tensor:
+            # The weight and every slot's A factors in one tensor: the base GEMM and x @ A are then one call
+            # (at decoding, a second small GEMM per layer cost about as much as the B factors' GEMM).
+            layer.fused = torch.cat([base.weight.data, a])
+            layer.weight = nn.Parameter(layer.fused[: base.out_features], requires_grad=base.weight.requires_grad)
+            a = layer.fused[base.out_features:]
+            if base.bias is not None:
+                layer.fused_bias = torch.cat([base.bias.data, a.new_zeros(slots * rank)])
+        layer.register_buffer("lora_a", a, persistent=False)
         layer.register_buffer("lora_b", torch.zeros(base.out_features, slots * rank, dtype=dtype, device=device),
                               persistent=False)
         return layer
 
     def forward(self, x: torch.Tensor, adapters: AdapterRows | None = None) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
         if adapters is None:
-            return y
-        return y + adapters.delta(x, self.lora_a, self.lora_b)
+            return linear(x, self.weight, self.bias)
+        if self.fused is not None and adapters.reads_every_slot(x):
+            both = linear(x, self.fused, self.fused_bias)
+            out = self.out_features
+            return both[..., :out] + adapters.delta(x, self.lora_a, self.lora_b, both[..., out:])
+        return linear(x, self.weight, self.bias) + adapters.delta(x, self.lora_a, self.lora_b)
 
 
 def check_unmerged(adapter: Adapter) -> None:
