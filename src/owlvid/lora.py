@@ -59,15 +59,18 @@ class LoraLinear(Linear):
         dtype = base.weight.dtype  # a quantized weight reports its activation dtype
         device = base.weight.device
         a = torch.zeros(slots * rank, base.in_features, dtype=dtype, device=device)
-        layer.fused = layer.fused_bias = None
+        fused = fused_bias = None
         if type(base.weight.data) is torch.Tensor:
             # The weight and every slot's A factors in one tensor: the base GEMM and x @ A are then one call
             # (at decoding, a second small GEMM per layer cost about as much as the B factors' GEMM).
-            layer.fused = torch.cat([base.weight.data, a])
-            layer.weight = nn.Parameter(layer.fused[: base.out_features], requires_grad=base.weight.requires_grad)
-            a = layer.fused[base.out_features:]
+            fused = torch.cat([base.weight.data, a])
+            layer.weight = nn.Parameter(fused[: base.out_features], requires_grad=base.weight.requires_grad)
+            a = fused[base.out_features:]
             if base.bias is not None:
-                layer.fused_bias = torch.cat([base.bias.data, a.new_zeros(slots * rank)])
+                fused_bias = torch.cat([base.bias.data, a.new_zeros(slots * rank)])
+        # buffers, so that `module.to(device)` moves them with the weight (the moved copies are equal, no longer views)
+        layer.register_buffer("fused", fused, persistent=False)
+        layer.register_buffer("fused_bias", fused_bias, persistent=False)
         layer.register_buffer("lora_a", a, persistent=False)
         layer.register_buffer("lora_b", torch.zeros(base.out_features, slots * rank, dtype=dtype, device=device),
                               persistent=False)
